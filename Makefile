@@ -1,0 +1,32 @@
+# SegViz: `make demo` (set up + run the phantom demo) and `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first: the CPU build that lies on disk, so nothing pulls a multi-GB CUDA build.
+$(VENV)/.segviz-setup: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,slicer]"
+	touch $@
+
+setup: $(VENV)/.segviz-setup
+
+demo: setup
+	$(BIN)/segviz demo --out demo-out --force
+
+test: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+bench: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/run.py
+
+clean:
+	rm -rf demo-out .pytest_cache

@@ -1,0 +1,286 @@
+"""Model bundles (``*.segviz``): weights, network config, organ schema, preprocessing,
+provenance and checksums in one zip file.
+
+Layout of the zip:
+
+- ``manifest.json``: format, network, preprocessing, training, organ schema, provenance,
+  metrics, BatchNorm variants, SHA-256 of every array file.
+- ``weights.npz``: the full state dict (numpy arrays, no pickle).
+- ``batchnorm/<variant>.npz``: BatchNorm tensors for inference at a site that never trained:
+  ``averaged``, ``organ:<organ>`` (from the sites that trained that organ), ``site:<name>``.
+
+Loading verifies the zip, the checksums, the schema and the state-dict keys, and refuses a
+damaged, truncated or incompatible bundle with a :class:`~SegVizLogic.errors.BundleError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import BundleError, SegVizInputError
+from .network import PARTITION_BATCHNORM, MultiOrganUNet, NetworkConfig, build_network, partition_state
+from .organs import ORGANS
+from .preprocessing import Preprocessing
+
+__all__ = ["BUNDLE_FORMAT", "ModelBundle", "save_bundle", "load_bundle", "batchnorm_variant_names"]
+
+BUNDLE_FORMAT = 1
+_MANIFEST = "manifest.json"
+_WEIGHTS = "weights.npz"
+
+
+def _schema() -> list[dict]:
+    return [{"label": o.label, "name": o.name, "snomed": o.snomed_code} for o in ORGANS]
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buffer.getvalue()
+
+
+def _variant_file(name: str) -> str:
+    return "batchnorm/" + name.replace(":", "__") + ".npz"
+
+
+def batchnorm_variant_names(organs: tuple[str, ...], sites: tuple[str, ...] = ()) -> list[str]:
+    """All BatchNorm variant names a bundle can carry for these organs and sites."""
+    return ["averaged"] + [f"organ:{o}" for o in organs] + [f"site:{s}" for s in sites]
+
+
+def save_bundle(
+    path: str | Path,
+    model: MultiOrganUNet,
+    preprocessing: Preprocessing,
+    provenance: Mapping | None = None,
+    batchnorm_variants: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    default_batchnorm: str = "model",
+    metrics: Mapping | None = None,
+    training: Mapping | None = None,
+    roi_size: tuple[int, int, int] | None = None,
+    trained_organs: tuple[str, ...] | list[str] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a model bundle atomically.
+
+    Args:
+        path: destination (``*.segviz``).
+        model: the network whose state is saved (its BatchNorm is the ``model`` variant).
+        preprocessing: how inputs must be prepared.
+        provenance: strategy, rounds, sites, organs per site, dates, commands.
+        batchnorm_variants: extra BatchNorm sets (``averaged``, ``organ:<organ>``,
+            ``site:<name>``), each a ``{state key: array}`` of the BatchNorm tensors.
+        default_batchnorm: the variant inference uses by default: ``model``, a variant name,
+            ``per-organ`` (each organ's head with its ``organ:<organ>`` BatchNorm) or
+            ``adapt`` (re-estimated on the input).
+        metrics: metrics to carry (per round, per organ...).
+        training: the training config.
+        roi_size: sliding-window size for inference (default: the training patch size).
+        trained_organs: organs whose heads were trained (default: all); inference never
+            outputs an organ whose head no site taught.
+        force: overwrite an existing file.
+
+    Raises:
+        SegVizInputError: the file exists and ``force`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise SegVizInputError(path, "already exists; use --force to overwrite")
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    variants = {name: {k: np.asarray(v) for k, v in arrays.items()} for name, arrays in (batchnorm_variants or {}).items()}
+    bn_keys = set(partition_state(model).get(PARTITION_BATCHNORM, {}))
+    for name, arrays in variants.items():
+        if set(arrays) != bn_keys:
+            raise ValueError(f"BatchNorm variant {name!r} does not hold exactly the model's BatchNorm tensors")
+    valid_defaults = {"model", "per-organ", "adapt", *variants}
+    if default_batchnorm not in valid_defaults:
+        raise ValueError(f"default_batchnorm {default_batchnorm!r} is not one of {sorted(valid_defaults)}")
+    if default_batchnorm == "per-organ" and not all(f"organ:{o}" in variants for o in model.config.organs):
+        raise ValueError("default_batchnorm 'per-organ' needs an organ:<organ> variant for every organ")
+
+    files = {_WEIGHTS: _npz_bytes(state)}
+    files.update({_variant_file(name): _npz_bytes(arrays) for name, arrays in variants.items()})
+    manifest = {
+        "format": "segviz-model",
+        "format_version": BUNDLE_FORMAT,
+        "segviz_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "organ_schema": _schema(),
+        "network": model.config.to_dict(),
+        "preprocessing": preprocessing.to_dict(),
+        "training": dict(training or {}),
+        "provenance": dict(provenance or {}),
+        "metrics": dict(metrics or {}),
+        "inference": {"roi_size": list(roi_size)} if roi_size else {},
+        "trained_organs": list(model.config.organs if trained_organs is None else [o for o in model.config.organs if o in trained_organs]),
+        "batchnorm_variants": sorted(variants),
+        "default_batchnorm": default_batchnorm,
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".segviz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(_MANIFEST, json.dumps(manifest, indent=2, default=_json_default))
+            for name, data in files.items():
+                archive.writestr(name, data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclass
+class ModelBundle:
+    """A loaded, verified model bundle."""
+
+    path: Path
+    manifest: dict
+    network_config: NetworkConfig
+    preprocessing: Preprocessing
+    state: dict[str, np.ndarray]
+    batchnorm_variants: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> dict:
+        """Strategy, rounds, sites and dates of the training that made this model."""
+        return self.manifest.get("provenance", {})
+
+    @property
+    def metrics(self) -> dict:
+        """Metrics recorded at training time."""
+        return self.manifest.get("metrics", {})
+
+    @property
+    def default_batchnorm(self) -> str:
+        """The BatchNorm choice inference uses unless told otherwise."""
+        return self.manifest.get("default_batchnorm", "model")
+
+    @property
+    def organs(self) -> tuple[str, ...]:
+        """Organs with an output head."""
+        return tuple(self.network_config.organs)
+
+    @property
+    def trained_organs(self) -> tuple[str, ...]:
+        """Organs whose heads some site taught (a local model knows only its site's organs)."""
+        return tuple(self.manifest.get("trained_organs", self.organs))
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        """Sliding-window size for inference (the training patch unless set otherwise)."""
+        roi = self.manifest.get("inference", {}).get("roi_size") or self.manifest.get("training", {}).get("patch_size")
+        return tuple(int(r) for r in roi) if roi else (128, 128, 32)
+
+    def batchnorm_choices(self) -> list[str]:
+        """Every valid value for ``build_model(batchnorm=...)``."""
+        choices = ["model", "adapt", *sorted(self.batchnorm_variants)]
+        if all(f"organ:{o}" in self.batchnorm_variants for o in self.organs):
+            choices.insert(1, "per-organ")
+        return choices
+
+    def build_model(self, batchnorm: str | None = None) -> MultiOrganUNet:
+        """The network with the bundle's weights and the chosen BatchNorm variant.
+
+        ``batchnorm`` is ``None`` (the bundle's default), ``"model"``, ``"adapt"`` (the
+        model's BatchNorm, to be re-estimated on the input by the caller) or a variant name.
+        ``"per-organ"`` is handled by the inference code, which builds one model per organ.
+        """
+        choice = self.default_batchnorm if batchnorm is None else batchnorm
+        model = build_network(self.network_config)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}
+        if choice not in ("model", "adapt", "per-organ"):
+            if choice not in self.batchnorm_variants:
+                raise BundleError(self.path, f"has no BatchNorm variant {choice!r}; available: {', '.join(self.batchnorm_choices())}")
+            state.update({k: torch.from_numpy(np.array(v)) for k, v in self.batchnorm_variants[choice].items()})
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def _read_npz(archive: zipfile.ZipFile, name: str, expected_sha: str, path: Path) -> dict[str, np.ndarray]:
+    data = archive.read(name)
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise BundleError(path, f"is damaged: checksum of {name} does not match the manifest")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def load_bundle(path: str | Path) -> ModelBundle:
+    """Load and verify a model bundle.
+
+    Raises:
+        BundleError: missing, not a bundle, truncated/damaged (zip CRC or checksum), made by a
+            newer SegViz format, an organ schema that differs from this SegViz, or weights that
+            do not fit the network config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(path, "model bundle not found")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise BundleError(path, f"is damaged: {bad} fails its CRC check")
+            try:
+                manifest = json.loads(archive.read(_MANIFEST))
+            except KeyError:
+                raise BundleError(path, "is not a SegViz model bundle (no manifest.json)") from None
+            if manifest.get("format") != "segviz-model":
+                raise BundleError(path, "is not a SegViz model bundle (manifest format is not segviz-model)")
+            version = manifest.get("format_version")
+            if not isinstance(version, int) or version > BUNDLE_FORMAT:
+                raise BundleError(path, f"is incompatible: bundle format {version} is newer than this SegViz reads ({BUNDLE_FORMAT}); update SegViz")
+            if manifest.get("organ_schema") != _schema():
+                raise BundleError(path, "is incompatible: its organ schema (label values/codes) differs from this SegViz's")
+            checksums = manifest.get("sha256", {})
+            if _WEIGHTS not in checksums:
+                raise BundleError(path, "is damaged: manifest lists no checksum for weights.npz")
+            try:
+                state = _read_npz(archive, _WEIGHTS, checksums[_WEIGHTS], path)
+                variants = {
+                    name: _read_npz(archive, _variant_file(name), checksums[_variant_file(name)], path)
+                    for name in manifest.get("batchnorm_variants", [])
+                }
+            except KeyError as error:
+                raise BundleError(path, f"is damaged: missing member {error}") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        if isinstance(error, BundleError):
+            raise
+        raise BundleError(path, f"is not a readable SegViz model bundle (damaged or truncated: {error})") from None
+    try:
+        network = NetworkConfig.from_dict(manifest["network"])
+        preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise BundleError(path, f"is incompatible: invalid network or preprocessing settings ({error})") from None
+    expected = build_network(network).state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    shape_errors = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shape_errors:
+        raise BundleError(
+            path,
+            f"is incompatible: weights do not fit its network config ({len(missing)} missing, {len(unexpected)} unexpected, {len(shape_errors)} mis-shaped tensors)",
+        )
+    return ModelBundle(path=path, manifest=manifest, network_config=network, preprocessing=preprocessing, state=state, batchnorm_variants=variants)

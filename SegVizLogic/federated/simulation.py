@@ -1,0 +1,151 @@
+"""Federated simulation on one machine with Flower's simulation engine and the SegViz apps.
+
+``flwr.simulation.run_simulation`` runs the same ServerApp/ClientApp logic as a real
+federation, but hands the ServerApp an empty run config and gives each virtual SuperNode only
+``partition-id``. So configuration travels like this:
+
+- the ServerApp is built by :func:`~SegVizLogic.federated.server_app.make_server_app` with the
+  :class:`~SegVizLogic.federated.task.FederationSettings` bound in Python;
+- the server sends everything a site needs (epochs, lr, strategy, network, training and
+  preprocessing settings, lineage) in each train message's ``config`` record, exactly as in
+  deployment;
+- the ClientApp built by :func:`~SegVizLogic.federated.client_app.make_client_app` maps
+  ``partition-id`` *i* to the *i*-th site folder.
+
+The engine's only backend in Flower 1.42 is Ray (``pip install ray``, CPU wheel).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import SegVizError, SegVizInputError
+from ..network import NetworkConfig
+from ..preprocessing import Preprocessing
+from ..progress import ProgressReporter
+from .task import FederationSettings
+
+__all__ = ["run_federated_simulation", "simulation_available"]
+
+
+def simulation_available() -> bool:
+    """Whether Flower's simulation engine can run here (it needs Ray)."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def run_federated_simulation(
+    site_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    rounds: int = 3,
+    local_epochs: int = 2,
+    strategy: str = "fedbn",
+    weighting: str = "uniform",
+    lr: float = 1e-3,
+    preprocessing: Preprocessing | None = None,
+    training_config=None,
+    reporter: ProgressReporter | None = None,
+    seed: int = 0,
+    network_config: NetworkConfig | None = None,
+    share_final_batchnorm: bool = True,
+    default_batchnorm: str = "auto",
+    device: str = "auto",
+    client_mods: Sequence[Callable] = (),
+    on_round: Callable | None = None,
+    num_cpus: int | None = None,
+) -> Path:
+    """Train one global model over ``site_dirs`` with Flower's simulation engine.
+
+    Args:
+        site_dirs: site folders (one virtual SuperNode each).
+        out_dir: receives ``round-NNN.segviz``, ``model.segviz``.
+        rounds: federated rounds.
+        local_epochs: local epochs per round.
+        strategy: ``"fedbn"`` or ``"fedavg"``.
+        weighting: ``"examples"`` or ``"uniform"``.
+        lr: local learning rate.
+        preprocessing: preprocessing (default: the paper's).
+        training_config: a ``TrainingConfig`` (default: the paper's).
+        reporter: progress events (round_started, update_sent, round_finished, run_finished).
+        seed: seeds the initial model and the sites' sampling.
+        network_config: the network (default: the paper's).
+        share_final_batchnorm: see :class:`FederationSettings`.
+        default_batchnorm: the bundle's default BatchNorm (``auto``: see :class:`FederationSettings`).
+        device: training device of the sites.
+        client_mods: Flower client mods (tests record what leaves each site with one).
+        on_round: ``(round, replies, global partition)`` after each aggregation.
+        num_cpus: CPUs given to the engine (default: all).
+
+    Returns:
+        The final bundle's path (``out_dir/model.segviz``).
+
+    Raises:
+        SegVizInputError: a site folder is not usable (checked before anything starts).
+        SegVizError: Ray is missing, or the federation failed.
+    """
+    from ..training import TrainingConfig, load_site_data
+
+    if not simulation_available():
+        raise SegVizError("the federated simulation needs Ray (Flower's simulation engine): pip install ray")
+    if len(site_dirs) < 1:
+        raise SegVizInputError(None, "give at least one --site")
+    reporter = reporter or ProgressReporter("none")
+    preprocessing = preprocessing or Preprocessing()
+    training_config = training_config or TrainingConfig()
+    settings = FederationSettings(
+        rounds=rounds, local_epochs=local_epochs, lr=lr, strategy=strategy, weighting=weighting,
+        min_clients=len(site_dirs), out_dir=str(Path(out_dir).resolve()), share_final_batchnorm=share_final_batchnorm,
+        default_batchnorm=default_batchnorm, seed=seed, network=network_config or NetworkConfig(),
+        training=training_config.to_dict(), preprocessing=preprocessing, wait_timeout=120,
+    )
+    # Validate and preprocess every site here, once: a bad folder fails before Ray starts,
+    # and the virtual clients then read the cache.
+    names = set()
+    for site_dir in site_dirs:
+        data = load_site_data(site_dir, preprocessing, training_config, reporter=reporter)
+        if data.name in names:
+            raise SegVizInputError(site_dir, f"two sites are called {data.name!r}; site names must be unique")
+        names.add(data.name)
+
+    from flwr.simulation import run_simulation
+
+    from .client_app import make_client_app
+    from .server_app import make_server_app
+
+    result: dict = {}
+    server = make_server_app(settings, reporter, on_round=on_round, result=result)
+    client = make_client_app(site_dirs, mods=client_mods, device=device)
+    cpus = num_cpus or os.cpu_count() or 1
+    backend_config = {
+        # One virtual client at a time gets all CPUs: torch is faster with threads than with
+        # several clients competing on a small machine.
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True},
+    }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if reporter.mode != "rich":
+        flwr_logger.setLevel(logging.WARNING)
+    import ray
+
+    started_ray = not ray.is_initialized()
+    try:
+        run_simulation(server_app=server, client_app=client, num_supernodes=len(site_dirs), backend_name="ray", backend_config=backend_config)
+    except SegVizError:
+        raise
+    except Exception as error:
+        cause = error.__cause__ or error
+        raise SegVizError(f"federated simulation failed: {cause}") from error
+    finally:
+        flwr_logger.setLevel(level)
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+    if "model" not in result:
+        raise SegVizError("federated simulation ended without a model (see the log above)")
+    return Path(result["model"])

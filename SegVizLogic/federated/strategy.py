@@ -1,0 +1,361 @@
+"""Head-aware federated aggregation (FedBN and FedAvg) over the SegViz parameter partition.
+
+The partition (``shared`` / ``batchnorm`` / ``head:<organ>``) comes from
+:func:`SegVizLogic.network.partition_state`; this module never re-derives it. Everything here
+except :class:`SegVizStrategy` is a pure function over ``{group: {state key: numpy array}}``
+dicts, so the rules are unit-testable without Flower:
+
+- ``shared`` is averaged over every reply;
+- ``head:<organ>`` is averaged only over the replies of sites that annotate that organ (a
+  site that never saw a liver label must not drag the liver head towards its untrained copy);
+  a head nobody trained this round keeps its previous global value;
+- ``batchnorm`` is averaged over every reply under FedAvg, and under FedBN never leaves the
+  client during training, so the global training model keeps its initial BatchNorm.
+
+Weights are the replies' example counts (``weighting="examples"``) or equal
+(``weighting="uniform"``, what the SegViz paper used).
+
+For inference at a site that never trained, :func:`batchnorm_variants` builds the BatchNorm
+sets a model bundle carries (``averaged``, ``organ:<organ>``, ``site:<name>``) from the
+BatchNorm each client shares once, with its final-round reply (see
+``SegVizLogic.federated.server_app``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+
+from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED
+from ..organs import ORGAN_NAMES
+
+__all__ = [
+    "STRATEGIES",
+    "WEIGHTINGS",
+    "Partition",
+    "SiteUpdate",
+    "reply_weights",
+    "weighted_average",
+    "aggregate_updates",
+    "batchnorm_variants",
+    "round_metrics",
+    "groups_sent_to_clients",
+    "update_from_content",
+    "FINAL_BATCHNORM_RECORD",
+    "SegVizStrategy",
+]
+
+STRATEGIES = ("fedbn", "fedavg")
+FINAL_BATCHNORM_RECORD = "final-batchnorm"
+"""Reply record holding a site's BatchNorm, shared once with its final-round reply."""
+WEIGHTINGS = ("examples", "uniform")
+
+Partition = dict[str, dict[str, np.ndarray]]
+"""``{group: {state-dict key: numpy array}}`` as :func:`~SegVizLogic.network.partition_state` returns it."""
+
+
+@dataclass
+class SiteUpdate:
+    """One site's reply to a training round.
+
+    Args:
+        site: the site's name (from its ``site.json``).
+        organs: organs the site annotated (its trained heads).
+        num_examples: training cases used this round (the ``examples`` weight).
+        partition: the groups the site sent: ``shared``, its ``head:<organ>`` groups, and
+            ``batchnorm`` under FedAvg.
+        metrics: scalar metrics (loss, validation Dice per organ, timings).
+        batchnorm: the site's BatchNorm when it shared it (final round of FedBN), else ``None``.
+    """
+
+    site: str
+    organs: tuple[str, ...]
+    num_examples: int
+    partition: Partition
+    metrics: dict[str, float] = field(default_factory=dict)
+    batchnorm: dict[str, np.ndarray] | None = None
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def reply_weights(num_examples: Sequence[int], weighting: str) -> np.ndarray:
+    """Normalised aggregation weights of replies.
+
+    Args:
+        num_examples: example count of each reply.
+        weighting: ``"examples"`` (proportional to the counts) or ``"uniform"`` (equal).
+
+    Returns:
+        float64 weights summing to 1.
+
+    Raises:
+        ValueError: unknown weighting, no replies, or all counts zero under ``"examples"``.
+
+    Example::
+
+        reply_weights([10, 30], "examples")  # -> array([0.25, 0.75])
+    """
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    if len(num_examples) == 0:
+        raise ValueError("no replies to weight")
+    if weighting == "uniform":
+        return np.full(len(num_examples), 1.0 / len(num_examples))
+    counts = np.asarray(num_examples, dtype=np.float64)
+    if np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"example counts must be non-negative with a positive sum, got {list(num_examples)}")
+    return counts / counts.sum()
+
+
+def weighted_average(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Key-wise weighted mean of several ``{key: array}`` dicts with identical keys and shapes.
+
+    Floating tensors are averaged in float64 and cast back to their dtype; integer tensors
+    (BatchNorm's ``num_batches_tracked``) are rounded.
+
+    Raises:
+        ValueError: the dicts do not hold the same keys and shapes.
+    """
+    if len(arrays) != len(weights) or not arrays:
+        raise ValueError(f"need one weight per dict and at least one dict, got {len(arrays)} dicts and {len(weights)} weights")
+    keys = list(arrays[0])
+    for other in arrays[1:]:
+        if set(other) != set(keys):
+            missing = sorted(set(keys) ^ set(other))[:3]
+            raise ValueError(f"replies hold different tensors (e.g. {missing}); all sites must run the same network")
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        first = np.asarray(arrays[0][key])
+        total = np.zeros(first.shape, dtype=np.float64)
+        for array, weight in zip(arrays, weights):
+            array = np.asarray(array[key])
+            if array.shape != first.shape:
+                raise ValueError(f"tensor {key} has shape {array.shape} in one reply and {first.shape} in another")
+            total += float(weight) * array.astype(np.float64)
+        out[key] = np.rint(total).astype(first.dtype) if np.issubdtype(first.dtype, np.integer) else total.astype(first.dtype)
+    return out
+
+
+def groups_sent_to_clients(partition: Mapping[str, Mapping[str, np.ndarray]], strategy: str) -> list[str]:
+    """Groups of the global model a client receives: everything but ``batchnorm`` under FedBN."""
+    _check_choice("strategy", strategy, STRATEGIES)
+    return [g for g in partition if strategy == "fedavg" or g != PARTITION_BATCHNORM]
+
+
+def aggregate_updates(
+    current: Mapping[str, Mapping[str, np.ndarray]],
+    updates: Sequence[SiteUpdate],
+    strategy: str = "fedbn",
+    weighting: str = "uniform",
+) -> Partition:
+    """The next global model from one round of replies (head-aware FedBN / FedAvg).
+
+    Args:
+        current: the global partition sent this round (the fallback for groups nobody trained).
+        updates: the round's replies.
+        strategy: ``"fedbn"`` (``batchnorm`` stays at ``current``) or ``"fedavg"``
+            (``batchnorm`` averaged over all replies).
+        weighting: ``"examples"`` or ``"uniform"``.
+
+    Returns:
+        A new partition with the same groups and keys as ``current``.
+
+    Raises:
+        ValueError: no replies, a reply missing ``shared`` (or ``batchnorm`` under FedAvg),
+            or tensors that do not match ``current``.
+    """
+    _check_choice("strategy", strategy, STRATEGIES)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    if not updates:
+        raise ValueError("cannot aggregate a round without replies")
+    averaged_groups = [PARTITION_SHARED] + ([PARTITION_BATCHNORM] if strategy == "fedavg" else [])
+    result: Partition = {g: {k: np.array(v, copy=True) for k, v in arrays.items()} for g, arrays in current.items()}
+    for group in result:
+        if group in averaged_groups:
+            contributors = list(updates)
+            for update in contributors:
+                if group not in update.partition:
+                    raise ValueError(f"site {update.site!r} sent no {group!r} tensors")
+        elif group.startswith(HEAD_PREFIX):
+            organ = group[len(HEAD_PREFIX):]
+            # Only the sites that annotate the organ taught its head anything.
+            contributors = [u for u in updates if organ in u.organs and group in u.partition]
+        else:
+            continue  # FedBN: the global BatchNorm is never trained by the federation
+        if not contributors:
+            continue
+        weights = reply_weights([u.num_examples for u in contributors], weighting)
+        averaged = weighted_average([u.partition[group] for u in contributors], weights)
+        if set(averaged) != set(result[group]):
+            raise ValueError(f"replies' {group!r} tensors do not match the global model's")
+        result[group] = averaged
+    return result
+
+
+def batchnorm_variants(updates: Sequence[SiteUpdate], weighting: str = "uniform") -> dict[str, dict[str, np.ndarray]]:
+    """BatchNorm sets for inference at a new site, from the BatchNorm the sites shared.
+
+    Returns:
+        ``{"averaged": mean over all sites, "organ:<organ>": mean over the sites that
+        annotate the organ, "site:<name>": that site's own}``; empty when no site shared
+        its BatchNorm. Means follow ``weighting`` like the training aggregation.
+    """
+    shared = [u for u in updates if u.batchnorm is not None]
+    if not shared:
+        return {}
+    variants: dict[str, dict[str, np.ndarray]] = {}
+    weights = reply_weights([u.num_examples for u in shared], weighting)
+    variants["averaged"] = weighted_average([u.batchnorm for u in shared], weights)
+    for organ in ORGAN_NAMES:
+        sites = [u for u in shared if organ in u.organs]
+        if sites:
+            w = reply_weights([u.num_examples for u in sites], weighting)
+            variants[f"organ:{organ}"] = weighted_average([u.batchnorm for u in sites], w)
+    for update in shared:
+        variants[f"site:{update.site}"] = {k: np.array(v, copy=True) for k, v in update.batchnorm.items()}
+    return variants
+
+
+def round_metrics(updates: Iterable[SiteUpdate]) -> dict:
+    """Per-round metrics for bundles and progress.
+
+    Returns:
+        ``{"loss": mean site loss, "sites": {site: {metric: value}}, "dice": {organ: mean
+        validation Dice over the sites that annotate it}, "num_examples": total}``.
+    """
+    updates = list(updates)
+    sites = {u.site: {k: float(v) for k, v in u.metrics.items()} for u in updates}
+    dice: dict[str, float] = {}
+    for organ in ORGAN_NAMES:
+        values = [float(u.metrics[f"dice-{organ}"]) for u in updates if f"dice-{organ}" in u.metrics and np.isfinite(u.metrics[f"dice-{organ}"])]
+        if values:
+            dice[organ] = float(np.mean(values))
+    losses = [float(u.metrics["loss"]) for u in updates if "loss" in u.metrics]
+    return {
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "dice": dice,
+        "sites": sites,
+        "num_examples": int(sum(u.num_examples for u in updates)),
+    }
+
+
+# --- Flower adapter -------------------------------------------------------------------------
+
+try:  # The pure functions above need only numpy; the Strategy class needs flwr.
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import Strategy
+    from flwr.supercore import log as _flwr_log
+except ImportError:  # pragma: no cover - exercised only without flwr
+    Strategy = object  # type: ignore[assignment,misc]
+
+
+class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
+    """Flower message-API strategy applying :func:`aggregate_updates`.
+
+    Messages carry one ``ArrayRecord`` per partition group (record names ``shared``,
+    ``head:<organ>``, ``batchnorm``), a ``ConfigRecord`` ``config`` (server → client) or
+    ``site`` (client → server: name, organs) and a ``MetricRecord`` ``metrics``.
+
+    Args:
+        strategy: ``"fedbn"`` or ``"fedavg"``.
+        weighting: ``"examples"`` or ``"uniform"``.
+        min_clients: nodes required before a round starts and replies required to aggregate.
+    """
+
+    def __init__(self, strategy: str = "fedbn", weighting: str = "uniform", min_clients: int = 2) -> None:
+        _check_choice("strategy", strategy, STRATEGIES)
+        _check_choice("weighting", weighting, WEIGHTINGS)
+        if min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        self.strategy = strategy
+        self.weighting = weighting
+        self.min_clients = min_clients
+        self.current: Partition = {}
+        self.last_updates: list[SiteUpdate] = []
+        self.last_errors: list[str] = []
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        _flwr_log(INFO, "\tSegViz %s, weighting %s, min clients %d", self.strategy, self.weighting, self.min_clients)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """One train message per connected node with the global groups and ``config``.
+
+        ``arrays`` is ignored: the global model is the partition in :attr:`current`
+        (set by the caller), which keeps the groups apart on the wire.
+        """
+        node_ids = sorted(grid.get_node_ids())
+        content = RecordDict()
+        for group in groups_sent_to_clients(self.current, self.strategy):
+            content[group] = _arrays_to_record(self.current[group])
+        config = ConfigRecord(dict(config))
+        config["server-round"] = server_round
+        content["config"] = config
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id) for node_id in node_ids]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate valid replies into :attr:`current`; keep them in :attr:`last_updates`."""
+        updates, errors = [], []
+        for reply in replies:
+            if reply.has_error():
+                errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            updates.append(update_from_content(reply.content))
+        self.last_updates, self.last_errors = updates, errors
+        for error in errors:
+            _flwr_log(WARNING, "round %d: a site failed: %s", server_round, error)
+        if len(updates) < self.min_clients:
+            return None, None
+        self.current = aggregate_updates(self.current, updates, self.strategy, self.weighting)
+        metrics = round_metrics(updates)
+        flat = {"loss": metrics["loss"], "num-examples": metrics["num_examples"]}
+        flat.update({f"dice-{o}": v for o, v in metrics["dice"].items()})
+        return ArrayRecord(array_dict={}), MetricRecord(flat)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """No separate evaluation round: validation Dice comes with each training reply."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+
+def _arrays_to_record(arrays: Mapping[str, np.ndarray]) -> "ArrayRecord":
+    from flwr.app import Array
+
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def update_from_content(content: "RecordDict") -> SiteUpdate:
+    """Parse a client's reply content into a :class:`SiteUpdate`.
+
+    Raises:
+        ValueError: the reply lacks its ``site`` or ``metrics`` record.
+    """
+    if "site" not in content.config_records or "metrics" not in content.metric_records:
+        raise ValueError("a reply lacks its 'site' or 'metrics' record (is every site running SegViz?)")
+    site = content.config_records["site"]
+    metrics = content.metric_records["metrics"]
+    partition: Partition = {}
+    batchnorm = None
+    for name, record in content.array_records.items():
+        arrays = {k: v.numpy() for k, v in record.items()}
+        if name == FINAL_BATCHNORM_RECORD:
+            batchnorm = arrays
+        else:
+            partition[name] = arrays
+    return SiteUpdate(
+        site=str(site["name"]),
+        organs=tuple(str(o) for o in site["organs"]),
+        num_examples=int(metrics["num-examples"]),
+        partition=partition,
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        batchnorm=batchnorm,
+    )

@@ -1,0 +1,372 @@
+"""SegViz federated task: run settings, message records, and one site's training round."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import SegVizInputError
+from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED, NetworkConfig, build_network, partition_state
+from ..preprocessing import Preprocessing
+from ..progress import ProgressReporter
+from .strategy import FINAL_BATCHNORM_RECORD, STRATEGIES, WEIGHTINGS, Partition
+
+__all__ = [
+    "APP_CONFIG_DEFAULTS",
+    "FederationSettings",
+    "ClientRoundResult",
+    "LOCAL_STATE_DIR",
+    "local_state_dir",
+    "load_local_batchnorm",
+    "save_local_batchnorm",
+    "load_partition_into_model",
+    "train_client_round",
+    "scrub_paths",
+]
+
+# Mirrors [tool.flwr.app.config] in pyproject.toml (a test keeps them equal): the deployment
+# ServerApp reads these keys from ``context.run_config``; simulation builds the same settings
+# in Python because ``run_simulation`` gives the ServerApp an empty run config.
+APP_CONFIG_DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "local-epochs": 2,
+    "lr": 0.001,
+    "strategy": "fedbn",
+    "weighting": "uniform",
+    "min-clients": 2,
+    "round-timeout": 3600,
+    "out-dir": "",
+    "share-final-batchnorm": True,
+    "default-batchnorm": "auto",
+    "seed": 0,
+    "network-config": "",
+    "training-config": "",
+    "preprocessing": "",
+    "resume-from": "",
+    "wait-timeout": 600,
+}
+
+LOCAL_STATE_DIR = Path(".segviz") / "federated"
+_STATE_BATCHNORM = "segviz-batchnorm"
+_STATE_INFO = "segviz-batchnorm-info"
+
+
+def _json_or_empty(text: str | Mapping | None) -> dict:
+    if not text:
+        return {}
+    return dict(text) if isinstance(text, Mapping) else json.loads(text)
+
+
+@dataclass
+class FederationSettings:
+    """Everything one federated run needs, on the server side.
+
+    The ServerApp sends the client-relevant part to every site in each train message's
+    ``config`` record (:meth:`client_config`), so clients need nothing but their site folder.
+
+    Args:
+        rounds: federated rounds.
+        local_epochs: epochs each site trains per round.
+        lr: local learning rate.
+        strategy: ``"fedbn"`` or ``"fedavg"``.
+        weighting: ``"examples"`` or ``"uniform"`` (the paper's choice).
+        min_clients: sites needed to start a round and to aggregate it.
+        round_timeout: seconds to wait for a round's replies.
+        wait_timeout: seconds to wait for ``min_clients`` sites to connect.
+        out_dir: where bundles and ``progress.jsonl`` go.
+        share_final_batchnorm: each site sends its BatchNorm once, with its final-round reply,
+            so the final bundle carries ``averaged`` / ``organ:*`` / ``site:*`` BatchNorm for
+            sites that never trained (what SegViz evaluation needs). ``False`` keeps BatchNorm
+            strictly on site; the bundle then defaults to test-time re-estimation (``adapt``).
+        default_batchnorm: the bundle's default BatchNorm; ``"auto"`` is ``averaged`` when
+            sites shared BatchNorm, ``model`` under FedAvg, else ``adapt``.
+        seed: seeds the global model's initialisation and the sites' patch sampling.
+        network: network configuration.
+        training: local training configuration (``TrainingConfig.to_dict()``).
+        preprocessing: preprocessing of every site.
+        resume_from: a bundle to start from (its weights; sites resume their BatchNorm).
+    """
+
+    rounds: int = 3
+    local_epochs: int = 2
+    lr: float = 1e-3
+    strategy: str = "fedbn"
+    weighting: str = "uniform"
+    min_clients: int = 2
+    round_timeout: float = 3600.0
+    wait_timeout: float = 600.0
+    out_dir: str = ""
+    share_final_batchnorm: bool = True
+    default_batchnorm: str = "auto"
+    seed: int = 0
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    training: dict = field(default_factory=dict)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError(f"rounds and local epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.lr <= 0 or self.min_clients < 1:
+            raise ValueError(f"lr must be > 0 and min-clients >= 1, got {self.lr} and {self.min_clients}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationSettings":
+        """Settings from a Flower run config (``[tool.flwr.app.config]`` plus overrides)."""
+        cfg = {**APP_CONFIG_DEFAULTS, **dict(run_config)}
+        return cls(
+            rounds=int(cfg["num-server-rounds"]),
+            local_epochs=int(cfg["local-epochs"]),
+            lr=float(cfg["lr"]),
+            strategy=str(cfg["strategy"]).lower(),
+            weighting=str(cfg["weighting"]).lower(),
+            min_clients=int(cfg["min-clients"]),
+            round_timeout=float(cfg["round-timeout"]),
+            wait_timeout=float(cfg["wait-timeout"]),
+            out_dir=str(cfg["out-dir"]),
+            share_final_batchnorm=bool(cfg["share-final-batchnorm"]),
+            default_batchnorm=str(cfg["default-batchnorm"]),
+            seed=int(cfg["seed"]),
+            network=NetworkConfig.from_dict(_json_or_empty(cfg["network-config"])),
+            training=_json_or_empty(cfg["training-config"]),
+            preprocessing=Preprocessing.from_dict(_json_or_empty(cfg["preprocessing"])) if cfg["preprocessing"] else Preprocessing(),
+            resume_from=str(cfg["resume-from"]),
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The Flower run config (``flwr run --run-config``) for these settings."""
+        return {
+            "num-server-rounds": self.rounds,
+            "local-epochs": self.local_epochs,
+            "lr": self.lr,
+            "strategy": self.strategy,
+            "weighting": self.weighting,
+            "min-clients": self.min_clients,
+            "round-timeout": int(self.round_timeout),
+            "wait-timeout": int(self.wait_timeout),
+            "out-dir": self.out_dir,
+            "share-final-batchnorm": self.share_final_batchnorm,
+            "default-batchnorm": self.default_batchnorm,
+            "seed": self.seed,
+            "network-config": json.dumps(self.network.to_dict()),
+            "training-config": json.dumps(self.training),
+            "preprocessing": json.dumps(self.preprocessing.to_dict()),
+            "resume-from": self.resume_from,
+        }
+
+    def client_config(self, server_round: int, lineage: str) -> dict[str, Any]:
+        """What every site needs for one round: the ``config`` record of a train message."""
+        return {
+            "server-round": server_round,
+            "num-server-rounds": self.rounds,
+            "local-epochs": self.local_epochs,
+            "lr": self.lr,
+            "strategy": self.strategy,
+            "share-final-batchnorm": self.share_final_batchnorm,
+            "seed": self.seed,
+            "lineage": lineage,
+            "network-config": json.dumps(self.network.to_dict()),
+            "training-config": json.dumps(self.training),
+            "preprocessing": json.dumps(self.preprocessing.to_dict()),
+        }
+
+
+# --- local (on-site) state ------------------------------------------------------------------
+
+
+def local_state_dir(site_dir: str | Path) -> Path:
+    """Where a site keeps its federated state (``<site>/.segviz/federated``)."""
+    return Path(site_dir) / LOCAL_STATE_DIR
+
+
+def _network_fingerprint(config: NetworkConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def save_local_batchnorm(site_dir: str | Path, batchnorm: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> Path:
+    """Persist a site's BatchNorm and round info under ``<site>/.segviz/federated`` (atomic)."""
+    folder = local_state_dir(site_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".batchnorm-{os.getpid()}.npz"
+    np.savez(tmp, **{k: np.asarray(v) for k, v in batchnorm.items()})
+    os.replace(tmp, folder / "batchnorm.npz")
+    tmp_info = folder / f".state-{os.getpid()}.json"
+    tmp_info.write_text(json.dumps({**info, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2))
+    os.replace(tmp_info, folder / "state.json")
+    return folder / "batchnorm.npz"
+
+
+def load_local_batchnorm(site_dir: str | Path, lineage: str, network: NetworkConfig) -> tuple[dict[str, np.ndarray], dict] | None:
+    """A site's saved BatchNorm if it belongs to this model lineage and network, else ``None``.
+
+    BatchNorm statistics describe the features of one model's body; reusing those of an
+    unrelated run would be wrong, so only the same lineage (same run, or a run resumed from
+    its bundle) resumes.
+    """
+    folder = local_state_dir(site_dir)
+    try:
+        info = json.loads((folder / "state.json").read_text())
+        if info.get("lineage") != lineage or info.get("network") != _network_fingerprint(network):
+            return None
+        with np.load(folder / "batchnorm.npz", allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}, info
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --- model <-> partition --------------------------------------------------------------------
+
+
+def load_partition_into_model(model: torch.nn.Module, groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Copy the given groups' tensors into ``model`` (other tensors stay as they are).
+
+    Raises:
+        ValueError: a tensor the model does not have, or of another shape.
+    """
+    state = model.state_dict()
+    for group, arrays in groups.items():
+        for key, value in arrays.items():
+            if key not in state:
+                raise ValueError(f"tensor {key} ({group}) is not part of this network")
+            value = np.asarray(value)
+            if state[key].dim() == 0 and value.size == 1:
+                value = value.reshape(())  # Flower ships 0-d tensors (num_batches_tracked) as (1,)
+            if tuple(state[key].shape) != tuple(value.shape):
+                raise ValueError(f"tensor {key} has shape {np.shape(value)}, the network expects {tuple(state[key].shape)}")
+            state[key] = torch.as_tensor(np.array(value)).to(state[key].dtype)
+    model.load_state_dict(state)
+
+
+def scrub_paths(text: str, *paths: str | Path) -> str:
+    """Remove local paths from a message before it leaves the site."""
+    for path in paths:
+        for variant in {str(path), str(Path(path).resolve())}:
+            if variant and variant != ".":
+                text = text.replace(variant, "<site>")
+    return re.sub(r"(/[^\s:'\"]+)+", "<path>", text)
+
+
+# --- one site's round -----------------------------------------------------------------------
+
+
+@dataclass
+class ClientRoundResult:
+    """What a site sends back after a round (nothing else leaves the site)."""
+
+    site: str
+    organs: tuple[str, ...]
+    partition: Partition
+    metrics: dict[str, float]
+    final_batchnorm: dict[str, np.ndarray] | None = None
+
+
+def train_client_round(
+    site_dir: str | Path,
+    global_groups: Mapping[str, Mapping[str, np.ndarray]],
+    config: Mapping[str, Any],
+    state: Any | None = None,
+    reporter: ProgressReporter | None = None,
+    device: str = "auto",
+) -> ClientRoundResult:
+    """Train one site for one federated round.
+
+    Loads the global ``shared`` and head tensors (and ``batchnorm`` under FedAvg), restores
+    the site's own BatchNorm under FedBN (from ``state``, Flower's ``context.state``, during a
+    run; from ``<site>/.segviz/federated`` after the site left and re-joined), trains
+    ``local-epochs`` epochs, saves the BatchNorm back to both, and returns only what leaves
+    the site: ``shared``, the heads of the organs it annotates, scalar metrics, and under
+    FedAvg (or in the final round when ``share-final-batchnorm``) its BatchNorm.
+
+    Args:
+        site_dir: the site folder.
+        global_groups: the global model's groups received this round.
+        config: the train message's ``config`` record (see :meth:`FederationSettings.client_config`).
+        state: ``context.state`` (a ``RecordDict``) or ``None``.
+        reporter: progress of the local epochs.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    """
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from ..training import TrainingConfig, load_site_data, resolve_device, seed_everything, train_site
+
+    server_round = int(config["server-round"])
+    rounds = int(config["num-server-rounds"])
+    strategy = str(config["strategy"])
+    lineage = str(config["lineage"])
+    network = NetworkConfig.from_dict(_json_or_empty(config["network-config"]))
+    preprocessing = Preprocessing.from_dict(_json_or_empty(config["preprocessing"])) if config["preprocessing"] else Preprocessing()
+    training = TrainingConfig.from_dict(_json_or_empty(config["training-config"]))
+    # A new patch order every round, reproducible from the run's seed.
+    training = replace(training, seed=int(config.get("seed", 0)) * 1000 + training.seed + server_round)
+    seed_everything(training.seed)
+
+    data = load_site_data(site_dir, preprocessing, training)
+    model = build_network(network)
+    unknown = sorted(set(global_groups) - set(partition_state(model)))
+    if unknown:
+        raise ValueError(f"the server sent groups this network does not have: {unknown}")
+    load_partition_into_model(model, global_groups)
+
+    restored = "initial"
+    if strategy == "fedbn":
+        batchnorm = None
+        if state is not None and _STATE_BATCHNORM in state.array_records:
+            info = state.config_records.get(_STATE_INFO, {})
+            if info.get("lineage") == lineage:
+                batchnorm = {k: v.numpy() for k, v in state.array_records[_STATE_BATCHNORM].items()}
+                restored = "context"
+        if batchnorm is None:
+            saved = load_local_batchnorm(site_dir, lineage, network)
+            if saved is not None:
+                batchnorm, restored = saved[0], "disk"
+        if batchnorm is not None:
+            load_partition_into_model(model, {PARTITION_BATCHNORM: batchnorm})
+
+    start = time.perf_counter()
+    result = train_site(model, data, int(config["local-epochs"]), float(config["lr"]), resolve_device(device), reporter=reporter, config=training)
+    seconds = time.perf_counter() - start
+
+    groups = partition_state(model)
+    batchnorm = groups.get(PARTITION_BATCHNORM, {})
+    info = {"lineage": lineage, "round": server_round, "rounds": rounds, "strategy": strategy, "network": _network_fingerprint(network)}
+    if state is not None:
+        state[_STATE_BATCHNORM] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in batchnorm.items()})
+        state[_STATE_INFO] = ConfigRecord({k: v for k, v in info.items()})
+    save_local_batchnorm(site_dir, batchnorm, info)
+
+    organs = tuple(o for o in data.organs if o in network.organs)
+    reply: Partition = {PARTITION_SHARED: groups[PARTITION_SHARED]}
+    reply.update({HEAD_PREFIX + o: groups[HEAD_PREFIX + o] for o in organs})
+    if strategy == "fedavg":
+        reply[PARTITION_BATCHNORM] = batchnorm
+    final_batchnorm = batchnorm if (strategy == "fedbn" and server_round >= rounds and bool(config["share-final-batchnorm"])) else None
+
+    metrics = {
+        "num-examples": int(result.num_examples),
+        "loss": float(result.loss),
+        "steps": int(result.steps),
+        "train-seconds": float(seconds),
+        "batchnorm-restored": {"initial": 0, "context": 1, "disk": 2}[restored],
+    }
+    metrics.update({f"dice-{organ}": float(value) for organ, value in result.val_dice.items()})
+    return ClientRoundResult(site=data.name, organs=organs, partition=reply, metrics=metrics, final_batchnorm=final_batchnorm)
+
+
+def new_lineage() -> str:
+    """A fresh model-lineage id (a run from scratch)."""
+    return uuid.uuid4().hex

@@ -1,0 +1,239 @@
+"""Inference: a CT volume in any geometry -> SegViz label map in that exact geometry.
+
+Steps: read (io) -> preprocessing (orient RAS, resample, HU window) -> sliding-window
+network -> per-organ probabilities -> resample each probability back onto the input grid
+(linear, one organ at a time to bound memory) -> label = most probable organ above 0.5
+-> optional largest-connected-component clean-up -> file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+
+from .errors import SegVizInputError
+from .network import MultiOrganUNet
+from .organs import organ_by_name
+from .preprocessing import Preprocessing, metatensor_to_sitk, preprocessing_transforms, sitk_to_metatensor
+from .progress import ProgressReporter
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+
+__all__ = [
+    "resolve_device",
+    "bundle_probabilities",
+    "predict_probabilities",
+    "probabilities_to_labels",
+    "keep_largest_component",
+    "adapt_batchnorm",
+    "segment_image",
+    "SegmentationResult",
+    "organ_volumes_ml",
+]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``; ``"cuda"`` (error if absent)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SegVizInputError(None, "--device cuda was asked for but no CUDA GPU is available (use --device auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise SegVizInputError(None, f"unknown device {name!r}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: MultiOrganUNet,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    device: torch.device,
+    sw_batch_size: int = 2,
+    overlap: float = 0.25,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Per-organ probabilities for one preprocessed volume.
+
+    Args:
+        model: the network (put in eval mode here).
+        image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed CT in [0, 1].
+        roi_size: sliding-window size (a multiple of the network's stride product).
+        device: where the network runs; the stitched output stays on the CPU.
+
+    Returns:
+        ``(C, X, Y, Z)`` float32 probabilities on the CPU, channel ``i`` for ``model.config.organs[i]``.
+    """
+    model.eval().to(device)
+    batch = image if image.dim() == 5 else image[None]
+    batch = torch.as_tensor(batch, dtype=torch.float32)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return model.probabilities(model(window.to(device))).float()
+
+    probabilities = sliding_window_inference(
+        batch, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap,
+        mode="gaussian", sw_device=device, device=torch.device("cpu"), progress=False,
+    )
+    return torch.as_tensor(probabilities)[0].float()
+
+
+def probabilities_to_labels(probabilities: np.ndarray | torch.Tensor, organs: Sequence[str], threshold: float = 0.5) -> np.ndarray:
+    """Label map from ``(C, ...)`` probabilities: the schema value of the most probable organ
+    where its probability exceeds ``threshold``, else 0."""
+    p = probabilities.numpy() if isinstance(probabilities, torch.Tensor) else np.asarray(probabilities)
+    values = np.array([organ_by_name(o).label for o in organs], dtype=np.uint8)
+    best = p.argmax(axis=0)
+    return np.where(p.max(axis=0) > threshold, values[best], 0).astype(np.uint8)
+
+
+def keep_largest_component(labels: np.ndarray, organs: Sequence[str], components: dict[str, int] | None = None) -> np.ndarray:
+    """Keep, per organ, the largest connected component(s) (two for the kidneys)."""
+    from scipy import ndimage
+
+    components = {"kidney": 2} if components is None else components
+    cleaned = labels.copy()
+    for name in organs:
+        value = organ_by_name(name).label
+        mask = labels == value
+        if not mask.any():
+            continue
+        lab, count = ndimage.label(mask)
+        if count <= 1:
+            continue
+        sizes = ndimage.sum_labels(mask, lab, index=np.arange(1, count + 1))
+        keep = np.argsort(sizes)[::-1][: components.get(name, 1)] + 1
+        cleaned[mask & ~np.isin(lab, keep)] = 0
+    return cleaned
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: MultiOrganUNet, image: torch.Tensor, roi_size: Sequence[int], device: torch.device, max_windows: int = 16) -> None:
+    """Test-time BatchNorm re-estimation (AdaBN): recompute running statistics on windows of
+    the input volume itself. Used when no site's BatchNorm matches the new scanner."""
+    from torch import nn
+
+    volume = image if image.dim() == 5 else image[None]
+    shape = volume.shape[2:]
+    roi = [min(r, s) for r, s in zip(roi_size, shape)]
+    divisor = model.config.divisor
+    roi = [max(divisor, (r // divisor) * divisor) for r in roi]
+    starts = [np.linspace(0, max(s - r, 0), num=max(1, int(np.ceil(s / r))), dtype=int) for s, r in zip(shape, roi)]
+    windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]][:max_windows]
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the windows
+    model.train().to(device)
+    for a, b, c in windows:
+        window = volume[:, :, a : a + roi[0], b : b + roi[1], c : c + roi[2]].float()
+        pad = [p for s, r in zip(reversed(window.shape[2:]), reversed(roi)) for p in (0, r - s)]
+        model(torch.nn.functional.pad(window, pad).to(device))
+    model.eval()
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :func:`segment_image`: a label map on the input grid and timings."""
+
+    labels: sitk.Image
+    organs: tuple[str, ...]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def organ_volumes_ml(labels: sitk.Image, organs: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Voxel count and volume in mL per organ of a SegViz label map."""
+    array = sitk.GetArrayViewFromImage(labels)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    counts = np.bincount(array.ravel(), minlength=6)
+    return {name: {"voxels": int(counts[organ_by_name(name).label]), "volume_ml": round(int(counts[organ_by_name(name).label]) * voxel_ml, 3)} for name in organs}
+
+
+def bundle_probabilities(
+    bundle: "ModelBundle",
+    prepared: torch.Tensor,
+    device: torch.device,
+    batchnorm: str | None = None,
+    roi_size: Sequence[int] | None = None,
+    sw_batch_size: int = 2,
+) -> torch.Tensor:
+    """Per-organ probabilities ``(C, X, Y, Z)`` of a bundle on a preprocessed volume.
+
+    ``batchnorm``: ``None`` (bundle default), ``"model"``, a variant name (``averaged``,
+    ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
+    BatchNorm of the sites that trained that organ) or ``"adapt"`` (BatchNorm re-estimated on
+    this volume).
+    """
+    choice = bundle.default_batchnorm if batchnorm is None else batchnorm
+    roi = tuple(roi_size or bundle.roi_size)
+    if choice == "per-organ":
+        channels = []
+        for index, organ in enumerate(bundle.organs):
+            model = bundle.build_model(f"organ:{organ}")
+            channels.append(predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size)[index])
+        return torch.stack(channels)
+    model = bundle.build_model(choice)
+    if choice == "adapt":
+        adapt_batchnorm(model, prepared, roi, device)
+    return predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size)
+
+
+def segment_image(
+    bundle: "ModelBundle",
+    image: sitk.Image,
+    device: torch.device,
+    batchnorm: str | None = None,
+    cleanup: bool = True,
+    reporter: ProgressReporter | None = None,
+    sw_batch_size: int = 2,
+) -> SegmentationResult:
+    """Segment one CT image with a model bundle; the label map has the image's exact geometry
+    (size, spacing, origin, direction) and SegViz label values."""
+    reporter = reporter or ProgressReporter("none")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    reporter.emit("stage", stage="preprocess", message="orienting and resampling to the model's spacing")
+    prepared = preprocessing_transforms(bundle.preprocessing)({"image": sitk_to_metatensor(image)})["image"]
+    affine = prepared.affine
+    timings["preprocess_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    reporter.emit("stage", stage="network", message=f"sliding-window inference on {device.type}")
+    probabilities = bundle_probabilities(bundle, prepared, device, batchnorm=batchnorm, sw_batch_size=sw_batch_size)
+    del prepared
+    timings["network_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    organs = tuple(o for o in bundle.organs if o in bundle.trained_organs)
+    best = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.float32)
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    with reporter.task("restore", total=len(organs)) as advance:
+        for name in organs:
+            index = bundle.organs.index(name)
+            # One organ at a time: a 512x512x300 input never holds four float maps at once.
+            channel = metatensor_to_sitk(probabilities[index], affine)
+            on_input = sitk.Resample(channel, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            p = sitk.GetArrayViewFromImage(on_input)
+            better = p > np.maximum(best, 0.5)
+            labels[better] = organ_by_name(name).label
+            np.maximum(best, p, out=best)
+            del on_input, p
+            advance(1)
+    del best, probabilities
+    if cleanup:
+        labels = keep_largest_component(labels, organs)
+    timings["restore_s"] = time.perf_counter() - t2
+    result = sitk.GetImageFromArray(labels)
+    result.CopyInformation(image)
+    return SegmentationResult(labels=result, organs=organs, timings=timings)

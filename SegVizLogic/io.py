@@ -1,0 +1,705 @@
+"""Reading CT volumes and label maps, and writing label maps in the input's exact geometry.
+
+Every image that enters SegViz goes through :func:`read_image` (CT, float32 HU) or
+:func:`read_label_map` (integer labels as stored); every label map that leaves it goes
+through :func:`write_label_map_like`, which copies the reference's size, spacing, origin and
+direction exactly and writes atomically. Any failure is a :class:`~SegVizLogic.errors.SegVizInputError`
+whose message is one line naming the file and the problem.
+
+Formats: NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``,
+``.mhd``), a DICOM series folder (or one ``.dcm`` file of a series) for CT, and 3D Slicer
+segmentation files (``.seg.nrrd``, layered or not) for labels.
+
+Arrays are in SimpleITK order: a volume of size (x, y, z) is a numpy array of shape (z, y, x).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import SegVizInputError
+from .organs import organ_by_name
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "LABEL_SUFFIXES",
+    "WRITE_SUFFIXES",
+    "file_suffix",
+    "strip_suffix",
+    "read_image",
+    "read_label_map",
+    "read_segment_names",
+    "to_organ_labels",
+    "organ_map_from_segment_names",
+    "resample_to_reference",
+    "write_label_map_like",
+    "geometry",
+    "same_geometry",
+    "geometry_differences",
+    "ct_intensity_problem",
+]
+
+# Longest first, so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
+_SUFFIX_FORMAT = {
+    ".seg.nrrd": ("NrrdImageIO", "NRRD"),
+    ".nii.gz": ("NiftiImageIO", "NIfTI"),
+    ".nii": ("NiftiImageIO", "NIfTI"),
+    ".nrrd": ("NrrdImageIO", "NRRD"),
+    ".nhdr": ("NrrdImageIO", "NRRD"),
+    ".mha": ("MetaImageIO", "MetaImage"),
+    ".mhd": ("MetaImageIO", "MetaImage"),
+    ".dcm": ("GDCMImageIO", "DICOM"),
+}
+IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+"""File suffixes :func:`read_image` reads (and any folder holding a DICOM series)."""
+LABEL_SUFFIXES: tuple[str, ...] = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+"""File suffixes :func:`read_label_map` reads."""
+WRITE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
+"""File suffixes :func:`write_label_map_like` writes (single-file formats only, so the write is atomic)."""
+
+# Default tolerance of geometry comparisons: mm for spacing/origin, unitless for direction.
+_GEOMETRY_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# Names and suffixes
+# --------------------------------------------------------------------------------------
+
+
+def file_suffix(path: str | Path) -> str:
+    """Return the SegViz-known suffix of ``path`` (lower case, e.g. ``".nii.gz"``, ``".seg.nrrd"``).
+
+    Returns ``""`` for a folder and the last plain suffix for a file of an unknown type.
+    """
+    name = Path(path).name.lower()
+    for suffix in _SUFFIX_FORMAT:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return Path(name).suffix
+
+
+def strip_suffix(path: str | Path) -> str:
+    """Return the file name of ``path`` without its known suffix: the case name.
+
+    Example::
+
+        strip_suffix("labels/case001.seg.nrrd")  # "case001"
+        strip_suffix("images/case001")           # "case001" (a DICOM series folder)
+    """
+    name = Path(path).name
+    suffix = file_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix and name.lower().endswith(suffix) else name
+
+
+def _unsupported(path: Path, accepted: tuple[str, ...], what: str) -> SegVizInputError:
+    suffix = file_suffix(path) or "(none)"
+    return SegVizInputError(path, f"unsupported file type {suffix!r} for {what}: expected {', '.join(accepted)}")
+
+
+def _itk_detail(error: Exception) -> str:
+    """Reduce a multi-line ITK exception to its most telling line."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    # ITK's "Reason:" line is errno at the time, often "Success" or a misleading "No such file".
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown", "sitk::ERROR", "Reason:"))]
+    if not useful:
+        return ""
+    text = re.sub(r"^\[\w+\]\s*_?\w+:\s*", "", useful[-1])  # "[nrrd] _nrrdEncodingGzip_read: ..." -> "..."
+    text = re.sub(r"^ITK ERROR:\s*\w+\(0x[0-9a-f]+\):\s*", "", text)
+    return text[:160]
+
+
+def _with_detail(problem: str, error: Exception) -> str:
+    detail = _itk_detail(error)
+    return f"{problem} ({detail})" if detail else problem
+
+
+# --------------------------------------------------------------------------------------
+# Low-level reading
+# --------------------------------------------------------------------------------------
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise SegVizInputError(path, "no such file or folder")
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Refuse a truncated or corrupt NIfTI file.
+
+    ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels,
+    so the byte count is checked against the header here.
+    """
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header
+        shape = header.get_data_shape()
+        expected = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    except Exception as error:  # nibabel raises many types for a damaged header
+        raise SegVizInputError(path, f"unreadable or corrupt NIfTI file ({str(error).splitlines()[0][:120]})") from None
+    if file_suffix(path) == ".nii.gz":
+        total = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    total += len(chunk)
+        except EOFError:
+            raise SegVizInputError(path, "file is truncated (the gzip stream ends early)") from None
+        except (OSError, gzip.BadGzipFile) as error:
+            raise SegVizInputError(path, f"corrupt gzip data ({error})") from None
+    else:
+        total = path.stat().st_size
+    if total < expected:
+        raise SegVizInputError(path, f"file is truncated ({total} of {expected} bytes)")
+
+
+def _read_itk_file(path: Path, *, information_only: bool = False) -> sitk.Image | sitk.ImageFileReader:
+    """Read one image file with the ImageIO its suffix names; errors become SegVizInputError."""
+    suffix = file_suffix(path)
+    io_name, format_name = _SUFFIX_FORMAT[suffix]
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(io_name)
+    reader.SetFileName(str(path))
+    try:
+        if information_only:
+            reader.ReadImageInformation()
+            return reader
+        if format_name == "NIfTI":
+            _check_nifti_complete(path)
+        return reader.Execute()
+    except RuntimeError as error:
+        raise SegVizInputError(path, _with_detail(f"unreadable, truncated or corrupt {format_name} file", error)) from None
+
+
+def _read_dicom_series(folder: Path, only_file: Path | None = None) -> sitk.Image:
+    """Read the largest DICOM series in ``folder`` (or the series ``only_file`` belongs to)."""
+    reader = sitk.ImageSeriesReader()
+    try:
+        series_ids = reader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as error:
+        raise SegVizInputError(folder, _with_detail("cannot scan for DICOM files", error)) from None
+    if not series_ids:
+        raise SegVizInputError(folder, "no DICOM series found in folder (is it empty, or are the files not DICOM?)")
+    files_by_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    if only_file is not None:
+        wanted = os.path.realpath(only_file)
+        matches = [s for s, files in files_by_series.items() if wanted in {os.path.realpath(f) for f in files}]
+        if not matches:
+            raise SegVizInputError(only_file, "not part of any readable DICOM series in its folder")
+        series = matches[0]
+    else:
+        # The largest series is the CT volume; scouts and dose reports are small.
+        series = max(files_by_series, key=lambda s: len(files_by_series[s]))
+    files = files_by_series[series]
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()  # GDCM applies Rescale Slope/Intercept here
+    except RuntimeError as error:
+        raise SegVizInputError(folder, _with_detail("unreadable DICOM series", error)) from None
+    _check_dicom_slice_spacing(folder, reader, len(files))
+    return image
+
+
+def _check_dicom_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, n_files: int) -> None:
+    """Refuse a series with missing slices: ITK would assume uniform spacing and misplace voxels."""
+    if n_files < 3:
+        return
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n_files)])
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError, IndexError):
+        return  # no positions to check (e.g. a multi-frame file): trust the reader
+    normal = np.cross(cosines[:3], cosines[3:6])
+    gaps = np.diff(np.sort(positions @ normal))
+    if gaps.size and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * max(abs(np.median(gaps)), 1e-6) + 1e-3):
+        raise SegVizInputError(
+            folder, f"DICOM slice spacing is not uniform ({gaps.min():.3g}..{gaps.max():.3g} mm): missing or duplicate slices"
+        )
+
+
+def _is_vector(image: sitk.Image) -> bool:
+    return image.GetPixelIDTypeAsString().startswith("vector")
+
+
+def _as_3d(image: sitk.Image, path: Path) -> sitk.Image:
+    """Drop a singleton 4th dimension; refuse 2D and true 4D images."""
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 3:
+        return image
+    if dim == 4 and size[3] == 1:
+        return sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, 0])
+    shape = "×".join(str(s) for s in size)
+    if dim == 2:
+        raise SegVizInputError(path, f"2-D image ({shape}); SegViz needs a 3-D volume")
+    raise SegVizInputError(path, f"{dim}-D image ({shape}); SegViz needs a 3-D volume (one time point)")
+
+
+# --------------------------------------------------------------------------------------
+# CT images
+# --------------------------------------------------------------------------------------
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read a CT volume as a float32 SimpleITK image in Hounsfield units.
+
+    Reads NIfTI, NRRD, MetaImage, a DICOM series folder (the largest series in it; rescale
+    slope/intercept applied), or one ``.dcm`` file (its whole series). The original geometry
+    (size, spacing, origin, direction) is kept exactly; a 4-D image with one time point is
+    reduced to 3-D.
+
+    Args:
+        path: file, or folder of DICOM files.
+
+    Returns:
+        3-D ``sitk.Image`` of pixel type float32 (array shape z, y, x).
+
+    Raises:
+        SegVizInputError: missing path, unsupported suffix, unreadable/truncated file, empty
+            DICOM folder, non-uniform DICOM slices, a 2-D or multi-time-point or multi-channel image.
+
+    Example::
+
+        ct = read_image("site1/images/case001.nii.gz")
+        ct.GetPixelID() == sitk.sitkFloat32
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    else:
+        suffix = file_suffix(path)
+        if suffix not in IMAGE_SUFFIXES:
+            raise _unsupported(path, IMAGE_SUFFIXES + ("a DICOM series folder",), "a CT image")
+        image = _read_dicom_series(path.parent, only_file=path) if suffix == ".dcm" else _read_itk_file(path)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        components = image.GetNumberOfComponentsPerPixel()
+        raise SegVizInputError(path, f"image has {components} values per voxel (colour or multi-channel); expected greyscale CT")
+    if _is_vector(image):
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    return sitk.Cast(_as_3d(image, path), sitk.sitkFloat32)
+
+
+def ct_intensity_problem(image: sitk.Image, max_samples: int = 2_000_000) -> str | None:
+    """Say why ``image`` does not look like CT in Hounsfield units, or return ``None``.
+
+    CT in HU has air near -1000 (or padding down to -3024) and soft tissue near 0..100. An
+    image whose low end is above -200 HU (MR, 0..255 screenshots, [0, 1] normalised data,
+    raw stored values without rescale) or that is constant is refused. The test uses the 0.1
+    and 99.9 percentiles of up to ``max_samples`` voxels, so a few odd voxels do not decide.
+
+    Args:
+        image: the volume, as returned by :func:`read_image`.
+        max_samples: voxels sampled on a regular stride for the percentiles.
+
+    Returns:
+        one-line problem such as ``"intensity range 0..255 is not CT in HU (...)"``, or None.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    step = max(1, int(np.ceil((array.size / max_samples) ** (1 / 3))))
+    sample = np.asarray(array[::step, ::step, ::step], dtype=np.float64).ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return "image has no finite voxel values"
+    lowest, highest = float(sample.min()), float(sample.max())
+    low, high = np.percentile(sample, [0.1, 99.9])
+    shown = f"{lowest:.4g}..{highest:.4g}"
+    if highest - lowest < 1e-6:
+        return f"image is constant ({lowest:.4g}); not a CT"
+    if low > -200 or high < -200 or high > 40000:
+        return f"intensity range {shown} is not CT in HU (expected air near -1000 and soft tissue near 0..100)"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Label maps and Slicer segmentations
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Segment:
+    index: int
+    name: str
+    layer: int
+    label_value: int
+    merged_value: int
+
+
+def _metadata(source: sitk.Image | sitk.ImageFileReader) -> dict[str, str]:
+    return {key: source.GetMetaData(key) for key in source.GetMetaDataKeys()}
+
+
+def _segments(meta: Mapping[str, str], n_layers: int, path: Path) -> list[_Segment]:
+    """Parse Slicer's ``Segment{i}_*`` keys; compute each segment's value in the merged 3-D map.
+
+    In a single-layer file the merged value is the stored label value. In a layered file the
+    stored values are kept if they are unique across layers, otherwise segment ``i`` becomes
+    ``i + 1`` (Slicer puts overlapping segments in separate layers, often all with value 1).
+    """
+    indices = sorted({int(m.group(1)) for key in meta if (m := re.fullmatch(r"Segment(\d+)_\w+", key))})
+    raw = []
+    for i in indices:
+        try:
+            # Files from Slicer before 4.11 have no LabelValue/Layer: one segment per layer, value 1.
+            layer = int(meta.get(f"Segment{i}_Layer", i if n_layers > 1 else 0))
+            value = int(meta.get(f"Segment{i}_LabelValue", 1))
+        except ValueError:
+            raise SegVizInputError(path, f"segment {i} has a non-integer label value or layer") from None
+        if not 0 <= layer < n_layers:
+            raise SegVizInputError(path, f"segment {i} is in layer {layer} but the file has {n_layers} layer(s)")
+        raw.append((i, meta.get(f"Segment{i}_Name", meta.get(f"Segment{i}_ID", f"Segment_{i}")), layer, value))
+    values = [value for _, _, _, value in raw]
+    renumber = n_layers > 1 and len(set(values)) != len(values)
+    return [_Segment(i, name, layer, value, (k + 1) if renumber else value) for k, (i, name, layer, value) in enumerate(raw)]
+
+
+def _integer_labels(image: sitk.Image, path: Path) -> sitk.Image:
+    """Keep integer labels as stored; cast float labels that hold whole numbers."""
+    pixel = image.GetPixelID()
+    if pixel in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise SegVizInputError(path, "label map holds non-integer values; expected integer labels")
+        cast = sitk.Cast(image, sitk.sitkInt32)
+        cast.CopyInformation(image)
+        return cast
+    return image
+
+
+def read_label_map(path: str | Path) -> sitk.Image:
+    """Read a label map as an integer SimpleITK image, values as stored on disk.
+
+    Plain NIfTI/NRRD/MetaImage label maps keep their pixel type. A 3D Slicer segmentation
+    (``.seg.nrrd``, or any NRRD carrying ``Segment{i}_*`` keys) is merged into one 3-D map: one
+    layer is returned as stored; several layers are merged with the values that
+    :func:`read_segment_names` reports (where segments overlap, the later segment wins). A
+    segmentation keeps its own geometry, which Slicer may have cropped to the segments'
+    extent: use :func:`resample_to_reference` to bring it onto the CT grid.
+
+    Args:
+        path: label map file.
+
+    Returns:
+        3-D integer ``sitk.Image`` (array shape z, y, x).
+
+    Raises:
+        SegVizInputError: missing file, unsupported suffix, unreadable/truncated file,
+            non-integer values, several components in a file that is not a segmentation.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.is_dir():
+        raise SegVizInputError(path, f"is a folder; a label map must be one file ({', '.join(LABEL_SUFFIXES)})")
+    if file_suffix(path) not in LABEL_SUFFIXES:
+        raise _unsupported(path, LABEL_SUFFIXES, "a label map")
+    image = _read_itk_file(path)
+    meta = _metadata(image)
+    n_layers = image.GetNumberOfComponentsPerPixel()
+    is_segmentation = any(re.fullmatch(r"Segment\d+_\w+", key) for key in meta)
+    if n_layers > 1 and not is_segmentation:
+        raise SegVizInputError(path, f"label map has {n_layers} values per voxel but no Slicer segment metadata")
+    segments = _segments(meta, n_layers, path) if is_segmentation else []  # also validates the metadata
+    if is_segmentation and _is_vector(image):
+        image = _merge_layers(image, segments, path)
+    elif _is_vector(image):
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    return _integer_labels(_as_3d(image, path), path)
+
+
+def _merge_layers(image: sitk.Image, segments: list[_Segment], path: Path) -> sitk.Image:
+    layers = sitk.GetArrayViewFromImage(image)  # (z, y, x, layer)
+    if layers.ndim != 4:
+        raise SegVizInputError(path, f"segmentation layers have an unexpected array shape {layers.shape}")
+    top = max((s.merged_value for s in segments), default=0)
+    merged = np.zeros(layers.shape[:3], dtype=np.uint8 if top <= 255 else np.uint16)
+    for segment in segments:
+        merged[layers[..., segment.layer] == segment.label_value] = segment.merged_value
+    result = sitk.GetImageFromArray(merged)
+    result.CopyInformation(image)
+    return result
+
+
+def read_segment_names(path: str | Path) -> dict[int, str]:
+    """Return ``{label value: segment name}`` of a 3D Slicer segmentation file.
+
+    The values are those of the 3-D map :func:`read_label_map` returns for the same file. Only
+    the header is read. A plain label map (no ``Segment{i}_*`` keys) gives ``{}``; JSON sidecars
+    (dcmqi segment descriptions) are not read.
+
+    Raises:
+        SegVizInputError: missing, unsupported or unreadable file.
+    """
+    path = Path(path)
+    _check_exists(path)
+    suffix = file_suffix(path)
+    if path.is_dir() or suffix not in LABEL_SUFFIXES:
+        raise _unsupported(path, LABEL_SUFFIXES, "a label map")
+    if _SUFFIX_FORMAT[suffix][0] != "NrrdImageIO":
+        return {}
+    reader = _read_itk_file(path, information_only=True)
+    segments = _segments(_metadata(reader), reader.GetNumberOfComponents(), path)
+    return {s.merged_value: s.name for s in segments}
+
+
+# Words that say nothing about which organ a segment is.
+_SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt", "sinister", "dexter", "sin", "dex"}
+_FILLER_WORDS = {
+    "segmentation", "segment", "seg", "label", "labels", "labelmap", "mask", "roi", "whole", "total",
+    "organ", "structure", "gt", "manual", "auto", "the", "of", "and", "volume", "region", "s",
+}
+_SYNONYMS = {"liver": "liver", "hepar": "liver", "spleen": "spleen", "lien": "spleen", "pancreas": "pancreas",
+             "kidney": "kidney", "kidneys": "kidney", "ren": "kidney"}
+
+
+def organ_map_from_segment_names(names: Mapping[int, str]) -> dict[int, str | None]:
+    """Match segment names to SegViz organs (case-insensitive); unmatched segments map to None.
+
+    A name matches when, after dropping laterality and filler words ("left", "R",
+    "segmentation", "mask", numbers...), exactly one organ word remains. So "Liver",
+    "left kidney", "kidney_right", "RightKidney" and "Spleen segmentation" match, while
+    "liver tumor", "hepatic vein" and "kidney cyst" do not.
+
+    Args:
+        names: label value -> segment name, as from :func:`read_segment_names`.
+
+    Returns:
+        label value -> organ name (one of liver, spleen, pancreas, kidney) or None.
+
+    Example::
+
+        organ_map_from_segment_names({1: "Liver", 2: "kidney_left", 3: "Liver tumor"})
+        # {1: "liver", 2: "kidney", 3: None}
+    """
+    result: dict[int, str | None] = {}
+    for value, name in names.items():
+        spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", str(name)).lower()
+        words = [w for w in re.findall(r"[a-z]+", spaced) if w not in _SIDE_WORDS and w not in _FILLER_WORDS]
+        organs = {_SYNONYMS.get(w) for w in words}
+        result[int(value)] = organs.pop() if len(organs) == 1 and None not in organs else None
+    return result
+
+
+def to_organ_labels(
+    label_image: sitk.Image, value_to_organ: Mapping[int, str | None], path: str | Path | None = None
+) -> sitk.Image:
+    """Map local label values to SegViz organ labels (1 liver, 2 spleen, 3 pancreas, 4 kidney).
+
+    Values mapped to None, and 0, become background. Several values may map to one organ
+    (left and right kidney -> kidney).
+
+    Args:
+        label_image: integer label map (any geometry, kept as is).
+        value_to_organ: local value -> organ name or None. Keys may be int or numeric str.
+        path: file the labels came from, named in error messages.
+
+    Returns:
+        uint8 ``sitk.Image`` with the same geometry.
+
+    Raises:
+        SegVizInputError: the image holds a non-zero value that the mapping does not list,
+            or the mapping names an unknown organ.
+    """
+    mapping: dict[int, str | None] = {}
+    for key, organ in value_to_organ.items():
+        try:
+            mapping[int(key)] = None if organ is None else organ_by_name(organ).name
+        except ValueError as error:
+            raise SegVizInputError(path, f"label value {key!r}: {error}") from None
+    array = sitk.GetArrayViewFromImage(label_image)
+    present = np.unique(array)
+    undeclared = [int(v) for v in present if v != 0 and int(v) not in mapping]
+    if undeclared:
+        shown = ", ".join(str(v) for v in undeclared[:12]) + (f" ... ({len(undeclared)} values)" if len(undeclared) > 12 else "")
+        raise SegVizInputError(path, f"label values {shown} are not declared (map them to an organ or to null)")
+    out = np.zeros(array.shape, dtype=np.uint8)
+    for value, organ in mapping.items():
+        if organ is not None and value != 0:
+            out[array == value] = organ_by_name(organ).label
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(label_image)
+    return result
+
+
+def resample_to_reference(label_image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Put a label map onto ``reference``'s grid by nearest-neighbour resampling.
+
+    For a Slicer segmentation cropped to its extent this is an exact shift (voxels outside the
+    cropped box become 0); voxels of ``label_image`` outside ``reference`` are dropped.
+
+    Returns:
+        label image with the pixel type of ``label_image`` and exactly the geometry of ``reference``.
+    """
+    return sitk.Resample(label_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label_image.GetPixelID())
+
+
+# --------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------
+
+
+def geometry(image: sitk.Image | sitk.ImageFileReader) -> dict[str, tuple]:
+    """Return ``{"size", "spacing", "origin", "direction"}`` of an image (tuples, LPS, mm).
+
+    ``direction`` is the row-major 3×3 direction cosine matrix as 9 numbers (column j is the
+    world direction of index axis j), as SimpleITK gives it.
+    """
+    return {"size": tuple(image.GetSize()), "spacing": tuple(image.GetSpacing()),
+            "origin": tuple(image.GetOrigin()), "direction": tuple(image.GetDirection())}
+
+
+def _as_geometry(item: sitk.Image | Mapping[str, Any]) -> Mapping[str, Any]:
+    return item if isinstance(item, Mapping) else geometry(item)
+
+
+def _fmt(values: tuple) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def geometry_differences(a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapping[str, Any],
+                         tol: float = _GEOMETRY_TOL) -> list[str]:
+    """Describe, with numbers, how the grids of ``a`` and ``b`` differ (empty list: same grid).
+
+    Sizes must be equal; spacing and origin (mm) and direction must agree within ``tol``.
+
+    Example::
+
+        geometry_differences(ct, labels)
+        # ["spacing (0.8, 0.8, 1) vs (0.8, 0.8, 2.5)"]
+    """
+    ga, gb = _as_geometry(a), _as_geometry(b)
+    problems = []
+    if tuple(ga["size"]) != tuple(gb["size"]):
+        problems.append(f"size {'×'.join(map(str, ga['size']))} vs {'×'.join(map(str, gb['size']))}")
+    for key in ("spacing", "origin", "direction"):
+        va, vb = np.asarray(ga[key], float), np.asarray(gb[key], float)
+        if va.shape != vb.shape or not np.allclose(va, vb, rtol=0, atol=tol):
+            problems.append(f"{key} {_fmt(tuple(va))} vs {_fmt(tuple(vb))}")
+    return problems
+
+
+def same_geometry(a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapping[str, Any], tol: float = _GEOMETRY_TOL) -> bool:
+    """True when ``a`` and ``b`` (images or :func:`geometry` dicts) have the same grid within ``tol``."""
+    return not geometry_differences(a, b, tol)
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def _label_array(labels: np.ndarray | sitk.Image, path: Path) -> np.ndarray:
+    array = sitk.GetArrayFromImage(labels) if isinstance(labels, sitk.Image) else np.asarray(labels)
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.issubdtype(array.dtype, np.floating) or not np.array_equal(array, np.round(array)):
+            raise SegVizInputError(path, f"labels of type {array.dtype} are not whole numbers")
+    if array.size == 0:
+        return array.astype(np.uint8)
+    low, high = int(array.min()), int(array.max())
+    for dtype in (np.uint8, np.uint16, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return array.astype(dtype, copy=False)
+    raise SegVizInputError(path, f"label values {low}..{high} do not fit in 32-bit integers")
+
+
+def _itk_write(image: sitk.Image, path: Path, io_name: str, compress: bool) -> None:
+    """Write with an explicit ImageIO (the temp file's name must not decide the format)."""
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO(io_name)
+    writer.SetFileName(str(path))
+    writer.SetUseCompression(compress)
+    writer.Execute(image)
+
+
+def write_label_map_like(labels: np.ndarray | sitk.Image, reference: sitk.Image, path: str | Path,
+                         force: bool = False) -> Path:
+    """Write a label map with exactly the size, spacing, origin and direction of ``reference``.
+
+    The format follows the suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``; compressed where
+    the format allows). The pixel type is the smallest integer type holding the values (uint8
+    for SegViz organ labels). The file is written to a temporary name in the same folder and
+    moved into place, so a failed or interrupted write never leaves a partial file, and an
+    existing file is kept unless ``force``.
+
+    Args:
+        labels: numpy array of shape (z, y, x) == reference size reversed, or a ``sitk.Image``
+            of the reference's size (and grid, within 1e-3).
+        reference: the image whose grid the output takes (usually the CT as read).
+        path: output file; its folder is created if missing.
+        force: replace an existing file.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        SegVizInputError: unsupported suffix, existing file without ``force``, shape or grid
+            mismatch with ``reference``, non-integer labels, or a failed write.
+
+    Example::
+
+        ct = read_image("case.nii.gz")
+        write_label_map_like(np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8), ct, "out.nii.gz")
+    """
+    path = Path(path)
+    suffix = file_suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise _unsupported(path, WRITE_SUFFIXES, "writing a label map")
+    if path.is_dir():
+        raise SegVizInputError(path, "is a folder; expected a file name to write")
+    if path.exists() and not force:
+        raise SegVizInputError(path, "exists; use --force to overwrite")
+    if reference.GetDimension() != 3:
+        raise SegVizInputError(path, f"reference image is {reference.GetDimension()}-D; expected 3-D")
+    expected = tuple(reversed(reference.GetSize()))
+    if isinstance(labels, sitk.Image):
+        differences = geometry_differences(labels, reference, tol=1e-3)
+        if differences:
+            raise SegVizInputError(path, "labels are not on the reference grid: " + "; ".join(differences))
+    array = _label_array(labels, path)
+    if array.shape != expected:
+        raise SegVizInputError(path, f"labels have shape {array.shape} but the reference needs {expected} (z, y, x)")
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(reference.GetSpacing())
+    image.SetOrigin(reference.GetOrigin())
+    image.SetDirection(reference.GetDirection())
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{strip_suffix(path)}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        _itk_write(image, temp, _SUFFIX_FORMAT[suffix][0], compress=suffix != ".nii")
+        if force:
+            os.replace(temp, path)
+        else:
+            _move_no_clobber(temp, path)
+    except SegVizInputError:
+        raise
+    except (RuntimeError, OSError) as error:
+        raise SegVizInputError(path, _with_detail("could not write the label map", error)) from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def _move_no_clobber(temp: Path, path: Path) -> None:
+    """Move ``temp`` to ``path`` unless ``path`` appeared meanwhile (link() fails on an existing name)."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise SegVizInputError(path, "exists; use --force to overwrite") from None
+    except OSError:  # file system without hard links
+        if path.exists():
+            raise SegVizInputError(path, "exists; use --force to overwrite") from None
+        os.replace(temp, path)
+

@@ -1,0 +1,77 @@
+"""Losses for partially-annotated sites.
+
+A site teaches only the organs it annotated: the loss of :class:`PartialLabelLoss` is computed
+on those organs' channels alone, so the head of an organ the site did not annotate receives
+exactly zero gradient (it is never taught that the organ is background).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceLoss
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["PartialLabelLoss", "NaiveSoftmaxLoss"]
+
+
+class PartialLabelLoss(nn.Module):
+    """Per-organ soft Dice + binary cross-entropy over annotated organs only.
+
+    Args:
+        dice_weight: weight of the Dice term.
+        bce_weight: weight of the BCE term.
+
+    Shapes: ``logits`` and ``target`` ``(B, C, X, Y, Z)`` (target binary, one channel per
+    organ of the network), ``annotated`` ``(B, C)`` bool: which organs the sample's site
+    annotated. Returns a scalar (the mean over annotated (sample, organ) pairs).
+
+    Example::
+
+        loss = PartialLabelLoss()(logits, target, annotated=torch.tensor([[True, False, False, False]]))
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+        super().__init__()
+        if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0:
+            raise ValueError(f"weights must be non-negative and not both zero, got {dice_weight}, {bce_weight}")
+        self.dice_weight = dice_weight
+        self.bce_weight = bce_weight
+        self.dice = DiceLoss(sigmoid=True, reduction="none")
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in shape")
+        if annotated.shape != logits.shape[:2]:
+            raise ValueError(f"annotated must be (B, C) = {tuple(logits.shape[:2])}, got {tuple(annotated.shape)}")
+        annotated = annotated.bool()
+        if not annotated.any():
+            raise ValueError("no annotated organ in the batch: nothing to learn from")
+        # Select the annotated (sample, organ) pairs before any arithmetic, so the other
+        # channels are not in the graph at all (zero gradient, and no 0 * NaN surprises).
+        picked_logits = logits[annotated][:, None]  # (N, 1, X, Y, Z)
+        picked_target = target[annotated][:, None].to(logits.dtype)
+        dice = self.dice(picked_logits, picked_target).reshape(-1)
+        bce = F.binary_cross_entropy_with_logits(picked_logits, picked_target, reduction="none").flatten(1).mean(1)
+        return (self.dice_weight * dice + self.bce_weight * bce).mean()
+
+
+class NaiveSoftmaxLoss(nn.Module):
+    """The paper's naive central baseline: one softmax over background + organs, where every
+    voxel not labelled as an organ by its site counts as background (even organs the site
+    never annotated). Exists only for the experiments, to show why it fails.
+
+    Shapes as :class:`PartialLabelLoss`; ``annotated`` is accepted and ignored.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(softmax=True, include_background=False)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+        background_logit = torch.zeros_like(logits[:, :1])
+        full_logits = torch.cat([background_logit, logits], dim=1)
+        background = 1 - target.amax(dim=1, keepdim=True)
+        full_target = torch.cat([background, target], dim=1).to(logits.dtype)
+        ce = F.cross_entropy(full_logits, full_target.argmax(dim=1))
+        return self.dice(full_logits, full_target) + ce

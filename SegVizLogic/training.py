@@ -1,0 +1,366 @@
+"""Local training on one or more site folders, with the partial-label loss.
+
+Preprocessed cases are cached under each site's ``.segviz/cache`` (MONAI ``PersistentDataset``),
+patches are drawn around organ foreground and background (``RandCropByPosNegLabeld``), and
+validation Dice per annotated organ is measured on held-out cases after every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset, PersistentDataset
+from monai.metrics import DiceMetric
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+)
+
+from .inference import predict_probabilities, probabilities_to_labels, resolve_device
+from .losses import NaiveSoftmaxLoss, PartialLabelLoss
+from .network import MultiOrganUNet
+from .organs import organ_by_name
+from .preprocessing import Preprocessing, preprocessing_transforms, sitk_to_metatensor
+from .progress import ProgressReporter
+from .site import Site, load_case, state_dir, validate_site
+
+__all__ = [
+    "TrainingConfig",
+    "SiteData",
+    "TrainResult",
+    "load_site_data",
+    "train_site",
+    "evaluate_dice",
+    "resolve_device",
+    "seed_everything",
+]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a site trains (stored in bundles as provenance).
+
+    Args:
+        patch_size: training patch in voxels of the preprocessed grid (paper: 128x128x32).
+        batch_size: patches per step (paper: 8).
+        samples_per_case: patches drawn from each case per epoch.
+        pos_fraction: share of patches centred on annotated foreground.
+        val_fraction: share of a site's cases held out for validation (at least one when
+            the site has two or more cases).
+        label_mode: ``"partial"`` (loss on annotated organs only) or ``"naive"`` (the paper's
+            pooled baseline: softmax, unannotated organs counted as background).
+        amp: bfloat16 autocast on CUDA.
+        weight_decay: AdamW weight decay.
+        seed: seeds Python, numpy, torch and the patch sampler.
+    """
+
+    patch_size: tuple[int, int, int] = (128, 128, 32)
+    batch_size: int = 8
+    samples_per_case: int = 8
+    pos_fraction: float = 0.67
+    val_fraction: float = 0.25
+    label_mode: str = "partial"
+    amp: bool = True
+    weight_decay: float = 1e-5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.patch_size) != 3 or min(self.patch_size) < 8:
+            raise ValueError(f"patch_size must be three sizes >= 8, got {self.patch_size}")
+        if self.batch_size < 1 or self.samples_per_case < 1:
+            raise ValueError(f"batch_size and samples_per_case must be >= 1, got {self.batch_size}, {self.samples_per_case}")
+        if not 0.0 <= self.pos_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"pos_fraction must be in [0, 1] and val_fraction in [0, 1), got {self.pos_fraction}, {self.val_fraction}")
+        if self.label_mode not in ("partial", "naive"):
+            raise ValueError(f"label_mode must be 'partial' or 'naive', got {self.label_mode!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "TrainingConfig":
+        """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class LoadSiteCased(MapTransform):
+    """Load one case of a site: ``image`` as a MetaTensor in HU and ``label`` as SegViz values."""
+
+    def __init__(self, sites: Mapping[str, Site]) -> None:
+        super().__init__(keys=("image", "label"))
+        self.sites = sites
+
+    def __call__(self, item: Mapping) -> dict:
+        site = self.sites[item["site"]]
+        case = next(c for c in site.cases if c.name == item["case"])
+        image, labels = load_case(case, site)
+        return {**item, "image": sitk_to_metatensor(image), "label": sitk_to_metatensor(labels, dtype=torch.uint8)}
+
+
+@dataclass
+class SiteData:
+    """A site's preprocessed cases, split into training and validation.
+
+    Items are dicts with ``image`` ``(1, X, Y, Z)`` in [0, 1], ``label`` ``(1, X, Y, Z)``
+    SegViz values (only the site's annotated organs are non-zero), ``site``, ``case``.
+    """
+
+    name: str
+    organs: tuple[str, ...]
+    root: Path
+    train_items: list[dict]
+    val_items: list[dict]
+
+    @property
+    def num_train_cases(self) -> int:
+        """Number of training cases (the example count reported to a federation)."""
+        return len(self.train_items)
+
+
+def load_site_data(
+    site_dir: str | Path,
+    preprocessing: Preprocessing,
+    config: TrainingConfig | None = None,
+    cache: bool = True,
+    reporter: ProgressReporter | None = None,
+) -> SiteData:
+    """Validate a site folder and load its preprocessed cases (cached under ``.segviz/cache``).
+
+    Raises:
+        SiteValidationError: the site folder is not usable (one line per problem).
+    """
+    config = config or TrainingConfig()
+    reporter = reporter or ProgressReporter("none")
+    site = validate_site(site_dir)
+    transform = Compose([LoadSiteCased({site.name: site}), preprocessing_transforms(preprocessing, keys=("image",), label_keys=("label",))])
+    data = [
+        {
+            "site": site.name,
+            "case": case.name,
+            # Part of the cache key: a changed file or preprocessing makes a new entry.
+            "stamp": json.dumps([_file_stamp(case.image_path), _file_stamp(case.label_path), preprocessing.to_dict()]),
+        }
+        for case in site.cases
+    ]
+    cache_dir = state_dir(site) / "cache" if cache else None
+    dataset = PersistentDataset(data, transform=transform, cache_dir=cache_dir) if cache else Dataset(data, transform=transform)
+    items = []
+    with reporter.task(f"preprocess {site.name}", total=len(data)) as advance:
+        for index in range(len(data)):
+            items.append(dataset[index])
+            advance(1)
+    num_val = 0 if len(items) < 2 or config.val_fraction == 0 else max(1, round(config.val_fraction * len(items)))
+    # Deterministic split: the last cases by name are validation.
+    order = sorted(range(len(items)), key=lambda i: items[i]["case"])
+    val_idx = set(order[len(order) - num_val :])
+    return SiteData(
+        name=site.name,
+        organs=tuple(site.organs),
+        root=Path(site.root),
+        train_items=[items[i] for i in order if i not in val_idx],
+        val_items=[items[i] for i in order if i in val_idx],
+    )
+
+
+def _file_stamp(path: Path) -> list:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return [str(path.resolve()), sum(p.stat().st_size for p in files), max((p.stat().st_mtime_ns for p in files), default=0)]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+@dataclass
+class TrainResult:
+    """What a round (or a whole local training) of one site produced."""
+
+    loss: float
+    losses: list[float]
+    num_examples: int
+    steps: int
+    val_dice: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _targets(label: torch.Tensor, organs: Sequence[str]) -> torch.Tensor:
+    """``(B, 1, ...)`` SegViz values -> ``(B, C, ...)`` binary channels in network order."""
+    return torch.cat([(label == organ_by_name(o).label) for o in organs], dim=1).float()
+
+
+def _patch_transform(config: TrainingConfig) -> Compose:
+    pos = config.pos_fraction
+    return Compose(
+        [
+            SpatialPadd(keys=("image", "label"), spatial_size=config.patch_size),
+            RandCropByPosNegLabeld(
+                keys=("image", "label"), label_key="label", spatial_size=config.patch_size,
+                pos=pos, neg=1.0 - pos, num_samples=config.samples_per_case, allow_smaller=False,
+            ),
+            # Contrast phase and scanner calibration differ between sites; flips are not
+            # used because left and right organs differ.
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+        ]
+    )
+
+
+def train_site(
+    model: MultiOrganUNet,
+    data: SiteData | Sequence[SiteData],
+    epochs: int,
+    lr: float,
+    device: torch.device | str = "auto",
+    reporter: ProgressReporter | None = None,
+    config: TrainingConfig | None = None,
+    validate: bool = True,
+    on_epoch_end: Callable[[int, float, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on one site (or several pooled sites) for ``epochs`` epochs.
+
+    Each sample's loss covers only the organs its own site annotated (``label_mode="partial"``).
+
+    Args:
+        model: the network; trained in place.
+        data: one :class:`SiteData`, or several to pool (central training).
+        epochs: passes over the training cases (``samples_per_case`` patches each).
+        lr: AdamW learning rate.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+        reporter: progress (``epoch`` events with loss and validation Dice).
+        config: patch sampling and optimisation settings.
+        validate: measure validation Dice per organ after the last epoch (every epoch when
+            ``reporter`` shows progress or ``on_epoch_end`` is given).
+        on_epoch_end: called as ``(epoch, mean loss, validation Dice)`` after every epoch
+            (checkpoints, best-model selection).
+
+    Returns:
+        :class:`TrainResult` with per-epoch losses and the last validation Dice.
+    """
+    config = config or TrainingConfig()
+    reporter = reporter or ProgressReporter("none")
+    sites = [data] if isinstance(data, SiteData) else list(data)
+    device = resolve_device(device) if isinstance(device, str) else device
+    organs = tuple(model.config.organs)
+    items = []
+    for site in sites:
+        mask = [o in site.organs for o in organs]
+        items += [{**item, "annotated": torch.tensor(mask)} for item in site.train_items]
+    if not items:
+        raise ValueError("no training cases: every case of the site(s) is held out for validation")
+    if not any(any(item["annotated"]) for item in items):
+        raise ValueError(f"the sites annotate none of the network's organs {organs}")
+
+    dataset = Dataset(items, transform=_patch_transform(config))
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=max(1, config.batch_size // config.samples_per_case) or 1, shuffle=True, num_workers=0, generator=generator)
+    loss_fn = PartialLabelLoss() if config.label_mode == "partial" else NaiveSoftmaxLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    model.to(device)
+    use_amp = config.amp and device.type == "cuda"
+
+    losses: list[float] = []
+    steps = 0
+    val_dice: dict[str, float] = {}
+    start = time.perf_counter()
+    steps_per_epoch = math.ceil(len(items) * config.samples_per_case / config.batch_size)
+    with reporter.task("train", total=epochs * steps_per_epoch) as advance:
+        for epoch in range(1, epochs + 1):
+            model.train()
+            epoch_losses = []
+            for batch in _patch_batches(loader, config.batch_size):
+                image = batch["image"].to(device).float()
+                target = _targets(batch["label"].to(device), organs)
+                annotated = batch["annotated"].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(image)
+                loss = loss_fn(logits.float(), target, annotated)
+                loss.backward()
+                optimizer.step()
+                epoch_losses.append(float(loss.detach()))
+                steps += 1
+                advance(1, loss=epoch_losses[-1])
+            losses.append(float(np.mean(epoch_losses)))
+            last = epoch == epochs
+            if validate and (last or reporter.mode != "none" or on_epoch_end is not None):
+                val_dice = evaluate_dice(model, sites, device, config)
+            reporter.emit("epoch", epoch=epoch, epochs=epochs, loss=losses[-1], dice=val_dice)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, losses[-1], val_dice)
+    return TrainResult(loss=losses[-1], losses=losses, num_examples=len(items), steps=steps, val_dice=val_dice, seconds=time.perf_counter() - start)
+
+
+def _patch_batches(loader: DataLoader, batch_size: int):
+    """Regroup the loader's per-case patch lists into batches of ``batch_size`` patches."""
+    pending: list[dict] = []
+    for batch in loader:
+        pending.append(batch)
+        size = sum(b["image"].shape[0] for b in pending)
+        if size >= batch_size:
+            yield _concat(pending)
+            pending = []
+    if pending:
+        yield _concat(pending)
+
+
+def _concat(batches: list[dict]) -> dict:
+    out = {
+        "image": torch.cat([torch.as_tensor(b["image"]) for b in batches]),
+        "label": torch.cat([torch.as_tensor(b["label"]) for b in batches]),
+    }
+    # ``annotated`` is per case; repeat it for each patch drawn from that case.
+    out["annotated"] = torch.cat([b["annotated"] for b in batches]).bool()
+    return out
+
+
+@torch.no_grad()
+def evaluate_dice(
+    model: MultiOrganUNet,
+    sites: SiteData | Sequence[SiteData],
+    device: torch.device | str = "auto",
+    config: TrainingConfig | None = None,
+) -> dict[str, float]:
+    """Mean validation Dice per organ over the sites' validation cases, counting for each case
+    only the organs its site annotated (on the preprocessed grid, no clean-up)."""
+    config = config or TrainingConfig()
+    device = resolve_device(device) if isinstance(device, str) else device
+    sites = [sites] if isinstance(sites, SiteData) else list(sites)
+    organs = tuple(model.config.organs)
+    scores: dict[str, list[float]] = {}
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
+    for site in sites:
+        for item in site.val_items:
+            prob = predict_probabilities(model, item["image"], config.patch_size, device)
+            # One label map (argmax above 0.5), as inference produces it.
+            pred_labels = torch.from_numpy(probabilities_to_labels(prob, organs))[None, None]
+            target = _targets(torch.as_tensor(item["label"])[None], organs)
+            pred = _targets(pred_labels, organs)
+            dice = metric(pred, target)[0]
+            for index, organ in enumerate(organs):
+                if organ in site.organs and not torch.isnan(dice[index]):
+                    scores.setdefault(organ, []).append(float(dice[index]))
+    return {organ: float(np.mean(v)) for organ, v in scores.items()}
+

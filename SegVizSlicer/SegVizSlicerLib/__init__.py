@@ -1,0 +1,10 @@
+"""Headless logic of the SegViz Slicer module: MRML <-> files, segments, subprocess jobs, panel state.
+
+Everything here runs without Qt or the Slicer application: it needs only the MRML classes of
+``slicer`` (the slicer-core wheel outside Slicer, the real application inside it), SimpleITK and
+numpy, so the pytest suite can exercise it. ``SegVizSlicer.py`` is the thin GUI on top.
+"""
+
+from __future__ import annotations
+
+__all__ = ["panel_state", "job", "volume_nodes", "segment_import", "site_export", "dependencies"]

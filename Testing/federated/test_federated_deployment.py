@@ -1,0 +1,194 @@
+"""A real federation on 127.0.0.1 with TLS: `segviz federation superlink`, three `join`s and a
+`run`, each starting the real Flower processes; plus the failures a site must see clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+
+from SegVizLogic.bundle import load_bundle
+from SegVizLogic.errors import SegVizError
+from SegVizLogic.federated.certs import write_certificates, write_node_key_pair
+from SegVizLogic.federated.deployment import free_port, join_federation, register_node, stage_app, start_superlink
+from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS
+from SegVizLogic.progress import ProgressReporter, parse_progress_line
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _segviz(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "SegVizLogic.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, **kwargs)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids whose environment or command line mentions ``text`` (Flower children inherit FLWR_HOME)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            blob = (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob:
+            found.append(int(entry.name))
+    return found
+
+
+def _events(text: str) -> list[dict]:
+    return [e for e in map(parse_progress_line, text.splitlines()) if e]
+
+
+def test_app_config_in_pyproject_matches_the_code():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert config["config"] == APP_CONFIG_DEFAULTS
+    assert config["components"] == {"serverapp": "SegVizLogic.federated.server_app:app", "clientapp": "SegVizLogic.federated.client_app:app"}
+
+
+def test_staged_app_is_a_valid_flower_app(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    app = stage_app(tmp_path)
+    fab = build_fab_from_disk(app)
+    assert 0 < len(fab) < 10 * 1024 * 1024
+    assert (app / "SegVizLogic" / "federated" / "server_app.py").is_file()
+
+
+def test_real_federation_with_tls(make_sites, tmp_path):
+    sites = make_sites()
+    tls = tmp_path / "tls"
+    write_certificates(tls)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    out = tmp_path / "out"
+    link = _segviz("federation", "superlink", "--address", address, "--tls-dir", str(tls), "--state-dir", str(tmp_path / "link"), "--progress", "json")
+    joins = []
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert link.poll() is None, link.stderr.read()
+            assert time.monotonic() < deadline, "the SuperLink did not start"
+            time.sleep(0.3)
+        joins = [_segviz("federation", "join", "--superlink", address, "--site", str(s), "--root-cert", str(tls / "ca.crt"),
+                         "--progress", "json", "--device", "cpu") for s in sites]
+        run = subprocess.run(
+            [sys.executable, "-m", "SegVizLogic.cli", "federation", "run", "--superlink", address, "--root-cert", str(tls / "ca.crt"),
+             "--out", str(out), "--rounds", "2", "--local-epochs", "1", "--min-clients", "3", "--wait-timeout", "120",
+             "--channels", ",".join(map(str, TINY_NETWORK.channels)), "--patch", "32,32,16", "--batch-size", "2",
+             "--samples-per-case", "2", "--spacing", "6", "--progress", "json", "--timeout", "400"],
+            capture_output=True, text=True, timeout=480, env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        events = _events(run.stdout)
+        names = [e["event"] for e in events]
+        assert names.count("round_started") == 2 and names.count("round_finished") == 2 and names[-1] == "run_finished"
+        assert sum(1 for e in events if e["event"] == "update_sent") == 6
+    finally:
+        for process in joins:
+            process.send_signal(signal.SIGTERM)
+        join_output = [p.communicate(timeout=60) for p in joins]
+        link.send_signal(signal.SIGTERM)
+        link.communicate(timeout=60)
+    for process, (stdout, stderr) in zip(joins, join_output):
+        assert process.returncode == 0, stderr[-2000:]
+        site_events = [e["event"] for e in _events(stdout)]
+        for name in ("connected", "round_started", "epoch", "update_sent", "round_finished", "run_finished"):
+            assert name in site_events, (name, site_events)
+    assert link.returncode == 0
+    for name in ("round-001.segviz", "round-002.segviz", "model.segviz"):
+        assert (out / name).is_file()
+    bundle = load_bundle(out / "model.segviz")
+    assert bundle.provenance["mode"] == "deployment" and bundle.provenance["rounds"] == 2
+    assert set(bundle.provenance["sites"]) == {"site-liver", "site-spleen", "site-kidney"}
+    assert {"averaged", "organ:liver", "site:site-kidney"} <= set(bundle.batchnorm_variants)
+    time.sleep(1)
+    assert _processes_mentioning(str(tmp_path)) == [], "Flower processes outlived the commands"
+
+
+def test_join_fails_clearly_when_the_superlink_is_unreachable(make_sites):
+    (site,) = make_sites(["site-liver"])
+    port = free_port()
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "SegVizLogic.cli", "federation", "join", "--superlink", f"127.0.0.1:{port}",
+                           "--site", str(site), "--insecure", "--connect-timeout", "3", "--progress", "json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert time.monotonic() - started < 45
+    errors = [e for e in _events(done.stdout) if e["event"] == "error"]
+    assert errors and "cannot reach the SuperLink" in errors[0]["message"] and str(port) in errors[0]["message"]
+    assert "error: cannot reach the SuperLink" in done.stderr
+
+
+def test_join_gives_up_on_a_port_that_is_not_a_superlink(make_sites):
+    (site,) = make_sites(["site-spleen"])
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def serve():  # accept and drop: a port that answers but never speaks Flower
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+                connection.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SegVizError, match="SuperNode for site-spleen"):
+            join_federation(f"127.0.0.1:{port}", site, insecure=True, connect_timeout=8, reporter=ProgressReporter("none"))
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+    assert time.monotonic() - started < 30
+    assert _processes_mentioning(str(site)) == []
+
+
+def test_unknown_node_is_refused_with_node_authentication(make_sites, tmp_path):
+    liver, spleen = make_sites(["site-liver", "site-spleen"])
+    tls = write_certificates(tmp_path / "tls")
+    address = f"127.0.0.1:{free_port()}"
+    link = start_superlink(address, tls_dir=tmp_path / "tls", state_dir=tmp_path / "link", node_auth=True)
+    try:
+        known_key, known_pub = write_node_key_pair(tmp_path / "known")
+        unknown_key, _ = write_node_key_pair(tmp_path / "unknown")
+        assert register_node(address, known_pub, tls["ca.crt"], name="liver") > 0
+        with pytest.raises(SegVizError, match="refused"):
+            join_federation(address, spleen, root_cert=tls["ca.crt"], auth_key=unknown_key, connect_timeout=20)
+        stop = threading.Event()
+        seen: list[str] = []
+
+        class Recorder(ProgressReporter):
+            def emit(self, event, **fields):
+                seen.append(event)
+                if event == "connected":
+                    stop.set()
+
+        assert join_federation(address, liver, root_cert=tls["ca.crt"], auth_key=known_key, connect_timeout=20,
+                               reporter=Recorder("none"), stop=stop) == 0
+        assert "connected" in seen
+        with pytest.raises(SegVizError, match="CERTIFICATE_VERIFY_FAILED"):
+            other = write_certificates(tmp_path / "other")
+            join_federation(address, liver, root_cert=other["ca.crt"], auth_key=known_key, connect_timeout=20)
+    finally:
+        link.stop()
+    assert _processes_mentioning(str(tmp_path)) == []

@@ -1,0 +1,225 @@
+"""Flower simulation of three tiny sites (liver, spleen, kidney), 2 rounds: head-aware FedBN and
+FedAvg aggregation checked against the recorded replies, BatchNorm kept and restored on site,
+and nothing but parameters and scalar metrics leaving a site."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+
+from SegVizLogic.bundle import load_bundle
+from SegVizLogic.federated.simulation import run_federated_simulation, simulation_available
+from SegVizLogic.federated.strategy import update_from_content
+from SegVizLogic.network import build_network, partition_state
+from SegVizLogic.progress import ProgressReporter, parse_progress_line
+
+pytestmark = pytest.mark.skipif(not simulation_available(), reason="Flower's simulation engine needs ray")
+
+
+def recording_mod(folder: str):
+    """A client mod that pickles a summary of every message a site receives and sends."""
+
+    def mod(message, context, call_next):
+        reply = call_next(message, context)
+        site = Path(str(context.node_config["partition-id"]))
+
+        def summary(content):
+            return {
+                "arrays": {name: {k: v.numpy() for k, v in rec.items()} for name, rec in content.array_records.items()},
+                "metrics": {name: dict(rec) for name, rec in content.metric_records.items()},
+                "configs": {name: dict(rec) for name, rec in content.config_records.items()},
+            }
+
+        record = {"partition": int(str(site)), "round": int(message.content.config_records["config"]["server-round"]),
+                  "received": summary(message.content), "sent": summary(reply.content)}
+        path = Path(folder) / f"{record['partition']}-{record['round']}.pkl"
+        path.write_bytes(pickle.dumps(record))
+        return reply
+
+    return mod
+
+
+def _run(sites, out, strategy, tmp_path):
+    records = tmp_path / f"records-{strategy}"
+    records.mkdir()
+    rounds: dict[int, dict] = {}
+
+    def on_round(server_round, replies, partition):
+        rounds[server_round] = {
+            "updates": [update_from_content(r.content) for r in replies if not r.has_error()],
+            "global": {g: {k: np.array(v) for k, v in arrays.items()} for g, arrays in partition.items()},
+        }
+
+    lines = tmp_path / f"progress-{strategy}.jsonl"
+    with open(lines, "w") as stream:
+        path = run_federated_simulation(
+            sites, out, rounds=2, local_epochs=1, strategy=strategy, weighting="examples", lr=1e-2,
+            preprocessing=TINY_PREPROCESSING, training_config=tiny_training(), network_config=TINY_NETWORK,
+            reporter=ProgressReporter("json", stream=stream), seed=0, device="cpu",
+            client_mods=[recording_mod(str(records))], on_round=on_round,
+        )
+    events = [e for e in map(parse_progress_line, lines.read_text().splitlines()) if e]
+    sent = {(r["partition"], r["round"]): r for r in (pickle.loads(p.read_bytes()) for p in records.glob("*.pkl"))}
+    return path, rounds, sent, events
+
+
+@pytest.fixture(scope="module")
+def fedbn(phantom_root, tmp_path_factory):
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("fedbn")
+    sites = [shutil.copytree(phantom_root / n, tmp / n) for n in ("site-liver", "site-spleen", "site-kidney")]
+    return (sites, *_run(sites, tmp / "out", "fedbn", tmp))
+
+
+@pytest.fixture(scope="module")
+def fedavg(phantom_root, tmp_path_factory):
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("fedavg")
+    sites = [shutil.copytree(phantom_root / n, tmp / n) for n in ("site-liver", "site-spleen", "site-kidney")]
+    return (sites, *_run(sites, tmp / "out", "fedavg", tmp))
+
+
+def _weighted(updates, group):
+    counts = np.array([u.num_examples for u in updates], float)
+    weights = counts / counts.sum()
+    keys = updates[0].partition[group]
+    return {k: sum(w * u.partition[group][k].astype(np.float64) for w, u in zip(weights, updates)) for k in keys}
+
+
+def test_fedbn_shared_is_the_weighted_average_of_the_replies(fedbn):
+    _, path, rounds, sent, events = fedbn
+    for server_round, record in rounds.items():
+        assert len(record["updates"]) == 3
+        expected = _weighted(record["updates"], "shared")
+        for key, value in record["global"]["shared"].items():
+            np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-7)
+    # the replies the server aggregated are exactly what the clients sent
+    for update in rounds[2]["updates"]:
+        partition = next(p for (p, r), rec in sent.items() if r == 2 and rec["sent"]["configs"]["site"]["name"] == update.site)
+        for key, value in update.partition["shared"].items():
+            np.testing.assert_array_equal(value, sent[(partition, 2)]["sent"]["arrays"]["shared"][key])
+
+
+def test_fedbn_heads_change_only_where_their_organ_was_trained(fedbn):
+    _, path, rounds, _, _ = fedbn
+    initial = partition_state(build_network(TINY_NETWORK))
+    bundle = load_bundle(path)
+    for key, value in initial["head:pancreas"].items():
+        # nobody annotates the pancreas: its head is the (seeded) initial one, in every round
+        np.testing.assert_array_equal(rounds[1]["global"]["head:pancreas"][key], rounds[2]["global"]["head:pancreas"][key])
+        np.testing.assert_array_equal(bundle.state[key], rounds[2]["global"]["head:pancreas"][key])
+    for server_round, record in rounds.items():
+        for update in record["updates"]:
+            (organ,) = update.organs
+            assert set(update.partition) == {"shared", f"head:{organ}"}  # FedBN: no batchnorm, own head only
+            for key, value in update.partition[f"head:{organ}"].items():
+                np.testing.assert_array_equal(record["global"][f"head:{organ}"][key], value)
+    changed = [k for k in initial["head:liver"] if not np.array_equal(rounds[2]["global"]["head:liver"][k], rounds[1]["global"]["head:liver"][k])]
+    assert changed, "the liver head did not train"
+
+
+def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
+    sites, path, rounds, sent, _ = fedbn
+    by_site = {}
+    for (partition, server_round), record in sent.items():
+        assert "batchnorm" not in record["received"]["arrays"], "FedBN must not send BatchNorm to clients"
+        assert "batchnorm" not in record["sent"]["arrays"]
+        if server_round == 1:
+            assert "final-batchnorm" not in record["sent"]["arrays"], "BatchNorm may leave only with the final reply"
+            assert record["sent"]["metrics"]["metrics"]["batchnorm-restored"] == 0
+        else:
+            assert record["sent"]["metrics"]["metrics"]["batchnorm-restored"] == 1  # from context.state
+            by_site[record["sent"]["configs"]["site"]["name"]] = record["sent"]["arrays"]["final-batchnorm"]
+    assert len(by_site) == 3
+    mean_key = next(k for k in by_site["site-liver"] if k.endswith("running_mean"))
+    count_key = mean_key.replace("running_mean", "num_batches_tracked")
+    values = [v[mean_key] for v in by_site.values()]
+    assert not np.allclose(values[0], values[1]) and not np.allclose(values[1], values[2])
+    for bn in by_site.values():
+        # one step per round: 2 batches tracked means round 2 continued round 1's BatchNorm
+        assert int(np.asarray(bn[count_key]).reshape(())) == 2
+    bundle = load_bundle(path)
+    assert set(bundle.batchnorm_variants) == {"averaged", "organ:liver", "organ:spleen", "organ:kidney",
+                                              "site:site-liver", "site:site-spleen", "site:site-kidney"}
+    assert bundle.default_batchnorm == "averaged"
+    np.testing.assert_allclose(bundle.batchnorm_variants["site:site-spleen"][mean_key], np.asarray(by_site["site-spleen"][mean_key]).reshape(bundle.batchnorm_variants["site:site-spleen"][mean_key].shape))
+    np.testing.assert_allclose(bundle.batchnorm_variants["averaged"][mean_key], np.mean(values, axis=0), rtol=1e-5, atol=1e-7)
+    # across runs: the site keeps its BatchNorm and round info on disk
+    for site in sites:
+        state = json.loads((site / ".segviz" / "federated" / "state.json").read_text())
+        assert state["round"] == 2 and state["strategy"] == "fedbn"
+        with np.load(site / ".segviz" / "federated" / "batchnorm.npz") as npz:
+            name = json.loads((site / "site.json").read_text())["name"]
+            np.testing.assert_array_equal(npz[mean_key], by_site[name][mean_key])
+
+
+def test_fedbn_bundles_and_progress(fedbn):
+    _, path, rounds, _, events = fedbn
+    out = path.parent
+    assert (out / "round-001.segviz").is_file() and (out / "round-002.segviz").is_file() and path.name == "model.segviz"
+    bundle = load_bundle(path)
+    prov = bundle.provenance
+    assert prov["strategy"] == "fedbn" and prov["rounds"] == 2 and prov["weighting"] == "examples"
+    assert prov["organs_per_site"] == {"site-kidney": ["kidney"], "site-liver": ["liver"], "site-spleen": ["spleen"]}
+    history = bundle.metrics["rounds"]
+    assert [h["round"] for h in history] == [1, 2]
+    assert set(history[-1]["sites"]) == {"site-liver", "site-spleen", "site-kidney"}
+    assert set(history[-1]["dice"]) == {"liver", "spleen", "kidney"}
+    assert load_bundle(out / "round-001.segviz").default_batchnorm == "adapt"  # FedBN, BatchNorm not shared yet
+    names = [e["event"] for e in events]
+    assert names.count("round_started") == 2 and names.count("round_finished") == 2 and names[-1] == "run_finished"
+    finished = [e for e in events if e["event"] == "round_finished"]
+    assert {"loss", "dice_liver"} <= set(finished[-1]["metrics"])
+    # the global model segments all four organs at a new site: every head, every BatchNorm variant
+    model = bundle.build_model("averaged")
+    import torch
+
+    assert model(torch.zeros(1, 1, 16, 16, 8)).shape == (1, 4, 16, 16, 8)
+
+
+def test_fedavg_makes_batchnorm_equal_everywhere(fedavg):
+    _, path, rounds, sent, _ = fedavg
+    for server_round, record in rounds.items():
+        expected = _weighted(record["updates"], "batchnorm")
+        for key, value in record["global"]["batchnorm"].items():
+            np.testing.assert_allclose(value.astype(np.float64), expected[key] if value.dtype.kind == "f" else np.rint(expected[key]), rtol=1e-5, atol=1e-7)
+    received = [rec["received"]["arrays"]["batchnorm"] for (p, r), rec in sent.items() if r == 2]
+    assert len(received) == 3
+    for bn in received:
+        for key, value in bn.items():
+            np.testing.assert_array_equal(np.asarray(value).reshape(rounds[1]["global"]["batchnorm"][key].shape), rounds[1]["global"]["batchnorm"][key])
+    bundle = load_bundle(path)
+    assert bundle.provenance["strategy"] == "fedavg" and bundle.default_batchnorm == "model"
+    for key, value in rounds[2]["global"]["batchnorm"].items():
+        np.testing.assert_array_equal(bundle.state[key], value)
+
+
+def test_nothing_but_parameters_and_scalar_metrics_leaves_a_site(fedbn, fedavg):
+    expected_shapes = {k: tuple(v.shape) for k, v in build_network(TINY_NETWORK).state_dict().items()}
+    for sites, _, _, sent, _ in (fedbn, fedavg):
+        site_paths = [str(s) for s in sites]
+        assert len(sent) == 6
+        for record in sent.values():
+            out = record["sent"]
+            assert set(out["configs"]) == {"site"} and set(out["metrics"]) == {"metrics"}
+            for name, arrays in out["arrays"].items():
+                assert name in {"shared", "batchnorm", "final-batchnorm"} or name.startswith("head:"), name
+                for key, value in arrays.items():
+                    assert key in expected_shapes, key
+                    assert int(np.prod(np.shape(value))) == int(np.prod(expected_shapes[key])), key
+                    # parameters only: nothing image-shaped (every spatial extent is a 3x3x3 kernel or less)
+                    assert np.ndim(value) < 5 or max(np.shape(value)[2:]) <= 3, (key, np.shape(value))
+            for value in out["metrics"]["metrics"].values():
+                assert isinstance(value, (int, float)) and not isinstance(value, bool)
+            site = out["configs"]["site"]
+            assert set(site) == {"name", "organs"}
+            texts = [site["name"], *site["organs"], *out["metrics"]["metrics"]]
+            for text in texts:
+                assert "/" not in text and "case" not in text.lower() and not any(p in text for p in site_paths)

@@ -1,0 +1,137 @@
+"""A real federation on this machine, driven the way the panel drives it: two sites' cases are MRML
+nodes, "Join round" exports them and starts the real `segviz federation join`, a real SuperLink and
+`segviz federation run` coordinate one FedBN round, and the resulting bundle is applied to the
+real CT through the panel's apply path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+sitk = pytest.importorskip("SimpleITK")
+pytest.importorskip("flwr")
+
+from SegVizLogic.organs import organ_by_name  # noqa: E402
+from SegVizSlicerLib import workflows  # noqa: E402
+from SegVizSlicerLib.job import ProcessJob, child_environment, model_info, segviz_command  # noqa: E402
+from SegVizSlicerLib.panel_state import FederationState, InferenceState  # noqa: E402
+from SegVizSlicerLib.segment_import import import_label_map  # noqa: E402
+from SegVizSlicerLib.site_export import Case  # noqa: E402
+from SegVizSlicerLib.volume_nodes import volume_node_from_image  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SITES = ("site-liver", "site-kidney")
+TINY = ["--rounds", "1", "--local-epochs", "1", "--patch", "32,32,16", "--channels", "4,8,16", "--batch-size", "1",
+        "--samples-per-case", "1", "--spacing", "6,6,6", "--min-clients", "2", "--wait-timeout", "300",
+        "--round-timeout", "600", "--timeout", "900"]
+
+
+def _cli_has(*words: str, option: str) -> bool:
+    done = subprocess.run(segviz_command(sys.executable) + [*words, "--help"], capture_output=True, text=True,
+                          env=child_environment(), timeout=120)
+    return done.returncode == 0 and option in done.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_site_into_scene(scene, site_dir: Path) -> tuple[list[Case], list[str]]:
+    """The site's cases as a person would have them in Slicer: CT volume + organ segmentation."""
+    description = json.loads((site_dir / "site.json").read_text())
+    cases = []
+    for image_path in sorted((site_dir / "images").iterdir()):
+        label_path = site_dir / "labels" / image_path.name
+        ct = sitk.ReadImage(str(image_path))
+        volume = volume_node_from_image(scene, ct, f"{description['name']} {image_path.name.split('.')[0]}")
+        local = sitk.ReadImage(str(label_path))
+        array = sitk.GetArrayFromImage(local)
+        segviz = np.zeros(array.shape, np.uint8)
+        for value, organ in description["labels"].items():
+            segviz[array == int(value)] = organ_by_name(organ).label
+        labels = sitk.GetImageFromArray(segviz)
+        labels.CopyInformation(local)
+        segmentation = import_label_map(scene, labels, name=f"{volume.GetName()} organs", reference_volume_node=volume)
+        cases.append(Case(volume, segmentation))
+    return cases, description["organs"]
+
+
+def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path, totalseg_example):
+    if not _cli_has("federation", "join", option="--superlink") or not _cli_has("federation", "run", option="--rounds"):
+        pytest.skip("segviz federation join/run are not available")
+    from SegVizLogic.phantom import generate_phantom_sites
+
+    generate_phantom_sites(tmp_path / "phantom", cases_per_site=2, external_cases=1)
+    scene = slicer.vtkMRMLScene()
+    port = _free_port()
+    superlink_address = f"127.0.0.1:{port}"
+    jobs, processes = [], []
+    try:
+        superlink = ProcessJob(segviz_command(sys.executable) + ["federation", "superlink", "--address", superlink_address,
+                                                                 "--insecure", "--state-dir", str(tmp_path / "superlink"),
+                                                                 "--progress", "json"])
+        superlink.start()
+        processes.append(superlink)
+        for site in SITES:
+            cases, organs = _load_site_into_scene(scene, tmp_path / "phantom" / site)
+            jobs.append(workflows.start_join(cases, organs, site, tmp_path / "work", superlink_address,
+                                             insecure=True, connect_timeout=240, python=sys.executable))
+        run = ProcessJob(segviz_command(sys.executable) + ["federation", "run", "--superlink", superlink_address,
+                                                           "--insecure", "--out", str(tmp_path / "run"), *TINY,
+                                                           "--progress", "json"])
+        run.start()
+        processes.append(run)
+
+        deadline = time.monotonic() + 900
+        while any(job.poll().active for job in jobs) and time.monotonic() < deadline:
+            for process in processes:
+                process.poll()
+            time.sleep(0.2)
+        while run.running and time.monotonic() < deadline:
+            run.poll()
+            time.sleep(0.2)
+        for job in jobs:
+            status = job.status
+            assert status.state == FederationState.FINISHED, (status.message, status.log[-15:], job.process.stderr_tail[-10:])
+            assert status.connected and status.round == 1
+            assert any(line.startswith("update_sent") for line in status.log), status.log[-15:]
+        assert run.returncode == 0, run.stderr_tail[-15:]
+    finally:
+        for job in jobs:
+            job.leave(timeout=5.0, wait=True)
+        for process in processes:
+            process.stop(timeout=5.0, wait=True)
+
+    # What "Join round" wrote is a valid site folder holding the MRML cases.
+    site_json = json.loads((tmp_path / "work" / "sites" / "site-liver" / "site.json").read_text())
+    assert site_json == {"name": "site-liver", "organs": ["liver"], "labels": {"1": "liver"}}
+
+    model = tmp_path / "run" / "model.segviz"
+    assert model.is_file(), sorted(p.name for p in (tmp_path / "run").iterdir())
+    info = model_info(model, python=sys.executable)
+    assert set(SITES) <= set(info["sites"]) and info["rounds"] == 1
+
+    ct_path, _ = totalseg_example
+    volume = volume_node_from_image(scene, sitk.ReadImage(str(ct_path)), "example_ct")
+    job = workflows.start_inference(volume, model, tmp_path / "work", device="cpu", python=sys.executable)
+    deadline = time.monotonic() + 900
+    while job.output_ready is None and time.monotonic() < deadline:
+        job.poll()
+        time.sleep(0.2)
+    job.poll()
+    assert job.output_ready, (job.status.message, job.process.stderr_tail[-5:])
+    segmentation, table = workflows.load_inference_result(job, volume, split_kidney=True)
+    assert job.status.state == InferenceState.DONE
+    assert table.GetTable().GetNumberOfRows() == segmentation.GetSegmentation().GetNumberOfSegments()

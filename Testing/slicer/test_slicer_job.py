@@ -1,0 +1,311 @@
+"""Child-process control with real processes: JSON-lines progress moves the panel's state, Leave
+ends the whole process group, a crash ends in failed with its message, and the real `segviz` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from SegVizLogic.errors import SegVizError
+from SegVizSlicerLib.job import (
+    FederationJob,
+    InferenceJob,
+    ProcessJob,
+    child_environment,
+    infer_command,
+    join_command,
+    model_info,
+    segviz_command,
+)
+from SegVizSlicerLib.panel_state import FederationState, InferenceState
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _poll_until(job, done, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job.poll()
+        if done(status):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last state {job.status.state}, message {job.status.message!r}, log {job.status.log[-5:]}")
+
+
+def _gone(pid: int) -> bool:
+    """True when no live process has ``pid`` (a zombie awaiting its reaper counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+FAKE_SUPERNODE = """
+    import json, subprocess, sys, time
+    def emit(**e):
+        print(json.dumps(e), flush=True)
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print("a stray library line that is not JSON", flush=True)
+    emit(event="connected", superlink="127.0.0.1:9092")
+    emit(event="waiting", message="waiting for the next round")
+    emit(event="round_started", round=1, rounds=3)
+    emit(event="epoch", epoch=1, epochs=2, loss=0.5)
+    emit(event="grandchild", pid=grandchild.pid)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups via POSIX sessions")
+def test_progress_moves_state_and_leave_ends_the_process_group():
+    job = FederationJob(_python(FAKE_SUPERNODE), superlink="127.0.0.1:9092", connect_timeout=None)
+    job.start()
+    grandchild = {}
+
+    def seen_grandchild(status):
+        for line in status.log:
+            if line.startswith("grandchild"):
+                grandchild["pid"] = int(line.split("pid=")[1])
+        return "pid" in grandchild
+
+    status = _poll_until(job, seen_grandchild)
+    assert status.state == FederationState.TRAINING
+    assert status.connected and (status.round, status.rounds, status.epoch, status.loss) == (1, 3, 1, 0.5)
+    assert any("stray library line" in line for line in status.log)
+    assert os.getpgid(job.process.pid) == job.process.pid  # its own process group
+    assert os.getpgid(grandchild["pid"]) == job.process.pid
+    assert not _gone(grandchild["pid"])
+
+    job.leave(timeout=5.0)
+    status = _poll_until(job, lambda s: not s.active, timeout=15)
+    assert status.state == FederationState.LEFT
+    assert _gone(job.process.pid)
+    deadline = time.monotonic() + 5
+    while not _gone(grandchild["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(grandchild["pid"]), "Leave must end the grandchild too"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_leave_kills_a_child_that_ignores_sigterm():
+    code = """
+        import json, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(json.dumps({"event": "connected", "superlink": "h:1"}), flush=True)
+        time.sleep(600)
+    """
+    job = FederationJob(_python(code), superlink="h:1", connect_timeout=None)
+    job.start()
+    _poll_until(job, lambda s: s.connected)
+    started = time.monotonic()
+    job.leave(timeout=0.5)
+    status = _poll_until(job, lambda s: not s.active, timeout=15)
+    assert status.state == FederationState.LEFT
+    assert job.process.returncode == -9 and time.monotonic() - started < 10
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_a_failed_child_that_ignores_sigterm_is_killed_although_poll_keeps_stopping_it():
+    code = """
+        import json, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(json.dumps({"event": "error", "message": "bad certificate"}), flush=True)
+        time.sleep(600)
+    """
+    job = FederationJob(_python(code), superlink="h:1")
+    job.stop_timeout = 1.0
+    job.start()
+    started = time.monotonic()
+    _poll_until(job, lambda s: job.process.returncode is not None, timeout=20)
+    assert job.status.state == FederationState.FAILED and job.process.returncode == -9
+    assert time.monotonic() - started < 10
+
+
+def test_a_child_that_dies_ends_in_failed_with_its_message():
+    code = """
+        import json, sys
+        print(json.dumps({"event": "connected", "superlink": "h:1"}), flush=True)
+        print(json.dumps({"event": "round_started", "round": 1, "rounds": 2}), flush=True)
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("error: CUDA out of memory while training the liver head", file=sys.stderr)
+        sys.exit(1)
+    """
+    job = FederationJob(_python(code), superlink="h:1")
+    job.start()
+    status = _poll_until(job, lambda s: not s.active)
+    assert status.state == FederationState.FAILED
+    assert status.message == "CUDA out of memory while training the liver head"
+    assert job.process.returncode == 1
+
+
+def test_an_error_event_fails_and_stops_the_child():
+    code = """
+        import json, time
+        print(json.dumps({"event": "error", "message": "site.json names no annotated organ"}), flush=True)
+        time.sleep(600)
+    """
+    job = FederationJob(_python(code), superlink="h:1")
+    job.start()
+    status = _poll_until(job, lambda s: not s.active)
+    assert status.state == FederationState.FAILED and status.message == "site.json names no annotated organ"
+    _poll_until(job, lambda s: job.process.returncode is not None, timeout=15)
+
+
+def test_no_connection_within_the_timeout_fails_with_a_clear_message():
+    job = FederationJob(_python("import time; time.sleep(600)"), superlink="10.255.255.1:9092", connect_timeout=1.0)
+    job.start()
+    status = _poll_until(job, lambda s: not s.active, timeout=15)
+    assert status.state == FederationState.FAILED
+    assert "10.255.255.1:9092" in status.message and "could not reach" in status.message
+    _poll_until(job, lambda s: job.process.returncode is not None, timeout=15)
+
+
+def test_a_program_that_cannot_start_fails_instead_of_raising():
+    job = FederationJob(["/nonexistent/segviz-python"], superlink="h:1")
+    status = job.start()
+    assert status.state == FederationState.FAILED and "cannot start" in status.message
+    status = job.start()  # every button stays usable: joining again is allowed
+    assert status.state == FederationState.FAILED
+
+
+def test_process_job_reads_output_without_blocking():
+    job = ProcessJob(_python("import time; print('a', flush=True); time.sleep(1.0); print('b')"))
+    job.start()
+    started = time.monotonic()
+    job.poll()
+    assert time.monotonic() - started < 0.5
+    lines = []
+    while job.returncode is None:
+        lines += job.poll()
+        time.sleep(0.02)
+    lines += job.poll()
+    assert [line for _, line in lines] == ["a", "b"] and job.returncode == 0
+
+
+def test_inference_job_success_cancel_and_missing_output(tmp_path):
+    output = tmp_path / "organs.nii.gz"
+    code = f"""
+        import json, pathlib
+        for i in range(1, 5):
+            print(json.dumps({{"event": "progress", "stage": "sliding window", "current": i, "total": 4}}), flush=True)
+        pathlib.Path({str(output)!r}).write_bytes(b"x")
+        print(json.dumps({{"event": "done", "outputs": {{"labels": {str(output)!r}}}}}), flush=True)
+    """
+    job = InferenceJob(_python(code), output=output)
+    job.start()
+    _poll_until(job, lambda s: job.output_ready is not None)
+    assert job.output_ready and job.status.state == InferenceState.RUNNING and job.status.fraction == 1.0
+    assert job.status.outputs == {"labels": str(output)}
+
+    job = InferenceJob(_python("import time; time.sleep(600)"), output=tmp_path / "never.nii.gz")
+    job.start()
+    job.cancel(timeout=2.0)
+    status = _poll_until(job, lambda s: not s.active)
+    assert status.state == InferenceState.CANCELLED
+
+    job = InferenceJob(_python("pass"), output=tmp_path / "never.nii.gz")
+    job.start()
+    status = _poll_until(job, lambda s: not s.active)
+    assert status.state == InferenceState.FAILED and "without writing" in status.message
+
+
+def test_commands_are_what_the_cli_contract_says(tmp_path):
+    argv = infer_command("m.segviz", "in.nii.gz", "out.nii.gz", "cuda", "s.json", python="py")
+    assert argv[:2] == ["py", "-c"]
+    assert argv[3:] == ["infer", "--model", "m.segviz", "--input", "in.nii.gz", "--output", "out.nii.gz",
+                        "--device", "cuda", "--progress", "json", "--force", "--stats", "s.json"]
+    argv = join_command("host:9092", tmp_path, root_cert="ca.pem", python="py")
+    assert argv[3:] == ["federation", "join", "--superlink", "host:9092", "--site", str(tmp_path),
+                        "--root-cert", "ca.pem", "--progress", "json"]
+    assert "--insecure" in join_command("host:9092", tmp_path, insecure=True)
+    with pytest.raises(ValueError, match="root certificate"):
+        join_command("host:9092", tmp_path)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        join_command("host", tmp_path, insecure=True)
+    with pytest.raises(ValueError, match="device"):
+        infer_command("m", "i", "o", "gpu")
+
+
+# ---------------------------------------------------------------- the real segviz CLI
+
+
+def _cli_has(*words: str, option: str = "--") -> bool:
+    """The CLI has the sub-command ``words`` (its help names ``option``; a placeholder parser that
+    swallows unknown words would still exit 0 on --help)."""
+    done = subprocess.run(segviz_command(sys.executable) + [*words, "--help"], capture_output=True, text=True,
+                          env=child_environment(), timeout=120)
+    return done.returncode == 0 and option in done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_cli_infer_with_a_damaged_bundle_fails_with_its_message(tmp_path):
+    if not _cli_has("infer", option="--model"):
+        pytest.skip("segviz infer is not available")
+    model = tmp_path / "damaged.segviz"
+    model.write_bytes(b"not a bundle")
+    volume = tmp_path / "ct.nii.gz"
+    volume.write_bytes(b"")
+    job = InferenceJob(infer_command(model, volume, tmp_path / "out.nii.gz", "cpu", python=sys.executable),
+                       output=tmp_path / "out.nii.gz")
+    job.start()
+    status = _poll_until(job, lambda s: not s.active, timeout=120)
+    assert status.state == InferenceState.FAILED
+    assert "damaged.segviz" in status.message or "bundle" in status.message.lower()
+
+
+def test_real_cli_model_info_refuses_a_damaged_bundle(tmp_path):
+    if not _cli_has("model-info"):
+        pytest.skip("segviz model-info is not available")
+    with pytest.raises(SegVizError, match="no such model bundle"):
+        model_info(tmp_path / "missing.segviz", python=sys.executable)
+    model = tmp_path / "damaged.segviz"
+    model.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SegVizError) as error:
+        model_info(model, python=sys.executable)
+    assert str(error.value)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups via POSIX sessions")
+def test_real_cli_join_to_an_unreachable_superlink_ends_in_failed(tmp_path, totalseg_example):
+    if not _cli_has("federation", "join", option="--superlink"):
+        pytest.skip("segviz federation join is not available yet")
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct_path, labels_path = totalseg_example
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "labels").mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(ct_path)), str(site / "images" / "case.nii.gz"))
+    ts = sitk.ReadImage(str(labels_path))
+    liver = sitk.GetImageFromArray((sitk.GetArrayFromImage(ts) == 5).astype(np.uint8))
+    liver.CopyInformation(ts)
+    sitk.WriteImage(liver, str(site / "labels" / "case.nii.gz"))
+    (site / "site.json").write_text(json.dumps({"name": "site-a", "organs": ["liver"], "labels": {"1": "liver"}}))
+    superlink = f"127.0.0.1:{_free_port()}"
+    job = FederationJob(join_command(superlink, site, insecure=True, python=sys.executable), superlink=superlink,
+                        connect_timeout=120.0)
+    job.start()
+    status = _poll_until(job, lambda s: not s.active, timeout=240)
+    assert status.state == FederationState.FAILED, status.log[-10:]
+    assert superlink in status.message or "connect" in status.message.lower() or "reach" in status.message.lower(), status.message
+    assert "no cases" not in status.message
+    _poll_until(job, lambda s: job.process.returncode is not None, timeout=30)

@@ -1,0 +1,170 @@
+"""All SegViz benchmarks in one table: inference end to end, training step, federated round.
+
+    python bench/run.py [--quick] [--device cpu|cuda] [--json OUT] [--model M.segviz] [--only inference,training,federation]
+
+Every figure is recorded with the machine (CPU model, cores, GPU, torch version) and the date.
+Needs nothing outside the repository except ``../shared/data/real/totalseg_example/example_ct.nii.gz``
+(or ``--ct`` / ``$SEGVIZ_BENCH_CT``), and no network access. The federated part runs
+``bench/bench_federation.py`` when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+SECTIONS = ("inference", "training", "federation")
+
+
+def machine() -> dict:
+    """The machine every figure is measured on."""
+    from SegVizLogic.experiments.report import machine_info
+
+    info = machine_info()
+    info["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def bench_federation(quick: bool, device: str) -> dict:
+    """Run ``bench/bench_federation.py`` (owned by the federated code) and return its JSON.
+
+    Preferred: a ``run_benchmark(quick=..., device=...) -> dict`` function; otherwise the script
+    is run as ``bench_federation.py [--quick] [--device D] --json OUT``.
+    """
+    script = BENCH / "bench_federation.py"
+    if not script.is_file():
+        return {"skipped": "bench/bench_federation.py is not present"}
+    spec = importlib.util.spec_from_file_location("bench_federation", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    if hasattr(module, "run_benchmark"):
+        return dict(module.run_benchmark(quick=quick, device=device))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "federation.json"
+        base = [sys.executable, str(script), "--json", str(out)] + (["--quick"] if quick else [])
+        for extra in (["--device", device], []):
+            done = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO)
+            if done.returncode == 0 and out.is_file():
+                return json.loads(out.read_text())
+        raise RuntimeError(f"bench_federation.py failed: {done.stderr.strip()[-800:]}")
+
+
+def _row(name: str, value: str, target: str = "", note: str = "") -> tuple[str, str, str, str]:
+    return name, value, target, note
+
+
+def table(results: dict) -> str:
+    """The printed table: benchmark, figure, target, note."""
+    rows = []
+    inf = results.get("inference", {})
+    device = results["device"]
+    if "wall_s" in inf:
+        t = inf.get("targets", {})
+        ok = lambda v, lim: "" if lim is None else (" ✓" if v <= lim else " ✗")  # noqa: E731
+        rows.append(_row("infer 512×512×300 wall", f"{inf['wall_s']:.1f} s{ok(inf['wall_s'], t.get('wall_s'))}",
+                         f"≤ {t['wall_s']:g} s" if "wall_s" in t else "", f"segviz infer --device {device}"))
+        rows.append(_row("infer peak RSS (child)", f"{inf['peak_rss_gb']:.2f} GB{ok(inf['peak_rss_gb'], t.get('peak_rss_gb'))}",
+                         f"≤ {t['peak_rss_gb']:g} GB" if "peak_rss_gb" in t else "", "psutil polling"))
+        split = inf["split_s"]
+        rows.append(_row("  split read/pre/net/restore/write/other",
+                         " / ".join("–" if split.get(k) is None else f"{split[k]:.1f}" for k in ("read", "preprocess", "network", "restore", "write", "startup_and_other")) + " s"))
+    elif "error" in inf or "skipped" in inf:
+        rows.append(_row("inference", inf.get("error") or inf.get("skipped")))
+    tr = results.get("training", {})
+    if "median_step_s" in tr:
+        note = f"{tr['patches_per_s']:.1f} patches/s" + (f", peak {tr['peak_gpu_memory_gb']} GB GPU" if "peak_gpu_memory_gb" in tr else "")
+        rows.append(_row("train step 128×128×32 ×8", f"{tr['median_step_s']:.3f} s", "", f"median of {len(tr['steps_s'])}; {note}"))
+    elif tr:
+        rows.append(_row("training", tr.get("error") or tr.get("skipped", "")))
+    fed = results.get("federation", {})
+    if fed and "error" not in fed and "skipped" not in fed:
+        for key, value in fed.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append(_row(f"federation {key}", f"{value:g}"))
+    elif fed:
+        rows.append(_row("federation", fed.get("error") or fed.get("skipped", "")))
+    widths = [max(len(r[i]) for r in rows + [("benchmark", "figure", "target", "note")]) for i in range(4)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(("benchmark", "figure", "target", "note"), widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    m = results["machine"]
+    lines.append(f"\nmachine: {m['cpu']} ({m['cores']} cores), GPU {m['gpu'] or 'none'}, torch {m['torch']}, {m['date']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks; print the table; optionally write JSON."""
+    parser = argparse.ArgumentParser(description="SegViz benchmarks (inference, training step, federated round)")
+    parser.add_argument("--quick", action="store_true", help="fewer training steps and a quick federation run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write all results (with the machine and date) here")
+    parser.add_argument("--model", type=Path, default=None, help="bundle for the inference benchmark (default: paper config, random weights)")
+    parser.add_argument("--ct", type=Path, default=None, help="source CT (default ../shared/data/real/totalseg_example/example_ct.nii.gz)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 5 on CPU, 20 on CUDA; 3 with --quick)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA GPU is available")
+
+    results: dict = {"device": args.device, "quick": args.quick, "machine": machine(), "command": " ".join(["python", "bench/run.py", *sys.argv[1:]])}
+    started = time.perf_counter()
+    if "inference" in only:
+        from bench_inference import run_infer_benchmark
+
+        try:
+            results["inference"] = run_infer_benchmark(args.device, args.model, args.ct, repeats=1 if args.quick or args.device == "cpu" else 3)
+        except Exception as error:  # one failed benchmark must not hide the others
+            traceback.print_exc()
+            results["inference"] = {"error": f"{type(error).__name__}: {error}"}
+    if "training" in only:
+        from bench_training import run_training_step_benchmark
+
+        steps = args.steps or (3 if args.quick else (20 if args.device == "cuda" else 5))
+        try:
+            results["training"] = run_training_step_benchmark(args.device, steps=steps, warmup=3 if args.device == "cuda" else (1 if args.quick else 2))
+        except Exception as error:
+            traceback.print_exc()
+            results["training"] = {"error": f"{type(error).__name__}: {error}"}
+    if "federation" in only:
+        try:
+            results["federation"] = bench_federation(args.quick, args.device)
+        except Exception as error:
+            traceback.print_exc()
+            results["federation"] = {"error": f"{type(error).__name__}: {error}"}
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    failed = [s for s in only if isinstance(results.get(s), dict) and "error" in results[s]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
