@@ -1,14 +1,16 @@
 """Local training on one or more site folders, with the partial-label loss.
 
-Preprocessed cases are cached under each site's ``.segviz/cache`` (MONAI ``PersistentDataset``),
+Preprocessed cases are cached under each site's ``.segviz/cache`` (one file per case and setting),
 patches are drawn around organ foreground and background (``RandCropByPosNegLabeld``), and
 validation Dice per annotated organ is measured on held-out cases after every epoch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset, PersistentDataset
+from monai.data import DataLoader, Dataset, MetaTensor
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Compose,
@@ -156,21 +158,14 @@ def load_site_data(
     reporter = reporter or ProgressReporter("none")
     site = validate_site(site_dir)
     transform = Compose([LoadSiteCased({site.name: site}), preprocessing_transforms(preprocessing, keys=("image",), label_keys=("label",))])
-    data = [
-        {
-            "site": site.name,
-            "case": case.name,
-            # Part of the cache key: a changed file or preprocessing makes a new entry.
-            "stamp": json.dumps([_file_stamp(case.image_path), _file_stamp(case.label_path), preprocessing.to_dict()]),
-        }
-        for case in site.cases
-    ]
     cache_dir = state_dir(site) / "cache" if cache else None
-    dataset = PersistentDataset(data, transform=transform, cache_dir=cache_dir) if cache else Dataset(data, transform=transform)
     items = []
-    with reporter.task(f"preprocess {site.name}", total=len(data)) as advance:
-        for index in range(len(data)):
-            items.append(dataset[index])
+    with reporter.task(f"preprocess {site.name}", total=len(site.cases)) as advance:
+        for case in site.cases:
+            # The key covers the files (path, size, mtime) and the preprocessing, so a changed
+            # file or setting makes a new entry instead of reusing a stale one.
+            stamp = json.dumps([_file_stamp(case.image_path), _file_stamp(case.label_path), preprocessing.to_dict()])
+            items.append(_cached_case(transform, {"site": site.name, "case": case.name}, stamp, cache_dir))
             advance(1)
     num_val = 0 if len(items) < 2 or config.val_fraction == 0 else max(1, round(config.val_fraction * len(items)))
     # Deterministic split: the last cases by name are validation.
@@ -183,6 +178,27 @@ def load_site_data(
         train_items=[items[i] for i in order if i not in val_idx],
         val_items=[items[i] for i in order if i in val_idx],
     )
+
+
+def _cached_case(transform: Compose, item: dict, stamp: str, cache_dir: Path | None) -> dict:
+    """Preprocess one case, or read it from ``cache_dir`` (image, label and affine as tensors)."""
+    path = None if cache_dir is None else cache_dir / (hashlib.sha1(stamp.encode()).hexdigest() + ".pt")
+    if path is not None and path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+            affine = saved["affine"]
+            return {**item, "image": MetaTensor(saved["image"], affine=affine), "label": MetaTensor(saved["label"], affine=affine)}
+        except Exception:  # a damaged cache entry is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    out = transform(dict(item))
+    image, label = out["image"], out["label"]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"image": image.as_tensor().contiguous(), "label": label.as_tensor().to(torch.uint8).contiguous(),
+                    "affine": image.affine.clone()}, tmp)
+        os.replace(tmp, path)
+    return {**item, "image": image, "label": label.to(torch.uint8)}
 
 
 def _file_stamp(path: Path) -> list:

@@ -3,8 +3,9 @@
 The CT is the real TotalSegmentator example (3 mm) resampled with SimpleITK onto that grid and
 written to a temporary ``.nii.gz``; the model is a paper-config bundle (``NetworkConfig()``,
 ``Preprocessing()`` = 1.5×1.5×2 mm) with random weights, or ``--model PATH``. Reports the wall
-time and peak RSS of the child, and the split from ``segviz infer --stats`` (``timings_s``)
-plus read and write timed in this process.
+time and peak RSS of the child, and the split of its wall time: startup, load and read, then
+preprocess / network / restore from ``segviz infer --stats`` (``timings_s``), write and exit, from
+the times of its ``--progress json`` events.
 
     python bench/bench_inference.py [--device cpu|cuda] [--model M.segviz] [--json OUT]
 """
@@ -78,15 +79,21 @@ def segviz_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "SegVizLogic.cli"]
 
 
-def _run_child(command: list[str], poll_s: float = 0.05) -> tuple[float, int, int]:
+def _run_child(command: list[str], poll_s: float = 0.05) -> tuple[float, int, int, str, float]:
     """Run ``command``; return wall seconds, peak RSS in bytes (psutil polling of the process
-    tree) and the exit status."""
+    tree), the exit status, its output and its start time (``time.time()``)."""
     import psutil
 
+    started_at = time.time()
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(child.pid)
     peak = 0
+    chunks: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: chunks.extend(child.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     while child.poll() is None:
         try:
             rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
@@ -95,10 +102,37 @@ def _run_child(command: list[str], poll_s: float = 0.05) -> tuple[float, int, in
             pass
         time.sleep(poll_s)
     wall = time.perf_counter() - start
-    output = child.stdout.read() if child.stdout else ""
+    reader.join(timeout=5)
+    output = "".join(chunks)
     if child.returncode != 0:
         print(output[-3000:], file=sys.stderr)
-    return wall, peak, child.returncode
+    return wall, peak, child.returncode, output, started_at
+
+
+def _timeline(output: str, started_at: float, wall: float, timings: dict) -> dict:
+    """Split the child's wall time with the times of its ``--progress json`` events.
+
+    ``startup`` (interpreter, imports) ends at the ``load`` stage; ``load_and_read`` (bundle,
+    CT, device) at ``preprocess``; preprocess/network/restore come from ``timings_s``; ``write``
+    is what remains until ``done``; ``exit`` is after ``done``.
+    """
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    at = {}
+    for event in events:
+        key = event.get("stage") if event.get("event") == "stage" else event.get("event")
+        at.setdefault(key, event.get("time"))
+    if not {"load", "preprocess", "network", "done"} <= set(at):
+        return {}
+    restore_end = at["network"] + timings.get("network_s", 0.0) + timings.get("restore_s", 0.0)
+    return {
+        "startup": round(at["load"] - started_at, 2),
+        "load_and_read": round(at["preprocess"] - at["load"], 2),
+        "preprocess": timings.get("preprocess_s"),
+        "network": timings.get("network_s"),
+        "restore": timings.get("restore_s"),
+        "write": round(at["done"] - restore_end, 2),
+        "exit": round(started_at + wall - at["done"], 2),
+    }
 
 
 def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct: str | Path | None = None, repeats: int = 1,
@@ -106,11 +140,11 @@ def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct
     """Time ``segviz infer`` on the 512×512×300 benchmark CT.
 
     Returns:
-        ``{"wall_s", "peak_rss_gb", "split_s": {read, preprocess, network, restore, write, startup_and_other},
+        ``{"wall_s", "peak_rss_gb", "split_s": {startup, load_and_read, preprocess, network, restore, write, exit, read_ct_alone},
         "input": {...}, "model", "device", "runs": [...], "targets"}``; with ``repeats`` > 1 the
         figures are of the fastest run.
     """
-    from SegVizLogic.io import read_image, write_label_map_like
+    from SegVizLogic.io import read_image
 
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="segviz-bench-")) if own_tmp else Path(workdir)
@@ -125,9 +159,9 @@ def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct
         for index in range(repeats):
             stats = work / f"stats-{index}.json"
             command = [*segviz_command(), "infer", "--model", str(model_path), "--input", str(ct_path), "--output", str(work / "labels.nii.gz"),
-                       "--device", device, "--stats", str(stats), "--progress", "none", "--force"]
+                       "--device", device, "--stats", str(stats), "--progress", "json", "--force"]
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            wall, peak, status = _run_child(command)
+            wall, peak, status, output, started_at = _run_child(command)
             after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             if status != 0:
                 raise RuntimeError(f"segviz infer failed with exit status {status}: {' '.join(command)}")
@@ -135,26 +169,14 @@ def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct
             runs.append({"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3),
                          # ru_maxrss (KiB) is the max over all waited children; only meaningful when it grew.
                          "ru_maxrss_children_gb": round(after * 1024 / 1e9, 3) if after > before else None,
-                         "timings_s": {k: round(v, 2) for k, v in timings.items()}})
-        # Read and write timed here (same functions as the CLI), for the split.
-        t = time.perf_counter()
-        image = read_image(ct_path)
-        read_s = time.perf_counter() - t
-        import SimpleITK as sitk
-
-        labels = sitk.ReadImage(str(work / "labels.nii.gz"))
-        t = time.perf_counter()
-        write_label_map_like(labels, image, work / "labels-rewrite.nii.gz", force=True)
-        write_s = time.perf_counter() - t
+                         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                         "timeline_s": _timeline(output, started_at, wall, timings)})
         best = min(runs, key=lambda r: r["wall_s"])
-        timings = best["timings_s"]
-        split = {"read": round(read_s, 2), "preprocess": timings.get("preprocess_s"), "network": timings.get("network_s"),
-                 "restore": timings.get("restore_s"), "write": round(write_s, 2)}
-        if "read_s" in timings:  # newer CLIs time these themselves
-            split["read"] = timings["read_s"]
-        if "write_s" in timings:
-            split["write"] = timings["write_s"]
-        split["startup_and_other"] = round(best["wall_s"] - sum(v for v in split.values() if v is not None), 2)
+        split = dict(best["timeline_s"])
+        # Reading the CT alone, timed here with the CLI's own function (part of load_and_read).
+        t = time.perf_counter()
+        read_image(ct_path)
+        split["read_ct_alone"] = round(time.perf_counter() - t, 2)
         return {
             "wall_s": best["wall_s"], "peak_rss_gb": best["peak_rss_gb"], "split_s": split, "runs": runs, "device": device,
             "input": {"size": list(GRID_SIZE), "spacing_mm": list(GRID_SPACING), "source": str(source), "prepare_s": round(prepare_s, 1)},

@@ -85,8 +85,9 @@ def table(results: dict) -> str:
         rows.append(_row("infer peak RSS (child)", f"{inf['peak_rss_gb']:.2f} GB{ok(inf['peak_rss_gb'], t.get('peak_rss_gb'))}",
                          f"≤ {t['peak_rss_gb']:g} GB" if "peak_rss_gb" in t else "", "psutil polling"))
         split = inf["split_s"]
-        rows.append(_row("  split read/pre/net/restore/write/other",
-                         " / ".join("–" if split.get(k) is None else f"{split[k]:.1f}" for k in ("read", "preprocess", "network", "restore", "write", "startup_and_other")) + " s"))
+        keys = ("startup", "load_and_read", "preprocess", "network", "restore", "write", "exit")
+        rows.append(_row("  split " + "/".join(keys), " / ".join("–" if split.get(k) is None else f"{split[k]:.1f}" for k in keys) + " s",
+                         "", f"CT read alone {split.get('read_ct_alone', float('nan')):.1f} s"))
     elif "error" in inf or "skipped" in inf:
         rows.append(_row("inference", inf.get("error") or inf.get("skipped")))
     tr = results.get("training", {})

@@ -125,8 +125,9 @@ def _first_prediction(result: ExternalResult) -> tuple[str, sitk.Image] | None:
 
 
 def _evaluate(bundle: ModelBundle, external: str, device: torch.device, config: ExperimentConfig, reporter: ProgressReporter,
-              batchnorm: str | None = None) -> ExternalResult:
-    result = evaluate_on_site(bundle, external, device, batchnorm=batchnorm, reporter=reporter, keep_predictions=True, hd95=config.hd95)
+              batchnorm: str | None = None, hd95: bool | None = None) -> ExternalResult:
+    hd95 = config.hd95 if hd95 is None else hd95
+    result = evaluate_on_site(bundle, external, device, batchnorm=batchnorm, reporter=reporter, keep_predictions=True, hd95=hd95)
     first = _first_prediction(result)
     result.predictions = dict([first]) if first else {}  # keep one case for the overlay figure, not all
     return result
@@ -261,9 +262,10 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
             for choice in batchnorm_to_measure(bundle, config.batchnorm):
                 reporter.emit("stage", stage="batchnorm", message=f"seed {seed}: FedBN model with BatchNorm {choice!r} at the external site")
                 if choice == bundle.default_batchnorm:
-                    rows = [{**r, "arm": bn_arm_name(choice)} for r in outcome.records if r["arm"] == arm]
+                    rows = [{**r, "arm": bn_arm_name(choice), "hd95_mm": None} for r in outcome.records if r["arm"] == arm]
                 else:
-                    choice_result = timed("evaluate", lambda: _evaluate(bundle, external, device, config, reporter, batchnorm=choice))
+                    # Dice decides the BatchNorm default; HD95 (seconds per full-size case) only for the main rows.
+                    choice_result = timed("evaluate", lambda: _evaluate(bundle, external, device, config, reporter, batchnorm=choice, hd95=False))
                     rows = _records(bn_arm_name(choice), seed, choice_result, bundle.trained_organs)
                 outcome.records += rows
         return outcome

@@ -241,6 +241,8 @@ def plot_rounds(path: str | Path, rounds: Mapping[str, Mapping[str, Sequence[Map
         rounds: ``{arm: {seed: bundle.metrics["rounds"]}}``.
     """
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(organs), figsize=(3.2 * len(organs) + 1, 3.4), sharey=True, squeeze=False)
     styles = {"fedavg": "--", "fedbn": "-"}
     for ax, organ in zip(axes[0], organs):
@@ -259,6 +261,7 @@ def plot_rounds(path: str | Path, rounds: Mapping[str, Mapping[str, Sequence[Map
                     color=organ_by_name(organ).colour_float if arm == "fedbn" else "black")
         ax.set_title(organ)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,21 @@ def site_dir_from_context(context: Context) -> Path:
     return Path(str(site_dir))
 
 
+class _EventFileReporter(ProgressReporter):
+    """JSON-line events into the site's events file.
+
+    Its mode is ``none`` so training validates only after the last local epoch, as it does
+    without a reporter; every event still goes to the file.
+    """
+
+    def __init__(self, stream) -> None:
+        super().__init__("none")
+        self._json = ProgressReporter("json", stream=stream)
+
+    def emit(self, event: str, **fields) -> None:
+        self._json.emit(event, **fields)
+
+
 def _record(arrays) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
@@ -49,10 +65,11 @@ def handle_train(message: Message, context: Context, site_dir: Path, events: Pat
     """
     if device is None:
         device = str(context.node_config.get("device", os.environ.get("SEGVIZ_DEVICE", "auto")))
+    started = time.perf_counter()
     config = dict(message.content.config_records["config"])
     server_round, rounds = int(config["server-round"]), int(config["num-server-rounds"])
     stream = open(events, "a", encoding="utf-8") if events else None
-    reporter = ProgressReporter("json", stream=stream) if stream else None
+    reporter = _EventFileReporter(stream) if stream else None
     try:
         if reporter:
             reporter.emit("round_started", round=server_round, rounds=rounds)
@@ -67,6 +84,8 @@ def handle_train(message: Message, context: Context, site_dir: Path, events: Pat
         content = RecordDict({name: _record(arrays) for name, arrays in result.partition.items()})
         if result.final_batchnorm is not None:
             content[FINAL_BATCHNORM_RECORD] = _record(result.final_batchnorm)
+        # Time in this handler (data, model, training, packing): the rest of a round is Flower's.
+        result.metrics["client-seconds"] = time.perf_counter() - started
         content["metrics"] = MetricRecord(result.metrics)
         content["site"] = ConfigRecord({"name": result.site, "organs": list(result.organs)})
         if reporter:

@@ -17,7 +17,9 @@ defaults to ``adapt``. Under FedAvg BatchNorm is averaged every round like ``sha
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -122,14 +124,32 @@ def run_federation(
     final_path = out_dir / FINAL_BUNDLE
 
     _wait_for_clients(grid, settings, reporter)
+    writer = _BundleWriter()
+    try:
+        final_path = _run_rounds(grid, settings, reporter, on_round, mode, model, strategy, lineage, started, history, sites,
+                                 out_dir, final_path, writer)
+    finally:
+        writer.close()
+    reporter.emit("run_finished", rounds=settings.rounds,
+                  outputs={"model": str(final_path), **{f"round_{r}": str(out_dir / round_bundle_name(r)) for r in range(1, settings.rounds + 1)}})
+    return final_path
+
+
+def _run_rounds(grid, settings, reporter, on_round, mode, model, strategy, lineage, started, history, sites, out_dir, final_path, writer):
+    from ..bundle import save_bundle
+
     for server_round in range(1, settings.rounds + 1):
         reporter.emit("round_started", round=server_round, rounds=settings.rounds)
         round_start = time.perf_counter()
         messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(settings.client_config(server_round, lineage)), grid)
         replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
         wire_seconds = time.perf_counter() - round_start
+        aggregate_start = time.perf_counter()
         strategy.aggregate_train(server_round, replies)
+        aggregate_seconds = time.perf_counter() - aggregate_start
         updates: list[SiteUpdate] = strategy.last_updates
+        sent_bytes = _record_bytes(messages[0].content) if messages else 0
+        reply_bytes = {update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()}
         if len(updates) < settings.min_clients:
             problems = "; ".join(strategy.last_errors) or f"{len(replies)} of {len(messages)} sites replied in time"
             raise SegVizError(f"round {server_round}: only {len(updates)} usable replies, {settings.min_clients} needed ({problems})")
@@ -141,8 +161,10 @@ def run_federation(
 
         metrics = round_metrics(updates)
         metrics.update(round=server_round, errors=strategy.last_errors,
-                       seconds={"round": round(time.perf_counter() - round_start, 3), "wire_and_clients": round(wire_seconds, 3)})
+                       bytes={"to_each_site": sent_bytes, "from_site": reply_bytes},
+                       seconds={"wire_and_clients": round(wire_seconds, 3), "aggregate": round(aggregate_seconds, 3)})
         history.append(metrics)
+        bundle_start = time.perf_counter()
 
         final = server_round == settings.rounds
         variants = {}
@@ -180,18 +202,63 @@ def run_federation(
             "flower_version": _flower_version(),
         }
         training = {**settings.training, "local_epochs": settings.local_epochs, "lr": settings.lr}
-        path = save_bundle(out_dir / round_bundle_name(server_round), model, settings.preprocessing, provenance=provenance,
-                           batchnorm_variants=variants, default_batchnorm=default, metrics={"rounds": history},
-                           training=training, force=True)
+        # A round's own bundle holds its time up to writing; the next bundles hold the full time.
+        metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
+        path = out_dir / round_bundle_name(server_round)
         if final:
             final_path = save_bundle(final_path, model, settings.preprocessing, provenance=provenance,
                                      batchnorm_variants=variants, default_batchnorm=default, metrics={"rounds": history},
                                      training=training, force=True)
+            writer.submit(shutil.copyfile, final_path, path)
+        else:
+            # Written while the sites train the next round: compressing ~20 MB of weights takes
+            # seconds that need not hold up the federation.
+            snapshot = copy.deepcopy(model)
+            writer.submit(save_bundle, path, snapshot, settings.preprocessing, provenance=provenance,
+                          batchnorm_variants=variants, default_batchnorm=default, metrics={"rounds": copy.deepcopy(history)},
+                          training=training, force=True)
+        metrics["seconds"]["bundle"] = round(time.perf_counter() - bundle_start, 3)
+        metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
+        writer.check()
         reporter.emit("round_finished", round=server_round, rounds=settings.rounds, metrics=_flat_metrics(metrics), bundle=str(path))
-
-    reporter.emit("run_finished", rounds=settings.rounds,
-                  outputs={"model": str(final_path), **{f"round_{r}": str(out_dir / round_bundle_name(r)) for r in range(1, settings.rounds + 1)}})
     return final_path
+
+
+class _BundleWriter:
+    """Writes round bundles on a background thread; errors surface at the next check/close."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segviz-bundle")
+        self._futures: list = []
+
+    def submit(self, fn, *args, **kwargs) -> None:
+        self._futures.append(self._pool.submit(fn, *args, **kwargs))
+
+    def check(self) -> None:
+        """Raise the error of any finished write."""
+        for future in [f for f in self._futures if f.done()]:
+            self._futures.remove(future)
+            future.result()
+
+    def close(self) -> None:
+        """Wait for every write and raise the first error."""
+        self._pool.shutdown(wait=True)
+        for future in self._futures:
+            future.result()
+        self._futures.clear()
+
+
+def _record_bytes(content) -> int:
+    """Payload bytes of a message's records (arrays, metrics, config)."""
+    records = [*content.array_records.values(), *content.metric_records.values(), *content.config_records.values()]
+    return int(sum(record.count_bytes() for record in records))
+
+
+def update_site(reply: Message) -> str:
+    """The site name a reply carries."""
+    return str(reply.content.config_records["site"]["name"])
 
 
 def _flower_version() -> str:

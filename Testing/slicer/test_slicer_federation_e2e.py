@@ -88,6 +88,12 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
             cases, organs = _load_site_into_scene(scene, tmp_path / "phantom" / site)
             jobs.append(workflows.start_join(cases, organs, site, tmp_path / "work", superlink_address,
                                              insecure=True, connect_timeout=240, python=sys.executable))
+        # `federation run` does not wait for the SuperLink to listen; the sites' "connected" says it does.
+        deadline = time.monotonic() + 240
+        while not all(job.poll().connected for job in jobs) and time.monotonic() < deadline:
+            superlink.poll()
+            assert all(job.status.active for job in jobs), [job.status.message for job in jobs]
+            time.sleep(0.2)
         run = ProcessJob(segviz_command(sys.executable) + ["federation", "run", "--superlink", superlink_address,
                                                            "--insecure", "--out", str(tmp_path / "run"), *TINY,
                                                            "--progress", "json"])
@@ -95,19 +101,21 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
         processes.append(run)
 
         deadline = time.monotonic() + 900
+        run_output = []
         while any(job.poll().active for job in jobs) and time.monotonic() < deadline:
-            for process in processes:
-                process.poll()
+            superlink.poll()
+            run_output += run.poll()
+            assert run.returncode in (None, 0), (run_output[-10:], run.stderr_tail[-15:])
             time.sleep(0.2)
         while run.running and time.monotonic() < deadline:
-            run.poll()
+            run_output += run.poll()
             time.sleep(0.2)
         for job in jobs:
             status = job.status
             assert status.state == FederationState.FINISHED, (status.message, status.log[-15:], job.process.stderr_tail[-10:])
             assert status.connected and status.round == 1
             assert any(line.startswith("update_sent") for line in status.log), status.log[-15:]
-        assert run.returncode == 0, run.stderr_tail[-15:]
+        assert run.returncode == 0, (run_output[-10:], run.stderr_tail[-15:])
     finally:
         for job in jobs:
             job.leave(timeout=5.0, wait=True)
