@@ -8,8 +8,9 @@ network -> per-organ probabilities -> resample each probability back onto the in
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ def predict_probabilities(
     device: torch.device,
     sw_batch_size: int = 2,
     overlap: float = 0.25,
-    progress: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities for one preprocessed volume.
 
@@ -69,6 +70,7 @@ def predict_probabilities(
         image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed CT in [0, 1].
         roi_size: sliding-window size (a multiple of the network's stride product).
         device: where the network runs; the stitched output stays on the CPU.
+        on_batch: called as ``(done, total)`` after each batch of windows (progress).
 
     Returns:
         ``(C, X, Y, Z)`` float32 probabilities on the CPU, channel ``i`` for ``model.config.organs[i]``.
@@ -78,15 +80,31 @@ def predict_probabilities(
     batch = torch.as_tensor(batch, dtype=torch.float32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
+    total = _window_batches(batch.shape[2:], roi_size, overlap, sw_batch_size)
+    done = [0]
+
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast:
-            return model.probabilities(model(window.to(device))).float()
+            out = model.probabilities(model(window.to(device))).float()
+        done[0] += 1
+        if on_batch is not None:
+            on_batch(min(done[0], total), total)
+        return out
 
     probabilities = sliding_window_inference(
         batch, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap,
         mode="gaussian", sw_device=device, device=torch.device("cpu"), progress=False,
     )
     return torch.as_tensor(probabilities)[0].float()
+
+
+def _window_batches(shape: Sequence[int], roi_size: Sequence[int], overlap: float, sw_batch_size: int) -> int:
+    """How many predictor calls MONAI's sliding window makes (its scan-interval rule)."""
+    count = 1
+    for size, roi in zip(shape, roi_size):
+        interval = max(int(roi * (1 - overlap)), 1)
+        count *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
+    return math.ceil(count / sw_batch_size)
 
 
 def probabilities_to_labels(probabilities: np.ndarray | torch.Tensor, organs: Sequence[str], threshold: float = 0.5) -> np.ndarray:
@@ -167,6 +185,7 @@ def bundle_probabilities(
     batchnorm: str | None = None,
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 2,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities ``(C, X, Y, Z)`` of a bundle on a preprocessed volume.
 
@@ -181,12 +200,12 @@ def bundle_probabilities(
         channels = []
         for index, organ in enumerate(bundle.organs):
             model = bundle.build_model(f"organ:{organ}")
-            channels.append(predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size)[index])
+            channels.append(predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size, on_batch=on_batch)[index])
         return torch.stack(channels)
     model = bundle.build_model(choice)
     if choice == "adapt":
         adapt_batchnorm(model, prepared, roi, device)
-    return predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size)
+    return predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size, on_batch=on_batch)
 
 
 def segment_image(
@@ -210,7 +229,16 @@ def segment_image(
 
     t1 = time.perf_counter()
     reporter.emit("stage", stage="network", message=f"sliding-window inference on {device.type}")
-    probabilities = bundle_probabilities(bundle, prepared, device, batchnorm=batchnorm, sw_batch_size=sw_batch_size)
+    last = [0]
+
+    def on_batch(done: int, total: int) -> None:
+        # JSON progress at most every 5 % so the Slicer log stays readable.
+        if done == total or done - last[0] >= max(1, total // 20):
+            reporter.emit("progress", stage="network", current=done, total=total)
+            last[0] = done
+
+    probabilities = bundle_probabilities(bundle, prepared, device, batchnorm=batchnorm, sw_batch_size=sw_batch_size,
+                                         on_batch=on_batch if reporter.mode == "json" else None)
     del prepared
     timings["network_s"] = time.perf_counter() - t1
 

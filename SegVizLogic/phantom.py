@@ -1031,7 +1031,7 @@ def generate_phantom_sites(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress.emit("done", outputs={"phantom": str(out)}, metrics={"seconds": round(time.perf_counter() - started, 2)})
+    progress.emit("stage", stage="phantom", message=f"phantom written to {out} in {time.perf_counter() - started:.1f} s")
     return PhantomLayout(sites=[out / name for name, _ in PAPER_SITES], external=out / EXTERNAL_NAME)
 
 

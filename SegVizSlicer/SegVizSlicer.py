@@ -310,8 +310,11 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if status.active and job.output_ready:
             with slicer.util.tryWithErrorDisplay(_("Failed to load the predicted organs."), waitCursor=True):
                 p = self._parameterNode
-                segmentation, table = self.logic.loadInferenceResult(p.outputSegmentation, p.splitKidney, p.show3D)
-                p.outputSegmentation = segmentation
+                if p is None:  # the scene was closed while the model ran: load with the defaults
+                    segmentation, table = self.logic.loadInferenceResult(None)
+                else:
+                    segmentation, table = self.logic.loadInferenceResult(p.outputSegmentation, p.splitKidney, p.show3D)
+                    p.outputSegmentation = segmentation
                 self._showVolumes(table)
             if status.active:  # loading failed: say so instead of spinning forever
                 status.fail(_("The result could not be loaded; see the error message."))
@@ -323,6 +326,7 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyProgressBar.setValue(int(round(100 * fraction)))
         if status.state == InferenceState.FAILED:
             self.ui.applyStatusLabel.text = _("Failed: {message}").format(message=status.message)
+            self._reportFailure(job, _("Applying the SegViz model failed:\n{message}").format(message=status.message))
         else:
             self.ui.applyStatusLabel.text = status.message
         if not status.active:
@@ -401,7 +405,7 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.federationStateLabel.text = {
             FederationState.IDLE: _("Not joined"),
             FederationState.JOINING: _("Connected, waiting for a round") if status.connected else _("Connecting to {superlink}…").format(superlink=status.superlink),
-            FederationState.TRAINING: _("Training"),
+            FederationState.TRAINING: _("Run finished; sending the last reply…") if status.run_finished else _("Training"),
             FederationState.FINISHED: _("Finished"),
             FederationState.FAILED: _("Failed: {message}").format(message=status.message),
             FederationState.LEFT: _("Left the federation"),
@@ -421,11 +425,21 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for line in status.log[len(status.log) - new:] if new > 0 else []:
             self.ui.federationLogTextEdit.appendPlainText(line)
         self._logShown = status.log_total
+        if status.state == FederationState.FAILED:
+            self._reportFailure(job, _("Taking part in the federation failed:\n{message}").format(message=status.message))
         if not status.active:
             self.ui.federationProgressBar.setRange(0, 1)
             self.ui.federationProgressBar.setValue(1 if status.state == FederationState.FINISHED else 0)
         self._updateButtons()
         return status.active
+
+    def _reportFailure(self, job, text: str) -> None:
+        """Show a failure once per job, after the buttons are usable again."""
+        if getattr(job, "failureShown", False):
+            return
+        job.failureShown = True  # set before the dialog: the timer keeps ticking while it is open
+        self._updateButtons()
+        slicer.util.errorDisplay(text, windowTitle=_("SegViz"))
 
     # ---------------------------------------------------------------- timer, settings
 

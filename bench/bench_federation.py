@@ -126,13 +126,43 @@ def summarise(bundle_path: Path, mode: str) -> list[dict]:
             "client_handler_s_sum": round(sum(client), 2),
             "train_s_max": round(max(train), 2),
             "train_s_sum": round(sum(train), 2),
-            "aggregate_s": entry["seconds"].get("aggregate"),
-            "bundle_s": entry["seconds"].get("bundle"),
+            "aggregate_s": entry["seconds"].get("aggregate", 0.0),
+            # the final round's bundle is written after its metrics were recorded
+            "bundle_s": entry["seconds"].get("bundle", 0.0),
             "overhead_s": round(overhead, 2),
             "overhead_fraction": round(overhead / round_seconds, 4) if round_seconds else None,
             "bytes_to_each_site": entry["bytes"]["to_each_site"],
             "bytes_from_site": entry["bytes"]["from_site"],
         })
+    return rows
+
+
+def latency_breakdown(bundle_path: Path, sites: list[Path]) -> list[dict]:
+    """Deployment only: per round, how long a message took to reach each site's handler
+    (SuperNode polling, ClientApp process start and imports, transfer) and how long its reply
+    took back to the ServerApp, from the time stamps of the server's and the sites' progress
+    files (one machine, one clock)."""
+    from SegVizLogic.bundle import load_bundle
+    from SegVizLogic.progress import parse_progress_line
+
+    def events(path: Path) -> list[dict]:
+        if not path.exists():
+            return []
+        return [e for e in map(parse_progress_line, path.read_text().splitlines()) if e]
+
+    server = events(bundle_path.parent / "progress.jsonl")
+    starts = {e["round"]: e["time"] for e in server if e["event"] == "round_started"}
+    history = {h["round"]: h for h in load_bundle(bundle_path).metrics["rounds"]}
+    rows = []
+    for site in sites:
+        site_events = events(site / ".segviz" / "federated" / "events.jsonl")
+        for server_round, start in sorted(starts.items()):
+            begun = [e["time"] for e in site_events if e["event"] == "round_started" and e.get("round") == server_round]
+            sent = [e["time"] for e in site_events if e["event"] == "update_sent" and e.get("round") == server_round]
+            if begun and sent:
+                received = start + history[server_round]["seconds"]["wire_and_clients"]
+                rows.append({"round": server_round, "site": site.name, "dispatch_s": round(begun[-1] - start, 2),
+                             "handler_s": round(sent[-1] - begun[-1], 2), "return_s": round(received - sent[-1], 2)})
     return rows
 
 
@@ -173,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         sites = _phantom(work, args)
-        rows = []
+        rows, latency = [], []
         modes = ("deployment", "simulation") if args.mode == "both" else (args.mode,)
         for mode in modes:
             fresh = _fresh_sites(sites, work, mode)
@@ -181,13 +211,19 @@ def main(argv: list[str] | None = None) -> int:
             bundle = (run_deployment if mode == "deployment" else run_simulation)(fresh, work, args)
             print(f"{mode}: {args.rounds} rounds in {time.perf_counter() - t0:.1f} s (including start-up)", file=sys.stderr)
             rows += summarise(bundle, mode)
+            if mode == "deployment":
+                latency = latency_breakdown(bundle, fresh)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
+    if latency:
+        print("\ndeployment latency per site (dispatch: server sends -> handler starts; return: reply sent -> server has all)")
+        for row in latency:
+            print(f"  round {row['round']} {row['site']:<14} dispatch {row['dispatch_s']:5.1f} s  handler {row['handler_s']:6.1f} s  return {row['return_s']:5.1f} s")
     worst = {mode: max(r["overhead_fraction"] for r in rows if r["mode"] == mode) for mode in {r["mode"] for r in rows}}
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(),
-              "target_overhead_fraction": TARGET_OVERHEAD, "worst_overhead_fraction": worst, "rounds": rows,
+              "target_overhead_fraction": TARGET_OVERHEAD, "worst_overhead_fraction": worst, "rounds": rows, "latency": latency,
               "seconds": round(time.perf_counter() - started, 1)}
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nworst overhead per mode: {', '.join(f'{m} {100 * f:.0f} %' for m, f in worst.items())} (target <= {100 * TARGET_OVERHEAD:.0f} %)")

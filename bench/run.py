@@ -11,7 +11,6 @@ Needs nothing outside the repository except ``../shared/data/real/totalseg_examp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -47,25 +46,45 @@ def machine() -> dict:
 def bench_federation(quick: bool, device: str) -> dict:
     """Run ``bench/bench_federation.py`` (owned by the federated code) and return its JSON.
 
-    Preferred: a ``run_benchmark(quick=..., device=...) -> dict`` function; otherwise the script
-    is run as ``bench_federation.py [--quick] [--device D] --json OUT``.
+    Full: ``--mode both`` (a real TLS federation and the simulation engine, 2 rounds x 2 local
+    epochs on the phantom); ``--quick``: simulation only, 2 rounds x 1 local epoch, 2 cases per site.
     """
     script = BENCH / "bench_federation.py"
     if not script.is_file():
         return {"skipped": "bench/bench_federation.py is not present"}
-    spec = importlib.util.spec_from_file_location("bench_federation", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if hasattr(module, "run_benchmark"):
-        return dict(module.run_benchmark(quick=quick, device=device))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "federation.json"
-        base = [sys.executable, str(script), "--json", str(out)] + (["--quick"] if quick else [])
-        for extra in (["--device", device], []):
-            done = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO)
-            if done.returncode == 0 and out.is_file():
-                return json.loads(out.read_text())
-        raise RuntimeError(f"bench_federation.py failed: {done.stderr.strip()[-800:]}")
+        command = [sys.executable, str(script), "--json", str(out), "--device", device, "--progress", "none"]
+        command += ["--mode", "simulation", "--rounds", "2", "--local-epochs", "1", "--cases-per-site", "2"] if quick else ["--mode", "both"]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"bench_federation.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+        return json.loads(out.read_text())
+
+
+def _federation_rows(fed: dict) -> list[tuple[str, str, str, str]]:
+    rows = []
+    target = fed.get("target_overhead_fraction")
+    by_mode: dict[str, list[dict]] = {}
+    for row in fed.get("rounds", []):
+        by_mode.setdefault(row["mode"], []).append(row)
+    for mode, entries in by_mode.items():
+        worst = max(r["overhead_fraction"] or 0.0 for r in entries)
+        mean_round = sum(r["round_s"] for r in entries) / len(entries)
+        mean_overhead = sum(r["overhead_s"] for r in entries) / len(entries)
+        ok = "" if target is None else (" ✓" if worst <= target else " ✗")
+        rows.append(_row(f"FL round overhead ({mode})", f"{mean_overhead:.1f} s of {mean_round:.1f} s, worst {100 * worst:.0f} %{ok}",
+                         "" if target is None else f"≤ {100 * target:.0f} %", f"{len(entries)} rounds, {entries[0]['sites']} sites"))
+        rows.append(_row(f"FL bytes per round ({mode})", f"{_mb(entries[-1]['bytes_to_each_site'])} to each site, "
+                         f"{_mb(entries[-1]['bytes_from_site'])} from a site", "", "last round"))
+    return rows
+
+
+def _mb(value) -> str:
+    if isinstance(value, dict):  # per site
+        values = list(value.values())
+        return f"{min(values) / 1e6:.2f}-{max(values) / 1e6:.2f} MB" if values else "–"
+    return f"{float(value) / 1e6:.2f} MB" if isinstance(value, (int, float)) else str(value)
 
 
 def _row(name: str, value: str, target: str = "", note: str = "") -> tuple[str, str, str, str]:
@@ -83,7 +102,7 @@ def table(results: dict) -> str:
         rows.append(_row("infer 512×512×300 wall", f"{inf['wall_s']:.1f} s{ok(inf['wall_s'], t.get('wall_s'))}",
                          f"≤ {t['wall_s']:g} s" if "wall_s" in t else "", f"segviz infer --device {device}"))
         rows.append(_row("infer peak RSS (child)", f"{inf['peak_rss_gb']:.2f} GB{ok(inf['peak_rss_gb'], t.get('peak_rss_gb'))}",
-                         f"≤ {t['peak_rss_gb']:g} GB" if "peak_rss_gb" in t else "", "psutil polling"))
+                         f"≤ {t['peak_rss_gb']:g} GB" if "peak_rss_gb" in t else "", "ru_maxrss of the child"))
         split = inf["split_s"]
         keys = ("startup", "load_and_read", "preprocess", "network", "restore", "write", "exit")
         rows.append(_row("  split " + "/".join(keys), " / ".join("–" if split.get(k) is None else f"{split[k]:.1f}" for k in keys) + " s",
@@ -97,10 +116,8 @@ def table(results: dict) -> str:
     elif tr:
         rows.append(_row("training", tr.get("error") or tr.get("skipped", "")))
     fed = results.get("federation", {})
-    if fed and "error" not in fed and "skipped" not in fed:
-        for key, value in fed.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                rows.append(_row(f"federation {key}", f"{value:g}"))
+    if fed.get("rounds"):
+        rows += _federation_rows(fed)
     elif fed:
         rows.append(_row("federation", fed.get("error") or fed.get("skipped", "")))
     widths = [max(len(r[i]) for r in rows + [("benchmark", "figure", "target", "note")]) for i in range(4)]

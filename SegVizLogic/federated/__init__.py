@@ -8,4 +8,12 @@ simulation engine), ``deployment`` (SuperLink/SuperNode processes), ``certs`` (T
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from pathlib import Path
+
+__all__ = ["FINAL_BATCHNORM_RECORD", "LOCAL_STATE_DIR"]
+
+FINAL_BATCHNORM_RECORD = "final-batchnorm"
+"""Reply record holding a site's BatchNorm, shared once with its final-round reply."""
+
+LOCAL_STATE_DIR = Path(".segviz") / "federated"
+"""A site's federated state, inside its folder: BatchNorm, round info, events, logs."""

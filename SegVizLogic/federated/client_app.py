@@ -1,11 +1,22 @@
-"""SegViz ClientApp: one hospital site trains the organs it annotated and keeps its BatchNorm."""
+"""SegViz ClientApp: one hospital site trains the organs it annotated and keeps its BatchNorm.
+
+In a real federation Flower starts a new ``flwr-clientapp`` process for every message, and
+importing torch and MONAI alone takes seconds. ``segviz federation join`` therefore keeps a
+warm *site worker* (torch imported, site data loaded) in its own process; this module imports
+only Flower and numpy, and hands the round to that worker over an authenticated local
+connection when one is running (:data:`WORKER_FILE`), training in-process otherwise
+(simulation, or a SuperNode started by hand).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,12 +25,12 @@ from flwr.common.constant import PARTITION_ID_KEY
 
 from ..errors import SegVizInputError
 from ..progress import ProgressReporter
-from .strategy import FINAL_BATCHNORM_RECORD
-from .task import local_state_dir, scrub_paths, train_client_round
+from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
 
-__all__ = ["app", "make_client_app", "handle_train", "site_dir_from_context", "EVENTS_FILE"]
+__all__ = ["app", "make_client_app", "handle_train", "site_dir_from_context", "run_site_round", "EVENTS_FILE", "WORKER_FILE"]
 
 EVENTS_FILE = "events.jsonl"
+WORKER_FILE = "worker.json"
 
 
 def site_dir_from_context(context: Context) -> Path:
@@ -49,8 +60,69 @@ class _EventFileReporter(ProgressReporter):
         self._json.emit(event, **fields)
 
 
+@contextmanager
+def _event_reporter(events: Path | None) -> Iterator[ProgressReporter | None]:
+    if events is None:
+        yield None
+        return
+    with open(events, "a", encoding="utf-8") as stream:
+        yield _EventFileReporter(stream)
+
+
+def run_site_round(site_dir: Path, groups: dict, config: dict, state: RecordDict | None, events: Path | None, device: str) -> dict:
+    """Train one round in this process (what the site worker runs, and the fallback).
+
+    Returns:
+        ``{"site", "organs", "partition", "metrics", "final_batchnorm"}`` (plain data).
+    """
+    from .task import train_client_round
+
+    with _event_reporter(events) as reporter:
+        result = train_client_round(site_dir, groups, config, state=state, reporter=reporter, device=device)
+    return {"site": result.site, "organs": list(result.organs), "partition": result.partition, "metrics": result.metrics,
+            "final_batchnorm": result.final_batchnorm}
+
+
+def _worker_address(site_dir: Path) -> dict | None:
+    try:
+        info = json.loads((site_dir / LOCAL_STATE_DIR / WORKER_FILE).read_text())
+        os.kill(int(info["pid"]), 0)
+        return info
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _train(site_dir: Path, groups: dict, config: dict, context: Context, events: Path | None, device: str) -> dict:
+    info = _worker_address(site_dir) if events is not None else None
+    if info is not None:
+        from multiprocessing.connection import Client
+
+        try:
+            connection = Client(("127.0.0.1", int(info["port"])), authkey=bytes.fromhex(info["authkey"]))
+        except OSError:
+            connection = None  # a stale worker file: train here
+        if connection is not None:
+            with connection:
+                connection.send({"site_dir": str(site_dir), "groups": groups, "config": config, "state": context.state,
+                                 "events": str(events), "device": device})
+                status, payload = connection.recv()
+            if status != "ok":
+                raise RuntimeError(payload)
+            state = payload.pop("state")
+            for name in list(state.keys()):
+                context.state[name] = state[name]
+            return payload
+    return run_site_round(site_dir, groups, config, context.state, events, device)
+
+
 def _record(arrays) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _scrub(text: str, site_dir: Path) -> str:
+    from .task import scrub_paths
+
+    return scrub_paths(text, site_dir)
 
 
 def handle_train(message: Message, context: Context, site_dir: Path, events: Path | None = None, device: str | None = None) -> Message:
@@ -63,41 +135,39 @@ def handle_train(message: Message, context: Context, site_dir: Path, events: Pat
         events: JSON-lines file for progress events (``segviz federation join`` relays it).
         device: training device; default: node config ``device``, else ``$SEGVIZ_DEVICE``, else auto.
     """
+    started = time.perf_counter()
     if device is None:
         device = str(context.node_config.get("device", os.environ.get("SEGVIZ_DEVICE", "auto")))
-    started = time.perf_counter()
     config = dict(message.content.config_records["config"])
     server_round, rounds = int(config["server-round"]), int(config["num-server-rounds"])
-    stream = open(events, "a", encoding="utf-8") if events else None
-    reporter = _EventFileReporter(stream) if stream else None
-    try:
+    with _event_reporter(events) as reporter:
         if reporter:
             reporter.emit("round_started", round=server_round, rounds=rounds)
-        groups = {name: {k: v.numpy() for k, v in record.items()} for name, record in message.content.array_records.items()}
-        try:
-            result = train_client_round(site_dir, groups, config, state=context.state, reporter=reporter, device=device)
-        except Exception as error:
+    groups = {name: {k: v.numpy() for k, v in record.items()} for name, record in message.content.array_records.items()}
+    try:
+        result = _train(site_dir, groups, config, context, events, device)
+    except Exception as error:
+        with _event_reporter(events) as reporter:
             if reporter:
                 reporter.emit("error", message=f"round {server_round}: {error}")
-            # What the coordinator sees: the error without this site's paths.
-            raise RuntimeError(scrub_paths(f"{type(error).__name__}: {error}", site_dir)) from None
-        content = RecordDict({name: _record(arrays) for name, arrays in result.partition.items()})
-        if result.final_batchnorm is not None:
-            content[FINAL_BATCHNORM_RECORD] = _record(result.final_batchnorm)
-        # Time in this handler (data, model, training, packing): the rest of a round is Flower's.
-        result.metrics["client-seconds"] = time.perf_counter() - started
-        content["metrics"] = MetricRecord(result.metrics)
-        content["site"] = ConfigRecord({"name": result.site, "organs": list(result.organs)})
+        # What the coordinator sees: the error without this site's paths.
+        raise RuntimeError(_scrub(f"{type(error).__name__}: {error}", site_dir)) from None
+    content = RecordDict({name: _record(arrays) for name, arrays in result["partition"].items()})
+    if result["final_batchnorm"] is not None:
+        content[FINAL_BATCHNORM_RECORD] = _record(result["final_batchnorm"])
+    metrics: dict[str, Any] = dict(result["metrics"])
+    # Time in this handler (data, model, training, packing): the rest of a round is Flower's.
+    metrics["client-seconds"] = time.perf_counter() - started
+    content["metrics"] = MetricRecord(metrics)
+    content["site"] = ConfigRecord({"name": result["site"], "organs": list(result["organs"])})
+    with _event_reporter(events) as reporter:
         if reporter:
-            reporter.emit("update_sent", round=server_round, num_examples=int(result.metrics["num-examples"]))
+            reporter.emit("update_sent", round=server_round, num_examples=int(metrics["num-examples"]))
             reporter.emit("round_finished", round=server_round, rounds=rounds,
-                          metrics={k: v for k, v in result.metrics.items() if k == "loss" or k.startswith("dice-")})
+                          metrics={k: v for k, v in metrics.items() if k == "loss" or k.startswith("dice-")})
             if server_round >= rounds:
                 reporter.emit("run_finished", rounds=rounds, outputs={})
-        return Message(content=content, reply_to=message)
-    finally:
-        if stream:
-            stream.close()
+    return Message(content=content, reply_to=message)
 
 
 # Deployment: one SuperNode per site, ``flower-supernode --node-config 'site-dir="..."'``.
@@ -108,7 +178,7 @@ app = ClientApp()
 def train(message: Message, context: Context) -> Message:
     """Train this SuperNode's site for one round."""
     site_dir = site_dir_from_context(context)
-    events = local_state_dir(site_dir) / EVENTS_FILE
+    events = site_dir / LOCAL_STATE_DIR / EVENTS_FILE
     events.parent.mkdir(parents=True, exist_ok=True)
     return handle_train(message, context, site_dir, events=events)
 

@@ -24,10 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from .. import __version__
 from ..errors import SegVizError, SegVizInputError
@@ -47,6 +46,7 @@ __all__ = [
     "start_run",
     "follow_run",
     "register_node",
+    "SiteWorker",
 ]
 
 DEFAULT_SUPERLINK_PORT = 9093
@@ -312,6 +312,66 @@ def start_supernode(
     return FlowerProcess(f"SuperNode {site.name}", command, log_path or state / "supernode.log", flower_environment(state / "flwr-home"), cwd=state)
 
 
+class SiteWorker:
+    """A warm training process for one site, serving its ClientApp processes.
+
+    Flower starts a fresh ``flwr-clientapp`` process for each message; this worker (a thread
+    of ``segviz federation join``) has torch and MONAI imported already, so a round does not
+    pay seconds of imports. It listens on 127.0.0.1 with a random port and a random key, both
+    in ``<site>/.segviz/federated/worker.json`` (mode 0600); only processes that can read the
+    site's folder can use it. One round at a time.
+    """
+
+    def __init__(self, site_dir: str | Path) -> None:
+        from multiprocessing.connection import Listener
+
+        from .client_app import WORKER_FILE, run_site_round  # noqa: F401 - imports torch now, not per round
+        from .task import train_client_round  # noqa: F401
+
+        self.site_dir = Path(site_dir).resolve()
+        self._key = os.urandom(32)
+        self._listener = Listener(("127.0.0.1", 0), authkey=self._key)
+        self.file = local_state_dir(self.site_dir) / WORKER_FILE
+        fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"port": self._listener.address[1], "authkey": self._key.hex(), "pid": os.getpid()}, handle)
+        self._thread = threading.Thread(target=self._serve, name=f"segviz-worker-{self.site_dir.name}", daemon=True)
+        self._closed = threading.Event()
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from .client_app import run_site_round
+
+        while not self._closed.is_set():
+            try:
+                connection = self._listener.accept()
+            except (OSError, EOFError):
+                if self._closed.is_set():
+                    return
+                continue  # a client with the wrong key, or gone: keep serving
+            with connection:
+                try:
+                    request = connection.recv()
+                    if Path(request["site_dir"]).resolve() != self.site_dir:
+                        raise ValueError("the worker serves another site")
+                    state = request["state"]
+                    result = run_site_round(self.site_dir, request["groups"], request["config"], state,
+                                            Path(request["events"]), request["device"])
+                    result["state"] = state
+                    connection.send(("ok", result))
+                except Exception as error:  # reported to the ClientApp, which fails the round
+                    try:
+                        connection.send(("error", f"{type(error).__name__}: {error}"))
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        """Stop serving and remove the worker file."""
+        self._closed.set()
+        self.file.unlink(missing_ok=True)
+        self._listener.close()
+
+
 def _follow_lines(path: Path, offset: int) -> tuple[list[str], int]:
     """New complete lines of ``path`` after byte ``offset``."""
     try:
@@ -343,6 +403,7 @@ def join_federation(
     device: str | None = None,
     stop: threading.Event | None = None,
     linger: float = 15.0,
+    warm: bool = True,
 ) -> int:
     """Join a federation as one site: validate the site, start its SuperNode, relay progress.
 
@@ -360,6 +421,8 @@ def join_federation(
         device: training device (``auto``/``cpu``/``cuda``).
         stop: set it to leave (tests, GUIs).
         linger: with ``once``, seconds to stay connected after the final reply was sent.
+        warm: train in a warm :class:`SiteWorker` of this process instead of paying torch's
+            imports in every ClientApp process.
 
     Returns:
         0 when the node left normally.
@@ -384,7 +447,13 @@ def join_federation(
     events = local_state_dir(site_dir) / "events.jsonl"
     events.parent.mkdir(parents=True, exist_ok=True)
     offset = events.stat().st_size if events.exists() else 0
-    process = start_supernode(address, site_dir, root_cert, insecure, auth_key, device=device)
+    worker = SiteWorker(site_dir) if warm else None
+    try:
+        process = start_supernode(address, site_dir, root_cert, insecure, auth_key, device=device)
+    except BaseException:
+        if worker:
+            worker.close()
+        raise
     log_offset = process.log_path.stat().st_size if process.log_path.exists() else 0
     try:
         deadline = started + connect_timeout
@@ -426,6 +495,8 @@ def join_federation(
         return 0
     finally:
         process.stop()
+        if worker:
+            worker.close()
 
 
 # --- starting a run ---------------------------------------------------------------------------
@@ -445,22 +516,21 @@ def _app_pyproject() -> dict:
 
 
 def stage_app(folder: str | Path) -> Path:
-    """Write the Flower app that ``flwr run`` packs into a FAB: a ``pyproject.toml`` with the
-    ``[tool.flwr.app]`` section and the ``SegVizLogic`` package's Python files.
+    """Write the Flower app that ``flwr run`` packs into a FAB: only a ``pyproject.toml`` with
+    the ``[tool.flwr.app]`` section (components and run config), no code.
 
-    The repository's own ``pyproject.toml`` is not used: ``flwr run`` 1.42 rewrites a
-    ``pyproject.toml`` that still has a legacy ``[tool.flwr.federations]`` section, and the FAB
-    should hold the app's code only (no tests, data or documents).
+    Flower puts a FAB's folder first on ``sys.path``; a FAB without Python files makes every
+    SuperNode load ``SegVizLogic.federated.client_app`` from the SegViz its site installed,
+    so no code sent by the coordinator runs at a hospital. (The repository's own
+    ``pyproject.toml`` is not used either: ``flwr run`` 1.42 rewrites one that still has a
+    legacy ``[tool.flwr.federations]`` section.)
     """
     import tomli_w
-
-    import SegVizLogic
 
     app = Path(folder) / "segviz"
     if app.exists():
         shutil.rmtree(app)
-    package = Path(SegVizLogic.__file__).parent
-    shutil.copytree(package, app / "SegVizLogic", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".segviz"))
+    app.mkdir(parents=True)
     (app / "pyproject.toml").write_text(tomli_w.dumps(_app_pyproject()))
     return app
 

@@ -83,6 +83,10 @@ def run_federation(
 ) -> Path:
     """Run ``settings.rounds`` head-aware rounds over ``grid`` and write the bundles.
 
+    Round bundles are written atomically on a background thread while the sites train the
+    next round; ``model.segviz`` (and the last round's bundle) exist when ``run_finished`` is
+    reported.
+
     Args:
         grid: Flower grid (deployment or simulation).
         settings: the run's settings; ``out_dir`` receives ``round-NNN.segviz`` and
@@ -95,77 +99,81 @@ def run_federation(
     Returns:
         The final bundle's path.
     """
-    from ..bundle import save_bundle
-    from ..training import seed_everything
-
-    reporter = reporter or ProgressReporter("none")
-    if not settings.out_dir:
-        raise SegVizError("the run has no out-dir: pass --run-config \"out-dir='/path'\" or use `segviz federation run --out`")
-    out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    seed_everything(settings.seed)
-    model = build_network(settings.network)
-    lineage = new_lineage()
-    if settings.resume_from:
-        from ..bundle import load_bundle
-
-        bundle = load_bundle(settings.resume_from)
-        if bundle.network_config != settings.network:
-            raise SegVizError(f"{settings.resume_from}: its network differs from this run's network config")
-        model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in bundle.state.items()})
-        lineage = bundle.provenance.get("lineage", lineage)
-
-    strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.min_clients)
-    strategy.current = partition_state(model)
-    started = _now()
-    history: list[dict] = []
-    sites: dict[str, list[str]] = {}
-    final_path = out_dir / FINAL_BUNDLE
-
-    _wait_for_clients(grid, settings, reporter)
-    writer = _BundleWriter()
-    try:
-        final_path = _run_rounds(grid, settings, reporter, on_round, mode, model, strategy, lineage, started, history, sites,
-                                 out_dir, final_path, writer)
-    finally:
-        writer.close()
-    reporter.emit("run_finished", rounds=settings.rounds,
-                  outputs={"model": str(final_path), **{f"round_{r}": str(out_dir / round_bundle_name(r)) for r in range(1, settings.rounds + 1)}})
-    return final_path
+    return _Federation(grid, settings, reporter or ProgressReporter("none"), on_round, mode).run()
 
 
-def _run_rounds(grid, settings, reporter, on_round, mode, model, strategy, lineage, started, history, sites, out_dir, final_path, writer):
-    from ..bundle import save_bundle
+class _Federation:
+    """One run of the ServerApp: the global model, the strategy and the history of rounds."""
 
-    for server_round in range(1, settings.rounds + 1):
-        reporter.emit("round_started", round=server_round, rounds=settings.rounds)
+    def __init__(self, grid: Grid, settings: FederationSettings, reporter: ProgressReporter,
+                 on_round: Callable[[int, list[Message], dict], None] | None, mode: str) -> None:
+        from ..training import seed_everything
+
+        if not settings.out_dir:
+            raise SegVizError("the run has no out-dir: pass --run-config \"out-dir='/path'\" or use `segviz federation run --out`")
+        self.grid, self.settings, self.reporter, self.on_round, self.mode = grid, settings, reporter, on_round, mode
+        self.out_dir = Path(settings.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(settings.seed)
+        self.model = build_network(settings.network)
+        self.lineage = new_lineage()
+        if settings.resume_from:
+            from ..bundle import load_bundle
+
+            bundle = load_bundle(settings.resume_from)
+            if bundle.network_config != settings.network:
+                raise SegVizError(f"{settings.resume_from}: its network differs from this run's network config")
+            self.model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in bundle.state.items()})
+            self.lineage = bundle.provenance.get("lineage", self.lineage)
+        self.strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.min_clients)
+        self.strategy.current = partition_state(self.model)
+        self.started = _now()
+        self.history: list[dict] = []
+        self.sites: dict[str, list[str]] = {}
+        self.final_path = self.out_dir / FINAL_BUNDLE
+        self.writer = _BundleWriter()
+
+    def run(self) -> Path:
+        _wait_for_clients(self.grid, self.settings, self.reporter)
+        try:
+            for server_round in range(1, self.settings.rounds + 1):
+                self._round(server_round)
+        finally:
+            self.writer.close()
+        rounds = self.settings.rounds
+        self.reporter.emit("run_finished", rounds=rounds, outputs={
+            "model": str(self.final_path), **{f"round_{r}": str(self.out_dir / round_bundle_name(r)) for r in range(1, rounds + 1)}})
+        return self.final_path
+
+    def _round(self, server_round: int) -> None:
+        settings, strategy = self.settings, self.strategy
+        self.reporter.emit("round_started", round=server_round, rounds=settings.rounds)
         round_start = time.perf_counter()
-        messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(settings.client_config(server_round, lineage)), grid)
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        config = ConfigRecord(settings.client_config(server_round, self.lineage))
+        messages = strategy.configure_train(server_round, ArrayRecord(), config, self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=settings.round_timeout))
         wire_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
         strategy.aggregate_train(server_round, replies)
         aggregate_seconds = time.perf_counter() - aggregate_start
         updates: list[SiteUpdate] = strategy.last_updates
-        sent_bytes = _record_bytes(messages[0].content) if messages else 0
-        reply_bytes = {update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()}
         if len(updates) < settings.min_clients:
             problems = "; ".join(strategy.last_errors) or f"{len(replies)} of {len(messages)} sites replied in time"
             raise SegVizError(f"round {server_round}: only {len(updates)} usable replies, {settings.min_clients} needed ({problems})")
         for update in updates:
-            sites[update.site] = list(update.organs)
-            reporter.emit("update_sent", round=server_round, site=update.site, num_examples=update.num_examples)
-        if on_round is not None:
-            on_round(server_round, replies, strategy.current)
+            self.sites[update.site] = list(update.organs)
+            self.reporter.emit("update_sent", round=server_round, site=update.site, num_examples=update.num_examples)
+        if self.on_round is not None:
+            self.on_round(server_round, replies, strategy.current)
 
         metrics = round_metrics(updates)
         metrics.update(round=server_round, errors=strategy.last_errors,
-                       bytes={"to_each_site": sent_bytes, "from_site": reply_bytes},
+                       bytes={"to_each_site": _record_bytes(messages[0].content) if messages else 0,
+                              "from_site": {_update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()}},
                        seconds={"wire_and_clients": round(wire_seconds, 3), "aggregate": round(aggregate_seconds, 3)})
-        history.append(metrics)
-        bundle_start = time.perf_counter()
+        self.history.append(metrics)
 
+        bundle_start = time.perf_counter()
         final = server_round == settings.rounds
         variants = {}
         if final:
@@ -176,52 +184,56 @@ def _run_rounds(grid, settings, reporter, on_round, mode, model, strategy, linea
         default = settings.default_batchnorm
         if default == "auto":
             default = "model" if settings.strategy == "fedavg" else ("averaged" if variants else "adapt")
-        load_partition_into_model(model, strategy.current)
-        provenance = {
+        load_partition_into_model(self.model, strategy.current)
+        # A round's own bundle holds its time up to writing; later bundles hold the full time.
+        metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
+        bundle_args = dict(provenance=self._provenance(server_round, bool(variants)), batchnorm_variants=variants,
+                           default_batchnorm=default, training={**settings.training, "local_epochs": settings.local_epochs, "lr": settings.lr},
+                           force=True)
+        path = self.out_dir / round_bundle_name(server_round)
+        if final:
+            self.final_path = self._save(self.final_path, self.model, {"rounds": self.history}, bundle_args)
+            self.writer.submit(shutil.copyfile, self.final_path, path)
+        else:
+            # Written while the sites train the next round: compressing tens of MB of weights
+            # takes seconds that need not hold up the federation.
+            self.writer.submit(self._save, path, copy.deepcopy(self.model), {"rounds": copy.deepcopy(self.history)}, bundle_args)
+        metrics["seconds"]["bundle"] = round(time.perf_counter() - bundle_start, 3)
+        metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
+        self.writer.check()
+        self.reporter.emit("round_finished", round=server_round, rounds=settings.rounds, metrics=_flat_metrics(metrics), bundle=str(path))
+
+    def _save(self, path: Path, model, metrics: dict, bundle_args: dict) -> Path:
+        from ..bundle import save_bundle
+
+        return save_bundle(path, model, self.settings.preprocessing, metrics=metrics, **bundle_args)
+
+    def _provenance(self, server_round: int, shared_batchnorm: bool) -> dict[str, Any]:
+        settings = self.settings
+        return {
             "kind": "federated",
-            "mode": mode,
+            "mode": self.mode,
             "strategy": settings.strategy,
             "weighting": settings.weighting,
             "round": server_round,
             "rounds": settings.rounds,
             "local_epochs": settings.local_epochs,
             "lr": settings.lr,
-            "sites": sorted(sites),
-            "organs_per_site": dict(sorted(sites.items())),
+            "sites": sorted(self.sites),
+            "organs_per_site": dict(sorted(self.sites.items())),
             "share_final_batchnorm": settings.share_final_batchnorm,
             "batchnorm_source": (
                 "averaged by FedAvg every round" if settings.strategy == "fedavg"
-                else "shared once by each site with its final-round reply" if variants
+                else "shared once by each site with its final-round reply" if shared_batchnorm
                 else "initial (FedBN keeps BatchNorm on site); re-estimate at inference (adapt)"
             ),
-            "lineage": lineage,
+            "lineage": self.lineage,
             "seed": settings.seed,
-            "started": started,
+            "started": self.started,
             "finished": _now(),
             "segviz_version": __version__,
             "flower_version": _flower_version(),
         }
-        training = {**settings.training, "local_epochs": settings.local_epochs, "lr": settings.lr}
-        # A round's own bundle holds its time up to writing; the next bundles hold the full time.
-        metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
-        path = out_dir / round_bundle_name(server_round)
-        if final:
-            final_path = save_bundle(final_path, model, settings.preprocessing, provenance=provenance,
-                                     batchnorm_variants=variants, default_batchnorm=default, metrics={"rounds": history},
-                                     training=training, force=True)
-            writer.submit(shutil.copyfile, final_path, path)
-        else:
-            # Written while the sites train the next round: compressing ~20 MB of weights takes
-            # seconds that need not hold up the federation.
-            snapshot = copy.deepcopy(model)
-            writer.submit(save_bundle, path, snapshot, settings.preprocessing, provenance=provenance,
-                          batchnorm_variants=variants, default_batchnorm=default, metrics={"rounds": copy.deepcopy(history)},
-                          training=training, force=True)
-        metrics["seconds"]["bundle"] = round(time.perf_counter() - bundle_start, 3)
-        metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
-        writer.check()
-        reporter.emit("round_finished", round=server_round, rounds=settings.rounds, metrics=_flat_metrics(metrics), bundle=str(path))
-    return final_path
 
 
 class _BundleWriter:
@@ -256,7 +268,7 @@ def _record_bytes(content) -> int:
     return int(sum(record.count_bytes() for record in records))
 
 
-def update_site(reply: Message) -> str:
+def _update_site(reply: Message) -> str:
     """The site name a reply carries."""
     return str(reply.content.config_records["site"]["name"])
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED
 from ..organs import ORGAN_NAMES
+from . import FINAL_BATCHNORM_RECORD
 
 __all__ = [
     "STRATEGIES",
@@ -49,8 +50,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("fedbn", "fedavg")
-FINAL_BATCHNORM_RECORD = "final-batchnorm"
-"""Reply record holding a site's BatchNorm, shared once with its final-round reply."""
 WEIGHTINGS = ("examples", "uniform")
 
 Partition = dict[str, dict[str, np.ndarray]]
@@ -316,7 +315,8 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         metrics = round_metrics(updates)
         flat = {"loss": metrics["loss"], "num-examples": metrics["num_examples"]}
         flat.update({f"dice-{o}": v for o, v in metrics["dice"].items()})
-        return ArrayRecord(array_dict={}), MetricRecord(flat)
+        flat_arrays = {k: v for arrays in self.current.values() for k, v in arrays.items()}
+        return _arrays_to_record(flat_arrays), MetricRecord(flat)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
         """No separate evaluation round: validation Dice comes with each training reply."""

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import SegVizInputError
+from .. import __version__
 from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED, NetworkConfig, build_network, partition_state
 from ..preprocessing import Preprocessing
 from ..progress import ProgressReporter
-from .strategy import FINAL_BATCHNORM_RECORD, STRATEGIES, WEIGHTINGS, Partition
+from . import LOCAL_STATE_DIR
+from .strategy import STRATEGIES, WEIGHTINGS, Partition
 
 __all__ = [
     "APP_CONFIG_DEFAULTS",
@@ -33,6 +34,7 @@ __all__ = [
     "load_partition_into_model",
     "train_client_round",
     "scrub_paths",
+    "new_lineage",
 ]
 
 # Mirrors [tool.flwr.app.config] in pyproject.toml (a test keeps them equal): the deployment
@@ -57,7 +59,6 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "wait-timeout": 600,
 }
 
-LOCAL_STATE_DIR = Path(".segviz") / "federated"
 _STATE_BATCHNORM = "segviz-batchnorm"
 _STATE_INFO = "segviz-batchnorm-info"
 
@@ -180,6 +181,7 @@ class FederationSettings:
             "share-final-batchnorm": self.share_final_batchnorm,
             "seed": self.seed,
             "lineage": lineage,
+            "segviz-version": __version__,
             "network-config": json.dumps(self.network.to_dict()),
             "training-config": json.dumps(self.training),
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
@@ -304,6 +306,9 @@ def train_client_round(
 
     from ..training import TrainingConfig, load_site_data, resolve_device, seed_everything, train_site
 
+    coordinator = str(config.get("segviz-version", __version__))
+    if coordinator.split(".")[:2] != __version__.split(".")[:2]:
+        raise ValueError(f"the coordinator runs SegViz {coordinator} and this site SegViz {__version__}: install the same version")
     server_round = int(config["server-round"])
     rounds = int(config["num-server-rounds"])
     strategy = str(config["strategy"])

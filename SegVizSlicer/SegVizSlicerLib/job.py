@@ -92,8 +92,11 @@ def infer_command(model: str | Path, input_path: str | Path, output: str | Path,
 
 
 def join_command(superlink: str, site_dir: str | Path, root_cert: str | Path | None = None,
-                 insecure: bool = False, python: str | None = None) -> list[str]:
-    """argv of ``segviz federation join ... --progress json``.
+                 insecure: bool = False, once: bool = True, python: str | None = None) -> list[str]:
+    """argv of ``segviz federation join ... [--once] --progress json``.
+
+    ``once`` (the panel's "Join round"): the SuperNode leaves by itself after one complete run,
+    once its last reply has been collected.
 
     Raises:
         ValueError: neither a root certificate nor ``insecure``, or a malformed address.
@@ -109,6 +112,8 @@ def join_command(superlink: str, site_dir: str | Path, root_cert: str | Path | N
         argv += ["--insecure"]
     else:
         raise ValueError("give the federation's root certificate, or tick 'insecure' for a test federation")
+    if once:
+        argv.append("--once")
     return argv + ["--progress", "json"]
 
 
@@ -311,6 +316,10 @@ class FederationJob(_StatusJob):
             seconds (a SuperNode alone retries an unreachable SuperLink forever); None to wait.
     """
 
+    #: seconds a SuperNode may stay after ``run_finished`` before the job ends it (the CLI's
+    #: ``--once`` leaves by itself ~15 s after its last reply).
+    finish_grace = 120.0
+
     def __init__(self, argv: Sequence[str], superlink: str, connect_timeout: float | None = 120.0,
                  cwd: str | Path | None = None, env: dict[str, str] | None = None) -> None:
         super().__init__(argv, cwd=cwd, env=env)
@@ -318,6 +327,7 @@ class FederationJob(_StatusJob):
         self.connect_timeout = connect_timeout
         self.status = FederationStatus()
         self._started_at = 0.0
+        self._run_finished_at: float | None = None
 
     def _log(self, line: str) -> None:
         self.status.add_log(line)
@@ -339,6 +349,12 @@ class FederationJob(_StatusJob):
                 and time.monotonic() - self._started_at > self.connect_timeout):
             self.status.fail(f"could not reach the SuperLink at {self.superlink} within {self.connect_timeout:.0f} s: "
                              "check the address, the port and the firewall")
+        if self.status.run_finished and self.status.active and self.process.running:
+            # Killing the SuperNode at once would drop its last reply; give it time to leave itself.
+            if self._run_finished_at is None:
+                self._run_finished_at = time.monotonic()
+            elif time.monotonic() - self._run_finished_at > self.finish_grace:
+                self.status.finish()
         if self.status.state in (FederationState.FAILED, FederationState.FINISHED) and self.process.running:
             self.process.stop(timeout=self.stop_timeout)
         return self.status

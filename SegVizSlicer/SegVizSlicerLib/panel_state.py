@@ -2,10 +2,13 @@
 
 Federated training::
 
-    idle ──join──► joining ──round_started/epoch/update_sent──► training ──run_finished──► finished
+    idle ──join──► joining ──round_started/epoch/update_sent──► training ──run_finished, then exit 0──► finished
                       │                                            │
                       ├──── error event / non-zero exit ───────────┴──► failed
                       └──── leave (user) ──────────────────────────────► left
+
+After ``run_finished`` the SuperNode still owes the coordinator its last reply (FedBN shares each
+site's BatchNorm once at the end), so the state stays ``training`` until the child exits by itself.
 
 Inference::
 
@@ -85,6 +88,7 @@ class FederationStatus:
     global_dice: dict[str, float] = field(default_factory=dict)
     message: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
+    run_finished: bool = False
     log: list[str] = field(default_factory=list)
     log_total: int = 0
     _leaving: bool = False
@@ -117,6 +121,13 @@ class FederationStatus:
         if self.active:
             self._leaving = True
             self.message = "Leaving the federation…"
+            self.add_log(self.message)
+
+    def finish(self) -> None:
+        """Mark the federation finished (the child has exited after the run, or was told to)."""
+        if self.active:
+            self.state = FederationState.FINISHED
+            self.message = "The federation finished" + (f" after {self.rounds} rounds" if self.rounds else "")
             self.add_log(self.message)
 
     def fail(self, message: str) -> None:
@@ -162,9 +173,11 @@ class FederationStatus:
                 self.global_dice = dice
             self.message = f"Round {self.round} of {self.rounds or '?'} finished"
         elif kind in ("run_finished", "done"):
-            self.state = FederationState.FINISHED
+            self.state = FederationState.TRAINING
+            self.run_finished = True
             self.outputs = {str(k): str(v) for k, v in (event.get("outputs") or {}).items()}
-            self.message = "The federation finished" + (f" after {event['rounds']} rounds" if event.get("rounds") else "")
+            self.rounds = int(event.get("rounds") or self.rounds or 0)
+            self.message = "The federated run finished; sending the last reply before leaving"
         elif kind == "error":
             self.fail(str(event.get("message", "the SegViz process reported an error")))
             return
@@ -185,9 +198,7 @@ class FederationStatus:
         if not self.active:
             return
         if returncode == 0:
-            self.state = FederationState.FINISHED
-            self.message = "The SuperNode stopped: the federation has ended"
-            self.add_log(self.message)
+            self.finish()
         else:
             self.fail(_exit_message(returncode, stderr_tail))
 

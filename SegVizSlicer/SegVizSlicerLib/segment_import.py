@@ -37,6 +37,7 @@ __all__ = [
     "segment_voxel_counts",
     "organ_volume_table",
     "show_in_3d",
+    "ensure_conversion_rules",
 ]
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -150,9 +151,10 @@ def body_midline_ras_x(ct: sitk.Image, threshold_hu: float = -500.0) -> float:
     return -stats.GetCentroid(1)[0]
 
 
-def _ensure_conversion_rules() -> None:
+def ensure_conversion_rules() -> None:
     """Register the labelmap <-> closed surface rules when running without the Slicer app
-    (the application registers them at startup; the bare slicer-core wheel does not)."""
+    (the application registers them at startup; the bare slicer-core wheel does not). Call it
+    before creating segmentation nodes: each copies the factory's rules when it is created."""
     import slicer
 
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
@@ -192,7 +194,7 @@ def import_label_map(scene, label_map: sitk.Image | str | Path, name: str = "Seg
     """
     import slicer
 
-    _ensure_conversion_rules()  # a segmentation copies the factory's rules when it is created
+    ensure_conversion_rules()  # a segmentation copies the factory's rules when it is created
     labels = sitk.ReadImage(str(label_map)) if isinstance(label_map, (str, Path)) else label_map
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     array = sitk.GetArrayFromImage(labels)
@@ -319,5 +321,5 @@ def organ_volume_table(segmentation_node, table_node=None):
 
 def show_in_3d(segmentation_node) -> bool:
     """Create the closed-surface representation so the segments show in 3D views."""
-    _ensure_conversion_rules()
+    ensure_conversion_rules()
     return bool(segmentation_node.CreateClosedSurfaceRepresentation())

@@ -177,6 +177,13 @@ def export_site(cases: list[Case], site_dir: str | Path, site_name: str,
     organs = parse_organ_list(list(organs))
     if not site_name.strip():
         raise SegVizInputError(None, "the site needs a name")
+    # A ticked organ is taught as "annotated here": a case without that organ's segment would
+    # teach the model it is background. An empty segment is fine (the organ is truly absent).
+    for case in cases:
+        missing = [o for o in organs if o not in case.segment_organs.values()]
+        if missing:
+            raise SegVizInputError(case.name, f"has no {' or '.join(missing)} segment, but the site is marked as "
+                                              f"annotating it: add the segment (even empty) or untick {', '.join(missing)}")
     names = [case.name for case in cases]
     if len(set(names)) != len(names):
         raise SegVizInputError(None, f"two cases share a name: {sorted(n for n in names if names.count(n) > 1)}")

@@ -151,6 +151,28 @@ def test_a_child_that_dies_ends_in_failed_with_its_message():
     assert job.process.returncode == 1
 
 
+def test_after_run_finished_the_child_leaves_by_itself_or_is_ended_after_the_grace():
+    code = """
+        import json, time
+        print(json.dumps({"event": "round_started", "round": 1, "rounds": 1}), flush=True)
+        print(json.dumps({"event": "run_finished", "rounds": 1, "outputs": {}}), flush=True)
+        time.sleep(1.0)  # the last reply goes out
+    """
+    job = FederationJob(_python(code), superlink="h:1")
+    job.start()
+    _poll_until(job, lambda s: s.run_finished)
+    assert job.status.state == FederationState.TRAINING and job.process.running
+    status = _poll_until(job, lambda s: not s.active)
+    assert status.state == FederationState.FINISHED and job.process.returncode == 0
+
+    lingering = FederationJob(_python(code.replace("time.sleep(1.0)", "time.sleep(600)")), superlink="h:1")
+    lingering.finish_grace = 0.5
+    lingering.start()
+    status = _poll_until(lingering, lambda s: not s.active)
+    assert status.state == FederationState.FINISHED
+    _poll_until(lingering, lambda s: lingering.process.returncode is not None, timeout=15)
+
+
 def test_an_error_event_fails_and_stops_the_child():
     code = """
         import json, time
@@ -229,7 +251,8 @@ def test_commands_are_what_the_cli_contract_says(tmp_path):
                         "--device", "cuda", "--progress", "json", "--force", "--stats", "s.json"]
     argv = join_command("host:9092", tmp_path, root_cert="ca.pem", python="py")
     assert argv[3:] == ["federation", "join", "--superlink", "host:9092", "--site", str(tmp_path),
-                        "--root-cert", "ca.pem", "--progress", "json"]
+                        "--root-cert", "ca.pem", "--once", "--progress", "json"]
+    assert "--once" not in join_command("host:9092", tmp_path, insecure=True, once=False)
     assert "--insecure" in join_command("host:9092", tmp_path, insecure=True)
     with pytest.raises(ValueError, match="root certificate"):
         join_command("host:9092", tmp_path)

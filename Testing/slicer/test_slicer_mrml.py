@@ -22,6 +22,7 @@ from SegVizSlicerLib import workflows  # noqa: E402
 from SegVizSlicerLib.job import InferenceJob  # noqa: E402
 from SegVizSlicerLib.panel_state import InferenceState  # noqa: E402
 from SegVizSlicerLib.segment_import import (  # noqa: E402
+    ensure_conversion_rules,
     import_label_map,
     organ_of_terminology,
     organ_volume_table,
@@ -80,6 +81,7 @@ def _totalseg_segmentation(scene, labels: sitk.Image, volume):
 
 @pytest.fixture
 def scene():
+    ensure_conversion_rules()  # what the Slicer application does at startup
     return slicer.vtkMRMLScene()
 
 
@@ -154,11 +156,16 @@ def test_export_refuses_a_site_without_annotated_organ(scene, example, tmp_path)
     *_, volume = example
     segmentation = slicer.vtkMRMLSegmentationNode()
     scene.AddNode(segmentation)
-    segmentation.GetSegmentation().AddEmptySegment("tumour", "tumour")
+    assert segmentation.GetSegmentation().AddEmptySegment("tumour", "tumour")
     with pytest.raises(SegVizInputError, match="no annotated organ"):
         export_site([Case(volume, segmentation)], tmp_path, "site-a")
     with pytest.raises(SegVizInputError, match="no case"):
         export_site([], tmp_path, "site-a")
+    # Ticking an organ that a case has no segment for would teach "background": refused.
+    assert segmentation.GetSegmentation().AddEmptySegment("liver", "Liver")
+    with pytest.raises(SegVizInputError, match="no kidney segment"):
+        export_site([Case(volume, segmentation)], tmp_path, "site-a", ["liver", "kidney"])
+    export_site([Case(volume, segmentation)], tmp_path, "site-a", ["liver"])  # an empty liver segment is fine
 
 
 def test_oblique_anisotropic_geometry_survives_the_round_trip(scene, tmp_path):

@@ -17,7 +17,9 @@ FED_CASES = [
     ([], None, FederationState.JOINING),
     ([{"event": "connected", "superlink": "h:1"}], None, FederationState.JOINING),
     ([{"event": "connected", "superlink": "h:1"}, {"event": "round_started", "round": 1, "rounds": 3}], None, FederationState.TRAINING),
-    ([{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}], None, FederationState.FINISHED),
+    # After run_finished the SuperNode still sends its last reply: finished only once it has exited.
+    ([{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}], None, FederationState.TRAINING),
+    ([{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}], 0, FederationState.FINISHED),
     ([{"event": "error", "message": "SuperLink refused the certificate"}], None, FederationState.FAILED),
     ([{"event": "round_started", "round": 1, "rounds": 3}], 1, FederationState.FAILED),
     ([{"event": "round_started", "round": 1, "rounds": 3}], 0, FederationState.FINISHED),

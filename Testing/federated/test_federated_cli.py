@@ -1,0 +1,58 @@
+"""`segviz federation ...` argument parsing and TLS material (no processes started)."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from SegVizLogic.cli import build_parser
+from SegVizLogic.errors import SegVizInputError
+from SegVizLogic.federated.certs import write_certificates, write_node_key_pair
+from SegVizLogic.federated.deployment import parse_host_port
+
+TEST_ADDRESSES = [
+    ["127.0.0.1:9093", ("127.0.0.1", 9093)],
+    ["coordinator.example.org", ("coordinator.example.org", 9093)],
+    ["[::1]:8080", ("::1", 8080)],
+]
+
+
+@pytest.mark.parametrize("text, expected", TEST_ADDRESSES)
+def test_parse_host_port(text, expected):
+    assert parse_host_port(text) == expected
+
+
+def test_parse_host_port_rejects_garbage():
+    with pytest.raises(SegVizInputError, match="HOST:PORT"):
+        parse_host_port("host:notaport")
+
+
+def test_federation_commands_parse():
+    parser = build_parser()
+    args = parser.parse_args(["federation", "simulate", "--site", "a", "--site", "b", "--out", "o", "--rounds", "2",
+                              "--strategy", "fedavg", "--progress", "json"])
+    assert [str(s) for s in args.site] == ["a", "b"] and args.strategy == "fedavg" and args.share_final_batchnorm
+    args = parser.parse_args(["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure"])
+    assert args.insecure and args.root_cert is None and args.connect_timeout == 30
+    with pytest.raises(SystemExit):  # TLS and --insecure are exclusive
+        parser.parse_args(["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure", "--root-cert", "ca.crt"])
+    args = parser.parse_args(["federation", "run", "--out", "o", "--no-share-final-batchnorm"])
+    assert not args.share_final_batchnorm and args.superlink == "127.0.0.1:9093"
+
+
+def test_certificates_name_localhost_and_extra_hosts(tmp_path):
+    paths = write_certificates(tmp_path, hosts=["10.0.0.5", "fl.hospital.org"])
+    cert = x509.load_pem_x509_certificate(paths["server.crt"].read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"localhost", "fl.hospital.org"} <= set(names.get_values_for_type(x509.DNSName))
+    assert {"127.0.0.1", "10.0.0.5"} <= {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    assert (paths["server.key"].stat().st_mode & 0o777) == 0o600
+    with pytest.raises(SegVizInputError, match="already exists"):
+        write_certificates(tmp_path)
+
+
+def test_node_key_pair_is_what_flower_reads(tmp_path):
+    private, public = write_node_key_pair(tmp_path)
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert key.public_key().public_numbers() == load_ssh_public_key(public.read_bytes()).public_numbers()

@@ -1,0 +1,72 @@
+"""One site's round without Flower's runtime: BatchNorm restored from context.state and, after
+leaving and re-joining, from the site folder; what the reply holds; settings round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+
+from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS, FederationSettings, load_local_batchnorm, scrub_paths, train_client_round
+from SegVizLogic.network import build_network, partition_state
+
+
+def _config(server_round, rounds=2, lineage="L1", strategy="fedbn"):
+    settings = FederationSettings(rounds=rounds, local_epochs=1, strategy=strategy, network=TINY_NETWORK,
+                                  training=tiny_training().to_dict(), preprocessing=TINY_PREPROCESSING)
+    return settings.client_config(server_round, lineage)
+
+
+def _global(strategy="fedbn"):
+    groups = partition_state(build_network(TINY_NETWORK))
+    return {g: a for g, a in groups.items() if strategy == "fedavg" or g != "batchnorm"}
+
+
+def test_batchnorm_survives_leaving_and_rejoining(make_sites):
+    from flwr.app import RecordDict
+
+    (site,) = make_sites(["site-liver"])
+    state = RecordDict()
+    first = train_client_round(site, _global(), _config(1), state=state, device="cpu")
+    assert first.metrics["batchnorm-restored"] == 0
+    assert set(first.partition) == {"shared", "head:liver"} and first.final_batchnorm is None
+    saved = load_local_batchnorm(site, "L1", TINY_NETWORK)
+    assert saved is not None and saved[1]["round"] == 1
+    # same run, new SuperNode process (context.state lost): resumes from the site folder
+    second = train_client_round(site, _global(), _config(2), state=None, device="cpu")
+    assert second.metrics["batchnorm-restored"] == 2
+    assert second.final_batchnorm is not None  # final round: shared once, for the bundle
+    count = next(k for k in second.final_batchnorm if k.endswith("num_batches_tracked"))
+    assert int(np.asarray(second.final_batchnorm[count]).reshape(())) == 2
+    # during a run: from context.state
+    third = train_client_round(site, _global(), _config(2), state=state, device="cpu")
+    assert third.metrics["batchnorm-restored"] == 1
+    # another model lineage (a fresh run) must not reuse these statistics
+    fresh = train_client_round(site, _global(), _config(1, lineage="L2"), state=None, device="cpu")
+    assert fresh.metrics["batchnorm-restored"] == 0
+
+
+def test_fedavg_reply_carries_batchnorm_and_no_final_copy(make_sites):
+    (site,) = make_sites(["site-spleen"])
+    result = train_client_round(site, _global("fedavg"), _config(2, strategy="fedavg"), device="cpu")
+    assert set(result.partition) == {"shared", "head:spleen", "batchnorm"} and result.final_batchnorm is None
+    assert result.site == "site-spleen" and result.organs == ("spleen",)
+    assert {"num-examples", "loss", "train-seconds"} <= set(result.metrics)
+    assert all(isinstance(v, (int, float)) for v in result.metrics.values())
+
+
+def test_settings_round_trip_through_the_run_config():
+    settings = FederationSettings(rounds=4, strategy="fedavg", weighting="examples", network=TINY_NETWORK,
+                                  training=tiny_training().to_dict(), preprocessing=TINY_PREPROCESSING, out_dir="/x")
+    config = settings.to_run_config()
+    assert set(config) == set(APP_CONFIG_DEFAULTS)
+    assert FederationSettings.from_run_config(config) == settings
+    assert FederationSettings.from_run_config({}) == FederationSettings()
+    with pytest.raises(ValueError, match="strategy"):
+        FederationSettings(strategy="fedprox")
+
+
+def test_error_messages_leave_without_paths(tmp_path):
+    site = tmp_path / "hospital-a" / "site"
+    text = scrub_paths(f"SiteValidationError: {site}/images/patient-0042.nii.gz: file is truncated", site)
+    assert str(tmp_path) not in text and "patient-0042" not in text and "file is truncated" in text
