@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 export FLWR_DISABLE_UPDATE_CHECK := 1
+# torch's OpenMP threads spin while waiting; on a shared 2-core machine that costs 10-30x.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test bench clean
 

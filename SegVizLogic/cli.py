@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .errors import SegVizError
@@ -200,13 +201,19 @@ def _cmd_infer(args) -> int:
             raise SegVizError(f"{target}: already exists; use --force to overwrite")
     reporter = _reporter(args)
     reporter.emit("stage", stage="load", message=f"loading {args.model.name} and {args.input.name}")
+    clock = time.perf_counter()
     bundle = load_bundle(args.model)
     if args.batchnorm is not None and args.batchnorm not in bundle.batchnorm_choices():
         raise SegVizError(f"{args.model}: --batchnorm {args.batchnorm!r} is not available; choose from {', '.join(bundle.batchnorm_choices())}")
+    load_model_s = time.perf_counter() - clock
+    clock = time.perf_counter()
     image = read_image(args.input)
+    read_s = time.perf_counter() - clock
     device = resolve_device(args.device)
     result = segment_image(bundle, image, device, batchnorm=args.batchnorm, cleanup=not args.no_cleanup, reporter=reporter)
+    clock = time.perf_counter()
     write_label_map_like(result.labels, image, args.output, force=args.force)
+    result.timings.update(load_model_s=load_model_s, read_s=read_s, write_s=time.perf_counter() - clock)
     volumes = organ_volumes_ml(result.labels, result.organs)
     outputs = {"labels": str(args.output)}
     if args.stats is not None:

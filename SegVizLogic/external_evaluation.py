@@ -58,7 +58,9 @@ def evaluate_on_site(
     Only organs the site declares are scored; label maps are compared on the input grid.
     """
     reporter = reporter or ProgressReporter("none")
-    site = validate_site(site_dir)
+    # Structure only: every image is read (and checked) by load_case below anyway, and the
+    # experiments call this many times per external set.
+    site = validate_site(site_dir, check_images=False)
     ref_map = {organ_by_name(o).label: o for o in site.organs}
     result = ExternalResult()
     with reporter.task(f"evaluate on {site.name}", total=len(site.cases)) as advance:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "resolve_device",
+    "tiling_windows",
     "bundle_probabilities",
     "predict_probabilities",
     "probabilities_to_labels",
@@ -60,7 +61,7 @@ def predict_probabilities(
     roi_size: Sequence[int],
     device: torch.device,
     sw_batch_size: int = 2,
-    overlap: float = 0.25,
+    overlap: float | Sequence[float] = 0.25,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities for one preprocessed volume.
@@ -98,11 +99,45 @@ def predict_probabilities(
     return torch.as_tensor(probabilities)[0].float()
 
 
-def _window_batches(shape: Sequence[int], roi_size: Sequence[int], overlap: float, sw_batch_size: int) -> int:
+def tiling_windows(
+    shape: Sequence[int], divisor: int, max_window: Sequence[int] = (192, 192, 96), min_overlap: int = 16
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Fewest sliding windows that tile a volume: window size and per-axis overlap.
+
+    The network is fully convolutional and its BatchNorm is frozen at inference, so a window
+    need not be the training patch. Large windows with a thin overlap avoid evaluating most
+    voxels two or three times over, which is what dominates CPU inference.
+
+    Args:
+        shape: spatial shape of the preprocessed volume.
+        divisor: window sizes are multiples of this (the network's stride product).
+        max_window: largest window per axis (bounds memory).
+        min_overlap: voxels shared by neighbouring windows (blended with Gaussian weights).
+
+    Returns:
+        ``(roi_size, overlap)`` for ``sliding_window_inference``.
+    """
+    roi, overlap = [], []
+    for size, largest in zip(shape, max_window):
+        largest = max(divisor, largest // divisor * divisor)
+        count = 1 if size <= largest else math.ceil((size - min_overlap) / (largest - min_overlap))
+        window = min(largest, math.ceil((size + (count - 1) * min_overlap) / count / divisor) * divisor)
+        window = max(window, divisor)
+        roi.append(window)
+        if count == 1:
+            overlap.append(0.0)
+        else:
+            interval = math.ceil((size - window) / (count - 1))
+            overlap.append(1.0 - interval / window)
+    return tuple(roi), tuple(overlap)
+
+
+def _window_batches(shape: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float], sw_batch_size: int) -> int:
     """How many predictor calls MONAI's sliding window makes (its scan-interval rule)."""
+    overlaps = [overlap] * len(roi_size) if isinstance(overlap, (int, float)) else list(overlap)
     count = 1
-    for size, roi in zip(shape, roi_size):
-        interval = max(int(roi * (1 - overlap)), 1)
+    for size, roi, ov in zip(shape, roi_size, overlaps):
+        interval = max(int(roi * (1 - ov)), 1)
         count *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
     return math.ceil(count / sw_batch_size)
 
@@ -184,7 +219,7 @@ def bundle_probabilities(
     device: torch.device,
     batchnorm: str | None = None,
     roi_size: Sequence[int] | None = None,
-    sw_batch_size: int = 2,
+    sw_batch_size: int = 1,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities ``(C, X, Y, Z)`` of a bundle on a preprocessed volume.
@@ -192,20 +227,25 @@ def bundle_probabilities(
     ``batchnorm``: ``None`` (bundle default), ``"model"``, a variant name (``averaged``,
     ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
     BatchNorm of the sites that trained that organ) or ``"adapt"`` (BatchNorm re-estimated on
-    this volume).
+    this volume). ``roi_size``: fixed window (overlap 0.25); default: the fewest large windows
+    that tile the volume (:func:`tiling_windows`).
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
-    roi = tuple(roi_size or bundle.roi_size)
+    if roi_size is None:
+        roi, overlap = tiling_windows(prepared.shape[-3:], bundle.network_config.divisor)
+    else:
+        roi, overlap = tuple(roi_size), 0.25
+    window = dict(sw_batch_size=sw_batch_size, overlap=overlap, on_batch=on_batch)
     if choice == "per-organ":
         channels = []
         for index, organ in enumerate(bundle.organs):
             model = bundle.build_model(f"organ:{organ}")
-            channels.append(predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size, on_batch=on_batch)[index])
+            channels.append(predict_probabilities(model, prepared, roi, device, **window)[index])
         return torch.stack(channels)
     model = bundle.build_model(choice)
     if choice == "adapt":
-        adapt_batchnorm(model, prepared, roi, device)
-    return predict_probabilities(model, prepared, roi, device, sw_batch_size=sw_batch_size, on_batch=on_batch)
+        adapt_batchnorm(model, prepared, bundle.roi_size, device)
+    return predict_probabilities(model, prepared, roi, device, **window)
 
 
 def segment_image(
@@ -215,7 +255,7 @@ def segment_image(
     batchnorm: str | None = None,
     cleanup: bool = True,
     reporter: ProgressReporter | None = None,
-    sw_batch_size: int = 2,
+    sw_batch_size: int = 1,
 ) -> SegmentationResult:
     """Segment one CT image with a model bundle; the label map has the image's exact geometry
     (size, spacing, origin, direction) and SegViz label values."""

@@ -56,7 +56,12 @@ def bench_federation(quick: bool, device: str) -> dict:
         out = Path(tmp) / "federation.json"
         command = [sys.executable, str(script), "--json", str(out), "--device", device, "--progress", "none"]
         command += ["--mode", "simulation", "--rounds", "2", "--local-epochs", "1", "--cases-per-site", "2"] if quick else ["--mode", "both"]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        env = dict(os.environ)
+        if device == "cuda":
+            # The simulation engine's Ray actors ask for no GPU, and Ray then hides every GPU from them.
+            env.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
+            env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench_federation.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
         return json.loads(out.read_text())

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from ..errors import SegVizInputError
 from ..organs import ORGAN_NAMES
 from ..progress import ProgressReporter
 from ..site import load_case, load_site, validate_site
-from .arms import ArmOutcome, bn_arm_name, prepare_data, run_seed
+from .arms import ArmOutcome, prepare_data, run_seed
 from .config import ExperimentConfig
-from .report import (REFERENCE_ARM, machine_info, macro_mean, plot_batchnorm, plot_dice_by_arm, plot_overlays, plot_rounds, table_rows,
-                     utc_now, write_json, write_report_md)
+from .report import (PAPER_DICE, REFERENCE_ARM, machine_info, macro_mean, plot_batchnorm, plot_dice_by_arm, plot_overlays, plot_rounds,
+                     table_rows, utc_now, write_json, write_report_md)
 from .statistics import compare_to_reference, summarize
 
 __all__ = ["run_comparison", "RESULTS_FILE", "REPORT_FILE"]
@@ -140,8 +136,6 @@ def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = 
     for o in outcomes:
         results["bundles"][f"seed-{o.seed}"].update(o.bundles)
         results["seconds_per_arm"].setdefault(f"seed-{o.seed}", {})[o.arm] = o.seconds
-    from .report import PAPER_DICE
-
     results["paper_dice"] = PAPER_DICE
     write_json(out / RESULTS_FILE, results)
     write_report_md(out / REPORT_FILE, results, config, figures)
