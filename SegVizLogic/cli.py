@@ -12,15 +12,18 @@ from pathlib import Path
 from .errors import SegVizError
 from .organs import ORGANS
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_progress_argument", "triple_argument"]
 
 
-def _add_progress(parser: argparse.ArgumentParser) -> None:
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--progress rich|json|none`` (every long-running command has it)."""
     parser.add_argument("--progress", choices=("rich", "json", "none"), default="rich",
                         help="progress bars for people (rich), JSON lines for the Slicer module (json), or none")
 
 
-def _triple(kind):
+def triple_argument(kind):
+    """argparse type for ``1.5,1.5,2`` or ``1.5`` (three values of ``kind``)."""
+
     def parse(text: str):
         parts = [kind(p) for p in text.replace("x", ",").split(",") if p]
         if len(parts) == 1:
@@ -48,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases-per-site", type=int, default=None)
     p.add_argument("--external-cases", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_phantom)
 
     p = sub.add_parser("validate-site", help="check a site folder (site.json, pairs, geometry, labels, CT-likeness)")
@@ -61,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--spacing", type=_triple(float), default=(1.5, 1.5, 2.0), help="resampling spacing in mm (default 1.5,1.5,2)")
-    p.add_argument("--patch", type=_triple(int), default=(128, 128, 32), help="training patch in voxels (default 128,128,32)")
+    p.add_argument("--spacing", type=triple_argument(float), default=(1.5, 1.5, 2.0), help="resampling spacing in mm (default 1.5,1.5,2)")
+    p.add_argument("--patch", type=triple_argument(int), default=(128, 128, 32), help="training patch in voxels (default 128,128,32)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples-per-case", type=int, default=8)
     p.add_argument("--label-mode", choices=("partial", "naive"), default="partial",
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="write a bundle after every epoch here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite --out")
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("infer", help="segment a CT volume with a model bundle")
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)")
     p.add_argument("--stats", type=Path, default=None, help="write organ volumes (mL) as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --output / --stats")
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
 
     p = sub.add_parser("evaluate", help="Dice and HD95 per organ of a prediction against a reference")
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_demo)
 
     try:

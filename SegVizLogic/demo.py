@@ -35,20 +35,23 @@ __all__ = ["DemoSettings", "run_demo"]
 class DemoSettings:
     """What the demo trains with: sized for 2 CPU cores in under ten minutes.
 
-    The network is the paper's UNet; the resampling spacing is coarser than the 1.5x1.5x2 mm
-    default so that a whole abdomen fits a few patches on a CPU.
+    The paper's UNet (16-256 channels, four down-samplings, two residual units) at
+    1.5x1.5x2 mm needs a GPU. On two CPU cores the demo keeps its design (MONAI UNet with
+    BatchNorm, one head per organ) one level shallower with one residual unit, and resamples to
+    4 mm so that a 48x48x32 patch sees 19x19x13 cm of abdomen: about 0.3 s per training step,
+    so each site makes about 250 steps in the federation.
     """
 
-    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    patch_size: tuple[int, int, int] = (64, 64, 32)
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    patch_size: tuple[int, int, int] = (48, 48, 32)
     batch_size: int = 4
-    samples_per_case: int = 4
-    rounds: int = 6
-    local_epochs: int = 2
+    samples_per_case: int = 8
+    rounds: int = 14
+    local_epochs: int = 3
     lr: float = 2e-3
     strategy: str = "fedbn"
     weighting: str = "uniform"
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1))
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -70,3 +70,22 @@ def test_training_config_validation():
     with pytest.raises(ValueError, match="patch_size"):
         TrainingConfig(patch_size=(4, 4, 4))
     assert TrainingConfig.from_dict(FAST.to_dict()) == FAST
+
+
+def test_batchnorm_recalibration_matches_current_weights_and_keeps_the_count():
+    from torch import nn
+
+    from SegVizLogic.training import cosine_factor, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 3, 1), nn.BatchNorm3d(3))
+    bn = model[1]
+    bn.running_mean.fill_(100.0)  # stale: from weights that no longer exist
+    bn.num_batches_tracked.fill_(7)
+    batches = [{"image": torch.rand(2, 1, 4, 4, 4) + i} for i in range(3)]
+    with torch.no_grad():
+        expected = torch.stack([model[0](b["image"]).mean(dim=(0, 2, 3, 4)) for b in batches]).mean(0)
+    assert recalibrate_batchnorm(model, iter(batches), torch.device("cpu"), max_batches=3) == 3
+    torch.testing.assert_close(bn.running_mean, expected, atol=1e-5, rtol=1e-5)
+    assert int(bn.num_batches_tracked) == 7 and bn.momentum == 0.1 and not model.training
+    assert cosine_factor(0.0) == 1.0 and abs(cosine_factor(1.0) - 0.1) < 1e-12 and abs(cosine_factor(0.5) - 0.55) < 1e-12

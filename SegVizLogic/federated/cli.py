@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter
+from ..cli import add_progress_argument, triple_argument
 
 __all__ = ["add_federation_commands", "FederationProgress"]
 
@@ -93,23 +94,6 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _triple(kind):
-    def parse(text: str):
-        parts = [kind(p) for p in text.replace("x", ",").split(",") if p]
-        if len(parts) == 1:
-            parts *= 3
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"expected one or three numbers like 1.5,1.5,2 — got {text!r}")
-        return tuple(parts)
-
-    return parse
-
-
-def _add_progress(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--progress", choices=("rich", "json", "none"), default="rich",
-                        help="progress bars for people (rich), JSON lines for the Slicer module (json), or none")
-
-
 def _add_training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
@@ -119,8 +103,8 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
                         help="average sites equally (paper, default) or by their training cases")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--spacing", type=_triple(float), default=(1.5, 1.5, 2.0), help="resampling spacing in mm (default 1.5,1.5,2)")
-    parser.add_argument("--patch", type=_triple(int), default=(128, 128, 32), help="training patch in voxels (default 128,128,32)")
+    parser.add_argument("--spacing", type=triple_argument(float), default=(1.5, 1.5, 2.0), help="resampling spacing in mm (default 1.5,1.5,2)")
+    parser.add_argument("--patch", type=triple_argument(int), default=(128, 128, 32), help="training patch in voxels (default 128,128,32)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--samples-per-case", type=int, default=8)
     parser.add_argument("--channels", type=lambda t: tuple(int(c) for c in t.split(",")), default=(16, 32, 64, 128, 256),
@@ -161,7 +145,7 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--out", required=True, type=Path, help="folder for round-NNN.segviz and model.segviz")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     _add_training(p)
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("superlink", help="coordinator: start the Flower SuperLink (TLS by default) and keep it running")
@@ -170,7 +154,7 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--state-dir", type=Path, default=None, help="folder for the SuperLink's log and state (default: temporary)")
     p.add_argument("--require-node-auth", action="store_true",
                    help="only sites whose public key was registered (`segviz federation register`) may join")
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_superlink)
 
     p = sub.add_parser("join", help="site: join a federation with this site folder (what Slicer's 'Join round' starts)")
@@ -181,7 +165,7 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--connect-timeout", type=float, default=30.0, help="give up after this many seconds without a connection (default 30)")
     p.add_argument("--once", action="store_true", help="leave after taking part in one complete run")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_join)
 
     p = sub.add_parser("run", help="coordinator: start a federated run on the SuperLink and follow it; bundles land in --out")
@@ -193,7 +177,7 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--round-timeout", type=float, default=3600, help="seconds to wait for a round's replies (default 3600)")
     p.add_argument("--timeout", type=float, default=None, help="give up following the run after this many seconds")
     _add_training(p)
-    _add_progress(p)
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("certs", help="write the federation's TLS files: ca.crt (for sites), server.crt, server.key (coordinator)")

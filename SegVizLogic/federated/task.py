@@ -343,7 +343,10 @@ def train_client_round(
             load_partition_into_model(model, {PARTITION_BATCHNORM: batchnorm})
 
     start = time.perf_counter()
-    result = train_site(model, data, int(config["local-epochs"]), float(config["lr"]), resolve_device(device), reporter=reporter, config=training)
+    # One cosine learning-rate schedule over the whole run: round r of R covers ((r-1)/R, r/R).
+    server_round, rounds = int(config.get("server-round", 1)), max(int(config.get("num-server-rounds", 1)), 1)
+    result = train_site(model, data, int(config["local-epochs"]), float(config["lr"]), resolve_device(device), reporter=reporter,
+                        config=training, lr_span=((server_round - 1) / rounds, min(server_round, rounds) / rounds))
     seconds = time.perf_counter() - start
 
     groups = partition_state(model)
