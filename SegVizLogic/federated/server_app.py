@@ -183,7 +183,9 @@ class _Federation:
             variants = batchnorm_variants(updates, settings.weighting)
         default = settings.default_batchnorm
         if default == "auto":
-            default = "model" if settings.strategy == "fedavg" else ("averaged" if variants else "adapt")
+            # FedBN at a site that never trained: test-time re-estimation measured best of
+            # model / per-organ / averaged / adapt (docs/RESULTS.md, experiments/cpu.toml).
+            default = "model" if settings.strategy == "fedavg" else "adapt"
         load_partition_into_model(self.model, strategy.current)
         # A round's own bundle holds its time up to writing; later bundles hold the full time.
         metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)

@@ -90,8 +90,9 @@ class FederationSettings:
             so the final bundle carries ``averaged`` / ``organ:*`` / ``site:*`` BatchNorm for
             sites that never trained (what SegViz evaluation needs). ``False`` keeps BatchNorm
             strictly on site; the bundle then defaults to test-time re-estimation (``adapt``).
-        default_batchnorm: the bundle's default BatchNorm; ``"auto"`` is ``averaged`` when
-            sites shared BatchNorm, ``model`` under FedAvg, else ``adapt``.
+        default_batchnorm: the bundle's default BatchNorm; ``"auto"`` is ``model`` under FedAvg
+            and ``adapt`` (test-time re-estimation, the measured best) under FedBN; the shared
+            ``averaged`` / ``organ:*`` / ``site:*`` variants stay selectable.
         seed: seeds the global model's initialisation and the sites' patch sampling.
         network: network configuration.
         training: local training configuration (``TrainingConfig.to_dict()``).
