@@ -67,6 +67,8 @@ class TrainingConfig:
             pooled baseline: softmax, unannotated organs counted as background).
         amp: bfloat16 autocast on CUDA.
         weight_decay: AdamW weight decay.
+        exclusion_weight: weight of the partial-label loss's exclusion term (a voxel of an
+            annotated organ is no other organ); 0 gives unannotated heads no gradient at all.
         recalibration_batches: batches used to re-estimate BatchNorm running statistics after
             training (0 keeps the running averages of training).
         seed: seeds Python, numpy, torch and the patch sampler.
@@ -81,6 +83,7 @@ class TrainingConfig:
     amp: bool = True
     weight_decay: float = 1e-5
     recalibration_batches: int = 4
+    exclusion_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -304,7 +307,7 @@ def train_site(
     dataset = Dataset(items, transform=_patch_transform(config))
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=max(1, config.batch_size // config.samples_per_case) or 1, shuffle=True, num_workers=0, generator=generator)
-    loss_fn = PartialLabelLoss() if config.label_mode == "partial" else NaiveSoftmaxLoss()
+    loss_fn = PartialLabelLoss(exclusion_weight=config.exclusion_weight) if config.label_mode == "partial" else NaiveSoftmaxLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     model.to(device)
     use_amp = config.amp and device.type == "cuda"

@@ -61,6 +61,22 @@ def test_partition_covers_every_tensor_once_and_batchnorm_is_complete():
     assert not any(k.startswith("heads.") for k in groups["shared"])
 
 
+def test_exclusion_teaches_unannotated_heads_only_on_other_organs_voxels():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
+    target = torch.zeros(1, 4, 8, 8, 8)
+    target[0, 0, 2:5, 2:5, 2:5] = 1  # liver annotated here
+    target[0, 1, 6:8, 6:8, 6:8] = 1  # spleen visible but not annotated: must not matter
+    annotated = torch.tensor([[True, False, False, False]])
+    PartialLabelLoss(exclusion_weight=1.0)(logits, target, annotated).backward()
+    grad = logits.grad[0]
+    liver_voxels = target[0, 0].bool()
+    for channel in (1, 2, 3):  # spleen, pancreas, kidney heads: pushed down on liver voxels only
+        assert torch.count_nonzero(grad[channel][~liver_voxels]) == 0
+        assert (grad[channel][liver_voxels] > 0).all()  # gradient of BCE towards 0 is positive
+    assert torch.count_nonzero(grad[0]) > 0
+
+
 def test_loss_gives_zero_gradient_to_unannotated_heads():
     torch.manual_seed(0)
     net = build_network(TINY)
