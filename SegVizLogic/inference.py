@@ -12,7 +12,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +22,7 @@ from monai.inferers import sliding_window_inference
 from .errors import SegVizInputError
 from .network import MultiOrganUNet
 from .organs import organ_by_name
-from .preprocessing import Preprocessing, metatensor_to_sitk, preprocessing_transforms, sitk_to_metatensor
+from .preprocessing import metatensor_to_sitk, preprocessing_transforms, sitk_to_metatensor
 from .progress import ProgressReporter
 
 if TYPE_CHECKING:

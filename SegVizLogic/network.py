@@ -4,7 +4,7 @@ parameter partition (``shared`` / ``batchnorm`` / ``head:<organ>``) that FedBN s
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

@@ -18,7 +18,6 @@ defaults to ``adapt``. Under FedAvg BatchNorm is averaged every round like ``sha
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from collections.abc import Callable
