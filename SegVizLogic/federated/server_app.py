@@ -10,9 +10,10 @@ SegViz evaluation needs) each site adds its BatchNorm **once**, to its final-rou
 after training has finished. The server never aggregates it into the training model; it only
 builds the bundle's BatchNorm variants from it: ``averaged`` (all sites), ``organ:<organ>``
 (sites that annotate the organ) and ``site:<name>``. Per-round bundles before the final round
-therefore carry the initial BatchNorm and default to ``adapt`` (test-time re-estimation).
-With ``share-final-batchnorm = false`` no BatchNorm ever leaves a site and every bundle
-defaults to ``adapt``. Under FedAvg BatchNorm is averaged every round like ``shared``.
+carry the initial BatchNorm. Every FedBN bundle defaults to ``adapt`` (test-time
+re-estimation on the input), which measured best at an unseen scanner (docs/RESULTS.md); the
+shared variants stay selectable. With ``share-final-batchnorm = false`` no BatchNorm ever
+leaves a site. Under FedAvg BatchNorm is averaged every round like ``shared``.
 """
 
 from __future__ import annotations
