@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .federated.cli import add_federation_commands
     except ImportError as error:  # the federation needs flwr; everything else does not
-        p = sub.add_parser("federation", help=f"federated training (unavailable: {error})")
-        p.set_defaults(func=lambda args: _fail(f"federation commands need flwr: {error}"))
+        reason = str(error)  # ``error`` is unbound once the except block ends
+        p = sub.add_parser("federation", help=f"federated training (unavailable: {reason})")
+        p.set_defaults(func=lambda args: _fail(f"federation commands need flwr: {reason}"))
     else:
         add_federation_commands(sub)
 
@@ -180,8 +181,6 @@ def _cmd_train(args) -> int:
     from .preprocessing import Preprocessing
     from .training import TrainingConfig
 
-    if args.out.exists() and not args.force:
-        raise SegVizError(f"{args.out}: already exists; use --force to overwrite")
     network = NetworkConfig(channels=args.channels, strides=(2,) * (len(args.channels) - 1),
                             output="softmax" if args.label_mode == "naive" else "sigmoid")
     training = TrainingConfig(patch_size=args.patch, batch_size=args.batch_size, samples_per_case=args.samples_per_case,
@@ -231,14 +230,9 @@ def _cmd_infer(args) -> int:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    import os
-    import tempfile
+    from .io import write_text_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _cmd_evaluate(args) -> int:

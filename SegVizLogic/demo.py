@@ -115,7 +115,7 @@ def run_demo(
         }
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
         case = sorted(result.predictions)[0]
-        site = validate_site(layout.external)
+        site = validate_site(layout.external, check_images=False)  # evaluate_on_site read them all
         image, reference = load_case(next(c for c in site.cases if c.name == case), site)
         render_overlays(image, {"reference": reference, "FedBN prediction": result.predictions[case]}, work / "overlay.png",
                         title=f"external {case}: reference vs FedBN global model")

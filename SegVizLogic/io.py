@@ -30,6 +30,7 @@ from .errors import SegVizInputError
 from .organs import organ_by_name
 
 __all__ = [
+    "write_text_atomic",
     "IMAGE_SUFFIXES",
     "LABEL_SUFFIXES",
     "WRITE_SUFFIXES",
@@ -687,6 +688,26 @@ def write_label_map_like(labels: np.ndarray | sitk.Image, reference: sitk.Image,
         raise
     except (RuntimeError, OSError) as error:
         raise SegVizInputError(path, _with_detail("could not write the label map", error)) from None
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file (JSON reports, ``site.json``) through a temporary file in the
+    same folder, so a reader never sees half of it and a failure leaves the old file intact.
+
+    Raises:
+        SegVizInputError: the file could not be written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as error:
+        raise SegVizInputError(path, f"could not write ({error})") from None
     finally:
         temp.unlink(missing_ok=True)
     return path

@@ -26,8 +26,6 @@ Every organ in ``labels`` must be in ``organs`` and, with a value mapping, every
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +47,7 @@ from .io import (
     resample_to_reference,
     strip_suffix,
     to_organ_labels,
+    write_text_atomic,
 )
 from .organs import ORGAN_NAMES, organ_by_name
 
@@ -498,14 +497,7 @@ def write_site(root: str | Path, name: str, organs: str | list[str] | tuple[str,
         raise SegVizInputError(site_file, "exists; use --force to overwrite")
     for folder in (root, root / IMAGES_DIR, root / LABELS_DIR):
         folder.mkdir(parents=True, exist_ok=True)
-    temp = root / f".{SITE_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(temp, site_file)
-    except OSError as error:
-        raise SegVizInputError(site_file, f"could not write ({error})") from None
-    finally:
-        temp.unlink(missing_ok=True)
+    write_text_atomic(site_file, json.dumps(data, indent=2) + "\n")
     return site_file
 
 
