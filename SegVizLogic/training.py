@@ -306,7 +306,7 @@ def train_site(
 
     dataset = Dataset(items, transform=_patch_transform(config))
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=max(1, config.batch_size // config.samples_per_case) or 1, shuffle=True, num_workers=0, generator=generator)
+    loader = DataLoader(dataset, batch_size=max(1, config.batch_size // config.samples_per_case), shuffle=True, num_workers=0, generator=generator)
     loss_fn = PartialLabelLoss(exclusion_weight=config.exclusion_weight) if config.label_mode == "partial" else NaiveSoftmaxLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     model.to(device)
