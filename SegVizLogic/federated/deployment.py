@@ -180,6 +180,34 @@ class FlowerProcess:
         kept = [line.rstrip() for line in text.splitlines() if line.strip()]
         return "\n".join(kept[-lines:])
 
+    def failure_reason(self, since: int = 0, settle: float = 3.0) -> str:
+        """Flower's own explanation of a failure, on one line, from the log written after byte
+        ``since``: its ERROR lines and the exit-code paragraph (``Exit Code: 305`` ... the
+        documentation link), not the web server's shutdown chatter that follows it. Waits up
+        to ``settle`` seconds for a dying process so the paragraph is complete."""
+        import re
+
+        deadline = time.monotonic() + settle
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_text()[since:])
+        reason, in_paragraph = [], False
+        for line in (line.strip() for line in text.splitlines()):
+            if not line:
+                continue
+            is_error = line.startswith("ERROR")
+            if is_error:
+                line = line.split(":", 1)[1].strip()
+            if line.startswith("Exit Code:"):
+                in_paragraph = True
+            if (is_error or in_paragraph) and line not in reason:
+                reason.append(line)
+            if line.startswith("For more information"):
+                in_paragraph = False
+        if not reason:
+            reason = [line.strip() for line in text.splitlines() if line.strip()][-3:]
+        return "; ".join(reason) or f"no output (see {self.log_path})"
+
     def stop(self, grace: float = 10.0) -> int | None:
         """Stop the process and everything it started (SIGTERM to the group, then SIGKILL)."""
         if self.alive():
@@ -462,10 +490,11 @@ def join_federation(
             if _CONNECTED_MARK in text:
                 break
             if not process.alive() or any(mark in text for mark in _FATAL_MARKS) or time.monotonic() > deadline or stop.is_set():
-                tail = process.log_tail(6)
-                why = "refused or failed" if not process.alive() or any(m in text for m in _FATAL_MARKS) else f"did not connect within {connect_timeout:.0f} s"
+                failed = not process.alive() or any(m in text for m in _FATAL_MARKS)
+                why = "refused or failed" if failed else f"did not connect within {connect_timeout:.0f} s"
+                reason = process.failure_reason(log_offset, settle=3.0 if failed else 0.0)
                 raise SegVizError(f"the SuperNode for {site.name} {why} (SuperLink {address}; TLS {'off' if insecure else 'on'}"
-                                  f"{', node authentication key given' if auth_key else ''}):\n{tail}")
+                                  f"{', node authentication key given' if auth_key else ''}): {reason} (log: {process.log_path})")
             time.sleep(0.2)
         reporter.emit("connected", superlink=address)
         reporter.emit("waiting", message="connected; waiting for the coordinator to start a round")
@@ -490,7 +519,8 @@ def join_federation(
                 # ServerApp has not pulled yet (it polls every 3 s): linger a little first.
                 return 0
             if not process.alive():
-                raise SegVizError(f"the SuperNode for {site.name} stopped (exit code {process.process.returncode}):\n{process.log_tail(6)}")
+                raise SegVizError(f"the SuperNode for {site.name} stopped (exit code {process.process.returncode}): "
+                                  f"{process.failure_reason(log_offset)} (log: {process.log_path})")
             stop.wait(0.5)
         return 0
     finally:

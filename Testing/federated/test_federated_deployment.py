@@ -191,3 +191,27 @@ def test_unknown_node_is_refused_with_node_authentication(make_sites, tmp_path):
     finally:
         link.stop()
     assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_failure_reason_is_flowers_explanation_not_the_shutdown_chatter(tmp_path):
+    """On a slow machine the web server's shutdown lines land after Flower's exit-code paragraph;
+    the reason must still name the cause, on one line, from this start's part of the log only."""
+    from SegVizLogic.federated.deployment import FlowerProcess
+
+    log = tmp_path / "supernode.log"
+    log.write_text("ERROR :     Exit Code: 999\nan earlier run's failure\n")
+    since = log.stat().st_size
+    script = ("printf 'INFO :      Starting Flower SuperNode\\n"
+              "\\033[91mERROR \\033[0m:     SSL/TLS handshake error detected.\\n"
+              "ERROR :     Exit Code: 305\\nFailed to initialize the connection to the SuperLink.\\n"
+              "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\\n\\n"
+              "For more information, visit: <https://flower.ai/docs/305.html>\\n"
+              "INFO:     Shutting down\\nINFO:     Finished server process [1]\\n'")
+    process = FlowerProcess("SuperNode test", ["sh", "-c", script], log, env=os.environ)
+    reason = process.failure_reason(since, settle=10)
+    assert "\n" not in reason
+    assert reason == ("SSL/TLS handshake error detected.; Exit Code: 305; Failed to initialize the connection to the SuperLink.; "
+                      "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed; "
+                      "For more information, visit: <https://flower.ai/docs/305.html>")
+    quiet = FlowerProcess("SuperNode quiet", ["sh", "-c", "printf 'one\\ntwo\\nthree\\nfour\\n'"], tmp_path / "quiet.log", env=os.environ)
+    assert quiet.failure_reason(0, settle=10) == "two; three; four"
