@@ -32,6 +32,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from .allocator import retain_freed_memory
 from .inference import predict_probabilities, probabilities_to_labels, resolve_device
 from .losses import NaiveSoftmaxLoss, PartialLabelLoss
 from .network import MultiOrganUNet
@@ -290,6 +291,7 @@ def train_site(
     Returns:
         :class:`TrainResult` with per-epoch losses and the last validation Dice.
     """
+    retain_freed_memory()  # a step frees and re-allocates the same large blocks: keep them mapped
     config = config or TrainingConfig()
     reporter = reporter or ProgressReporter("none")
     sites = [data] if isinstance(data, SiteData) else list(data)
