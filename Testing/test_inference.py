@@ -135,3 +135,26 @@ def test_labels_cleanup_and_batchnorm_adaptation(small_phantom, liver_bundle):
     adapted = segment_image(bundle, image, CPU, batchnorm="adapt").labels
     assert evaluate_label_maps(adapted, reference, organs=("liver",))["liver"]["dice"] > 0.3
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_inference_windows_are_the_training_patch_with_half_overlap(real_data, constant_bundle, monkeypatch):
+    """The network runs on what it was trained on: windows of the bundle's training patch (larger
+    windows cost the demo 0.24 external liver Dice), overlapping by half."""
+    import SegVizLogic.inference as inference
+
+    calls = []
+    original = inference.sliding_window_inference
+
+    def recording(inputs, roi_size, sw_batch_size, predictor, overlap, **kwargs):
+        calls.append((tuple(inputs.shape[2:]), tuple(roi_size), overlap))
+        return original(inputs, roi_size, sw_batch_size, predictor, overlap, **kwargs)
+
+    monkeypatch.setattr(inference, "sliding_window_inference", recording)
+    bundle = load_bundle(constant_bundle)
+    image = sitk.ReadImage(str(real_data / "totalseg_example" / "example_ct.nii.gz"))
+    labels = segment_image(bundle, image, CPU).labels
+    assert bundle.roi_size == (32, 32, 32) and inference.INFERENCE_OVERLAP == 0.5
+    (grid, roi, overlap), = calls
+    assert roi == (32, 32, 32) and overlap == 0.5
+    assert all(size > 32 for size in grid)  # several windows per axis, so the overlap matters
+    assert sitk.GetArrayViewFromImage(labels).max() == 1
