@@ -318,7 +318,11 @@ def train_site(
     steps = 0
     val_dice: dict[str, float] = {}
     start = time.perf_counter()
-    steps_per_epoch = math.ceil(len(items) * config.samples_per_case / config.batch_size)
+    # The loader yields whole cases (``samples_per_case`` patches each) that _patch_batches
+    # regroups into steps of at least ``batch_size`` patches.
+    cases_per_load = max(1, config.batch_size // config.samples_per_case)
+    loads_per_step = math.ceil(config.batch_size / (cases_per_load * config.samples_per_case))
+    steps_per_epoch = math.ceil(math.ceil(len(items) / cases_per_load) / loads_per_step)
     with reporter.task("train", total=epochs * steps_per_epoch) as advance:
         for epoch in range(1, epochs + 1):
             for group in optimizer.param_groups:

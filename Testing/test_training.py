@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -46,11 +48,27 @@ def test_short_training_lowers_loss_and_beats_chance(small_phantom, liver_bundle
     assert trained == pytest.approx(bundle.metrics["final"]["val_dice"]["liver"], abs=1e-6)
 
 
-def test_one_epoch_makes_the_expected_number_of_steps(small_phantom):
+@pytest.mark.parametrize(("samples_per_case", "batch_size", "steps"), [(4, 4, 2), (8, 4, 2), (2, 4, 1), (3, 4, 1)])
+def test_one_epoch_makes_the_steps_its_progress_bar_announces(small_phantom, samples_per_case, batch_size, steps):
+    """2 training cases; the loader yields whole cases, regrouped into steps of >= batch_size patches."""
+    from SegVizLogic.progress import ProgressReporter
+
+    class Recorder(ProgressReporter):
+        def __init__(self):
+            super().__init__("json")
+            self.events = []
+
+        def emit(self, event, **fields):
+            self.events.append((event, fields))
+
     data = load_site_data(small_phantom.sites[0], COARSE, FAST)
-    result = train_site(build_network(SMALL), data, epochs=1, lr=1e-3, device="cpu", config=FAST, validate=False)
-    assert result.steps == 2  # 2 training cases x 4 patches / batch 4
+    config = replace(FAST, samples_per_case=samples_per_case, batch_size=batch_size)
+    recorder = Recorder()
+    result = train_site(build_network(SMALL), data, epochs=1, lr=1e-3, device="cpu", config=config, validate=False, reporter=recorder)
+    assert result.steps == steps
     assert result.num_examples == 2 and np.isfinite(result.loss)
+    progress = [f for e, f in recorder.events if e == "progress" and f.get("stage") == "train"]
+    assert progress and all(f["total"] == steps for f in progress) and progress[-1]["current"] == steps
 
 
 def test_train_bundle_restricts_output_to_trained_organs(small_phantom, tmp_path):
