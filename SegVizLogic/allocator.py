@@ -4,7 +4,7 @@ A 3D training step allocates and frees activations of tens of megabytes each. gl
 blocks that large with ``mmap`` and returns them with ``munmap`` when freed, so every step
 page-faults (and the kernel zeroes) the same few hundred megabytes again: on two CPU cores that
 was two thirds of a training step's wall time (1.0 s -> 0.34 s per demo step, system time
-8.9 s -> 0.9 s, measured in ``bench/bench_training.py``). Serving them from the heap and not
+8.9 s -> 0.9 s, measured with the demo network; ``bench/bench_training.py --default-allocator`` compares). Serving them from the heap and not
 trimming it makes the memory stay mapped and be reused; the peak stays what the work needs.
 """
 
