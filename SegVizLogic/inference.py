@@ -196,7 +196,6 @@ def bundle_probabilities(
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 1,
     on_batch: Callable[[int, int], None] | None = None,
-    overlap: float | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities ``(C, X, Y, Z)`` of a bundle on a preprocessed volume.
 
@@ -204,11 +203,11 @@ def bundle_probabilities(
     ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
     BatchNorm of the sites that trained that organ) or ``"adapt"`` (BatchNorm re-estimated on
     this volume). ``roi_size``: the sliding window (default: the bundle's, its training patch),
-    with ``overlap`` (default :data:`INFERENCE_OVERLAP`).
+    overlapping by :data:`INFERENCE_OVERLAP`.
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
     roi = tuple(roi_size or bundle.roi_size)
-    window = dict(sw_batch_size=sw_batch_size, overlap=INFERENCE_OVERLAP if overlap is None else overlap, on_batch=on_batch)
+    window = dict(sw_batch_size=sw_batch_size, overlap=INFERENCE_OVERLAP, on_batch=on_batch)
     if choice == "per-organ":
         channels = []
         for index, organ in enumerate(bundle.organs):

@@ -308,7 +308,10 @@ def train_site(
 
     dataset = Dataset(items, transform=_patch_transform(config))
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(dataset, batch_size=max(1, config.batch_size // config.samples_per_case), shuffle=True, num_workers=0, generator=generator)
+    # The loader yields whole cases (``samples_per_case`` patches each) that _patch_batches
+    # regroups into steps of at least ``batch_size`` patches.
+    cases_per_load = max(1, config.batch_size // config.samples_per_case)
+    loader = DataLoader(dataset, batch_size=cases_per_load, shuffle=True, num_workers=0, generator=generator)
     loss_fn = PartialLabelLoss(exclusion_weight=config.exclusion_weight) if config.label_mode == "partial" else NaiveSoftmaxLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     model.to(device)
@@ -318,9 +321,6 @@ def train_site(
     steps = 0
     val_dice: dict[str, float] = {}
     start = time.perf_counter()
-    # The loader yields whole cases (``samples_per_case`` patches each) that _patch_batches
-    # regroups into steps of at least ``batch_size`` patches.
-    cases_per_load = max(1, config.batch_size // config.samples_per_case)
     loads_per_step = math.ceil(config.batch_size / (cases_per_load * config.samples_per_case))
     steps_per_epoch = math.ceil(math.ceil(len(items) / cases_per_load) / loads_per_step)
     with reporter.task("train", total=epochs * steps_per_epoch) as advance:

@@ -172,29 +172,28 @@ class FlowerProcess:
         except OSError:
             return ""
 
-    def log_tail(self, lines: int = 8) -> str:
-        """The last non-empty lines of the log, without ANSI colours."""
+    def _plain_lines(self, since: int = 0) -> list[str]:
+        """The non-empty lines written after byte ``since``, stripped, without ANSI colours."""
         import re
 
-        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_text())
-        kept = [line.rstrip() for line in text.splitlines() if line.strip()]
-        return "\n".join(kept[-lines:])
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_text()[since:])
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def log_tail(self, lines: int = 8) -> str:
+        """The last non-empty lines of the log, without ANSI colours."""
+        return "\n".join(self._plain_lines()[-lines:])
 
     def failure_reason(self, since: int = 0, settle: float = 3.0) -> str:
         """Flower's own explanation of a failure, on one line, from the log written after byte
         ``since``: its ERROR lines and the exit-code paragraph (``Exit Code: 305`` ... the
         documentation link), not the web server's shutdown chatter that follows it. Waits up
         to ``settle`` seconds for a dying process so the paragraph is complete."""
-        import re
-
         deadline = time.monotonic() + settle
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log_text()[since:])
+        lines = self._plain_lines(since)
         reason, in_paragraph = [], False
-        for line in (line.strip() for line in text.splitlines()):
-            if not line:
-                continue
+        for line in lines:
             is_error = line.startswith("ERROR")
             if is_error:
                 line = line.split(":", 1)[1].strip()
@@ -205,7 +204,7 @@ class FlowerProcess:
             if line.startswith("For more information"):
                 in_paragraph = False
         if not reason:
-            reason = [line.strip() for line in text.splitlines() if line.strip()][-3:]
+            reason = lines[-3:]
         return "; ".join(reason) or f"no output (see {self.log_path})"
 
     def stop(self, grace: float = 10.0) -> int | None:
