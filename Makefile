@@ -7,7 +7,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 # torch's OpenMP threads spin while waiting; on a shared 2-core machine that costs 10-30x.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ setup: $(VENV)/.segviz-setup
 demo: setup
 	$(BIN)/segviz demo --out demo-out --force
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 bench: setup

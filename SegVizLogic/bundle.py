@@ -35,7 +35,7 @@ from .network import PARTITION_BATCHNORM, MultiOrganUNet, NetworkConfig, build_n
 from .organs import ORGANS
 from .preprocessing import Preprocessing
 
-__all__ = ["BUNDLE_FORMAT", "ModelBundle", "save_bundle", "load_bundle", "batchnorm_variant_names"]
+__all__ = ["BUNDLE_FORMAT", "ModelBundle", "batchnorm_variant_names", "load_bundle", "save_bundle"]
 
 BUNDLE_FORMAT = 1
 _MANIFEST = "manifest.json"
@@ -100,7 +100,9 @@ def save_bundle(
     if path.exists() and not force:
         raise SegVizInputError(path, "already exists; use --force to overwrite")
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    variants = {name: {k: np.asarray(v) for k, v in arrays.items()} for name, arrays in (batchnorm_variants or {}).items()}
+    variants = {
+        name: {k: np.asarray(v) for k, v in arrays.items()} for name, arrays in (batchnorm_variants or {}).items()
+    }
     bn_keys = set(partition_state(model).get(PARTITION_BATCHNORM, {}))
     for name, arrays in variants.items():
         if set(arrays) != bn_keys:
@@ -125,7 +127,9 @@ def save_bundle(
         "provenance": dict(provenance or {}),
         "metrics": dict(metrics or {}),
         "inference": {"roi_size": list(roi_size)} if roi_size else {},
-        "trained_organs": list(model.config.organs if trained_organs is None else [o for o in model.config.organs if o in trained_organs]),
+        "trained_organs": list(
+            model.config.organs if trained_organs is None else [o for o in model.config.organs if o in trained_organs]
+        ),
         "batchnorm_variants": sorted(variants),
         "default_batchnorm": default_batchnorm,
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
@@ -213,7 +217,9 @@ class ModelBundle:
         state = {k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}
         if choice not in ("model", "adapt", "per-organ"):
             if choice not in self.batchnorm_variants:
-                raise BundleError(self.path, f"has no BatchNorm variant {choice!r}; available: {', '.join(self.batchnorm_choices())}")
+                raise BundleError(
+                    self.path, f"has no BatchNorm variant {choice!r}; available: {', '.join(self.batchnorm_choices())}"
+                )
             state.update({k: torch.from_numpy(np.array(v)) for k, v in self.batchnorm_variants[choice].items()})
         model.load_state_dict(state)
         return model.eval()
@@ -251,9 +257,14 @@ def load_bundle(path: str | Path) -> ModelBundle:
                 raise BundleError(path, "is not a SegViz model bundle (manifest format is not segviz-model)")
             version = manifest.get("format_version")
             if not isinstance(version, int) or version > BUNDLE_FORMAT:
-                raise BundleError(path, f"is incompatible: bundle format {version} is newer than this SegViz reads ({BUNDLE_FORMAT}); update SegViz")
+                raise BundleError(
+                    path,
+                    f"is incompatible: bundle format {version} is newer than this SegViz reads ({BUNDLE_FORMAT}); update SegViz",
+                )
             if manifest.get("organ_schema") != _schema():
-                raise BundleError(path, "is incompatible: its organ schema (label values/codes) differs from this SegViz's")
+                raise BundleError(
+                    path, "is incompatible: its organ schema (label values/codes) differs from this SegViz's"
+                )
             checksums = manifest.get("sha256", {})
             if _WEIGHTS not in checksums:
                 raise BundleError(path, "is damaged: manifest lists no checksum for weights.npz")
@@ -283,4 +294,11 @@ def load_bundle(path: str | Path) -> ModelBundle:
             path,
             f"is incompatible: weights do not fit its network config ({len(missing)} missing, {len(unexpected)} unexpected, {len(shape_errors)} mis-shaped tensors)",
         )
-    return ModelBundle(path=path, manifest=manifest, network_config=network, preprocessing=preprocessing, state=state, batchnorm_variants=variants)
+    return ModelBundle(
+        path=path,
+        manifest=manifest,
+        network_config=network,
+        preprocessing=preprocessing,
+        state=state,
+        batchnorm_variants=variants,
+    )

@@ -12,13 +12,17 @@ from pathlib import Path
 from .errors import SegVizError
 from .organs import ORGANS
 
-__all__ = ["main", "build_parser", "add_progress_argument", "triple_argument"]
+__all__ = ["add_progress_argument", "build_parser", "main", "triple_argument"]
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     """``--progress rich|json|none`` (every long-running command has it)."""
-    parser.add_argument("--progress", choices=("rich", "json", "none"), default="rich",
-                        help="progress bars for people (rich), JSON lines for the Slicer module (json), or none")
+    parser.add_argument(
+        "--progress",
+        choices=("rich", "json", "none"),
+        default="rich",
+        help="progress bars for people (rich), JSON lines for the Slicer module (json), or none",
+    )
 
 
 def triple_argument(kind):
@@ -37,7 +41,9 @@ def triple_argument(kind):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``segviz`` (all subcommands)."""
-    parser = argparse.ArgumentParser(prog="segviz", description="Federated multi-organ CT segmentation (SegViz, FedBN).")
+    parser = argparse.ArgumentParser(
+        prog="segviz", description="Federated multi-organ CT segmentation (SegViz, FedBN)."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("organs", help="list the organ schema: label value, name, SNOMED CT code, colour")
@@ -46,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write deterministic synthetic CT sites (the embedded default data)")
     p.add_argument("--out", required=True, type=Path, help="folder to create (one sub-folder per site, plus external/)")
-    p.add_argument("--size", choices=("small", "full"), default="small", help="small: CPU demo; full: real CT resolution for GPU runs")
+    p.add_argument(
+        "--size",
+        choices=("small", "full"),
+        default="small",
+        help="small: CPU demo; full: real CT resolution for GPU runs",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cases-per-site", type=int, default=None)
     p.add_argument("--external-cases", type=int, default=None)
@@ -64,12 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--spacing", type=triple_argument(float), default=(1.5, 1.5, 2.0), help="resampling spacing in mm (default 1.5,1.5,2)")
-    p.add_argument("--patch", type=triple_argument(int), default=(128, 128, 32), help="training patch in voxels (default 128,128,32)")
+    p.add_argument(
+        "--spacing",
+        type=triple_argument(float),
+        default=(1.5, 1.5, 2.0),
+        help="resampling spacing in mm (default 1.5,1.5,2)",
+    )
+    p.add_argument(
+        "--patch",
+        type=triple_argument(int),
+        default=(128, 128, 32),
+        help="training patch in voxels (default 128,128,32)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples-per-case", type=int, default=8)
-    p.add_argument("--label-mode", choices=("partial", "naive"), default="partial",
-                   help="partial: loss on annotated organs only; naive: the paper's pooled baseline (unannotated = background)")
+    p.add_argument(
+        "--label-mode",
+        choices=("partial", "naive"),
+        default="partial",
+        help="partial: loss on annotated organs only; naive: the paper's pooled baseline (unannotated = background)",
+    )
     p.add_argument("--channels", type=lambda t: tuple(int(c) for c in t.split(",")), default=(16, 32, 64, 128, 256))
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="write a bundle after every epoch here")
     p.add_argument("--seed", type=int, default=0)
@@ -79,11 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="segment a CT volume with a model bundle")
     p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--input", required=True, type=Path, help="CT: .nii/.nii.gz/.nrrd/.mha file or a DICOM series folder")
+    p.add_argument(
+        "--input", required=True, type=Path, help="CT: .nii/.nii.gz/.nrrd/.mha file or a DICOM series folder"
+    )
     p.add_argument("--output", required=True, type=Path, help="label map to write (.nii.gz, .nrrd, .mha)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batchnorm", default=None, help="BatchNorm for a new site: model, per-organ, averaged, adapt, organ:<o>, site:<s> (default: the bundle's)")
-    p.add_argument("--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)")
+    p.add_argument(
+        "--batchnorm",
+        default=None,
+        help="BatchNorm for a new site: model, per-organ, averaged, adapt, organ:<o>, site:<s> (default: the bundle's)",
+    )
+    p.add_argument(
+        "--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)"
+    )
     p.add_argument("--stats", type=Path, default=None, help="write organ volumes (mL) as JSON")
     p.add_argument("--force", action="store_true", help="overwrite --output / --stats")
     add_progress_argument(p)
@@ -92,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice and HD95 per organ of a prediction against a reference")
     p.add_argument("--pred", required=True, type=Path)
     p.add_argument("--ref", required=True, type=Path)
-    p.add_argument("--ref-map", default=None, help="reference values per organ, e.g. liver=5,spleen=1,pancreas=7,kidney=2+3")
+    p.add_argument(
+        "--ref-map", default=None, help="reference values per organ, e.g. liver=5,spleen=1,pancreas=7,kidney=2+3"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the scores as JSON")
     p.add_argument("--no-hd95", action="store_true")
     p.add_argument("--force", action="store_true")
@@ -103,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_info)
 
-    p = sub.add_parser("demo", help="the main job on the embedded phantom: federated FedBN training of four single-organ sites, evaluated on an external set")
+    p = sub.add_parser(
+        "demo",
+        help="the main job on the embedded phantom: federated FedBN training of four single-organ sites, evaluated on an external set",
+    )
     p.add_argument("--out", type=Path, default=Path("demo-out"))
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -141,8 +179,21 @@ def _reporter(args):
 
 def _cmd_organs(args) -> int:
     if args.json:
-        print(json.dumps([{"label": o.label, "name": o.name, "snomed_code": o.snomed_code, "snomed_meaning": o.snomed_meaning,
-                           "colour": list(o.colour)} for o in ORGANS], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "label": o.label,
+                        "name": o.name,
+                        "snomed_code": o.snomed_code,
+                        "snomed_meaning": o.snomed_meaning,
+                        "colour": list(o.colour),
+                    }
+                    for o in ORGANS
+                ],
+                indent=2,
+            )
+        )
         return 0
     print(f"{'label':>5}  {'organ':<9} {'SNOMED CT':<10} colour")
     for o in ORGANS:
@@ -154,8 +205,15 @@ def _cmd_phantom(args) -> int:
     from .phantom import generate_phantom_sites
 
     reporter = _reporter(args)
-    layout = generate_phantom_sites(args.out, size=args.size, seed=args.seed, cases_per_site=args.cases_per_site,
-                                    external_cases=args.external_cases, force=args.force, progress=reporter)
+    layout = generate_phantom_sites(
+        args.out,
+        size=args.size,
+        seed=args.seed,
+        cases_per_site=args.cases_per_site,
+        external_cases=args.external_cases,
+        force=args.force,
+        progress=reporter,
+    )
     reporter.emit("done", outputs={"sites": [str(s) for s in layout.sites], "external": str(layout.external)})
     if reporter.mode != "json":
         print("\n".join([*(str(s) for s in layout.sites), str(layout.external)]))
@@ -181,14 +239,32 @@ def _cmd_train(args) -> int:
     from .preprocessing import Preprocessing
     from .training import TrainingConfig
 
-    network = NetworkConfig(channels=args.channels, strides=(2,) * (len(args.channels) - 1),
-                            output="softmax" if args.label_mode == "naive" else "sigmoid")
-    training = TrainingConfig(patch_size=args.patch, batch_size=args.batch_size, samples_per_case=args.samples_per_case,
-                              label_mode=args.label_mode, seed=args.seed)
+    network = NetworkConfig(
+        channels=args.channels,
+        strides=(2,) * (len(args.channels) - 1),
+        output="softmax" if args.label_mode == "naive" else "sigmoid",
+    )
+    training = TrainingConfig(
+        patch_size=args.patch,
+        batch_size=args.batch_size,
+        samples_per_case=args.samples_per_case,
+        label_mode=args.label_mode,
+        seed=args.seed,
+    )
     reporter = _reporter(args)
-    path = train_bundle(args.site, args.out, network=network, preprocessing=Preprocessing(spacing=args.spacing), training=training,
-                        epochs=args.epochs, lr=args.lr, device=args.device, reporter=reporter, checkpoint_dir=args.checkpoint_dir,
-                        force=args.force)
+    path = train_bundle(
+        args.site,
+        args.out,
+        network=network,
+        preprocessing=Preprocessing(spacing=args.spacing),
+        training=training,
+        epochs=args.epochs,
+        lr=args.lr,
+        device=args.device,
+        reporter=reporter,
+        checkpoint_dir=args.checkpoint_dir,
+        force=args.force,
+    )
     reporter.emit("done", outputs={"model": str(path)})
     return 0
 
@@ -206,13 +282,17 @@ def _cmd_infer(args) -> int:
     clock = time.perf_counter()
     bundle = load_bundle(args.model)
     if args.batchnorm is not None and args.batchnorm not in bundle.batchnorm_choices():
-        raise SegVizError(f"{args.model}: --batchnorm {args.batchnorm!r} is not available; choose from {', '.join(bundle.batchnorm_choices())}")
+        raise SegVizError(
+            f"{args.model}: --batchnorm {args.batchnorm!r} is not available; choose from {', '.join(bundle.batchnorm_choices())}"
+        )
     load_model_s = time.perf_counter() - clock
     clock = time.perf_counter()
     image = read_image(args.input)
     read_s = time.perf_counter() - clock
     device = resolve_device(args.device)
-    result = segment_image(bundle, image, device, batchnorm=args.batchnorm, cleanup=not args.no_cleanup, reporter=reporter)
+    result = segment_image(
+        bundle, image, device, batchnorm=args.batchnorm, cleanup=not args.no_cleanup, reporter=reporter
+    )
     clock = time.perf_counter()
     write_label_map_like(result.labels, image, args.output, force=args.force)
     result.timings.update(load_model_s=load_model_s, read_s=read_s, write_s=time.perf_counter() - clock)
@@ -245,8 +325,14 @@ def _cmd_evaluate(args) -> int:
         ref_map = parse_ref_map(args.ref_map)
     except ValueError as error:
         raise SegVizError(str(error)) from None
-    scores = evaluate_label_maps(read_label_map(args.pred), read_label_map(args.ref), ref_map, hd95=not args.no_hd95,
-                                 pred_path=str(args.pred), ref_path=str(args.ref))
+    scores = evaluate_label_maps(
+        read_label_map(args.pred),
+        read_label_map(args.ref),
+        ref_map,
+        hd95=not args.no_hd95,
+        pred_path=str(args.pred),
+        ref_path=str(args.ref),
+    )
     print(f"{'organ':<9} {'Dice':>6} {'HD95 mm':>8}  status")
     for name, s in scores.items():
         dice = "-" if s["dice"] is None else f"{s['dice']:.3f}"

@@ -51,7 +51,9 @@ class DemoSettings:
     lr: float = 2e-3
     strategy: str = "fedbn"
     weighting: str = "uniform"
-    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1))
+    network: NetworkConfig = field(
+        default_factory=lambda: NetworkConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    )
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -60,7 +62,9 @@ class DemoSettings:
 
     def training(self, seed: int) -> TrainingConfig:
         """The demo's training config."""
-        return TrainingConfig(patch_size=self.patch_size, batch_size=self.batch_size, samples_per_case=self.samples_per_case, seed=seed)
+        return TrainingConfig(
+            patch_size=self.patch_size, batch_size=self.batch_size, samples_per_case=self.samples_per_case, seed=seed
+        )
 
 
 def run_demo(
@@ -88,14 +92,29 @@ def run_demo(
     work.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        reporter.emit("stage", stage="phantom", message="generating phantom sites (4 single-organ sites + external set)")
+        reporter.emit(
+            "stage", stage="phantom", message="generating phantom sites (4 single-organ sites + external set)"
+        )
         layout = generate_phantom_sites(work / "data", seed=seed, progress=reporter)
         torch_device = resolve_device(device)
-        reporter.emit("stage", stage="federation", message=f"FedBN federation of {len(layout.sites)} sites, {settings.rounds} rounds x {settings.local_epochs} local epochs")
+        reporter.emit(
+            "stage",
+            stage="federation",
+            message=f"FedBN federation of {len(layout.sites)} sites, {settings.rounds} rounds x {settings.local_epochs} local epochs",
+        )
         model_path = run_federated_simulation(
-            [str(s) for s in layout.sites], work / "federation", rounds=settings.rounds, local_epochs=settings.local_epochs,
-            strategy=settings.strategy, weighting=settings.weighting, lr=settings.lr, preprocessing=settings.preprocessing,
-            training_config=settings.training(seed), network_config=settings.network, reporter=reporter, seed=seed,
+            [str(s) for s in layout.sites],
+            work / "federation",
+            rounds=settings.rounds,
+            local_epochs=settings.local_epochs,
+            strategy=settings.strategy,
+            weighting=settings.weighting,
+            lr=settings.lr,
+            preprocessing=settings.preprocessing,
+            training_config=settings.training(seed),
+            network_config=settings.network,
+            reporter=reporter,
+            seed=seed,
         )
         shutil.copyfile(model_path, work / "model.segviz")
         bundle = load_bundle(work / "model.segviz")
@@ -108,17 +127,28 @@ def run_demo(
             "external_summary": summary,
             "per_case": result.per_case,
             "batchnorm": bundle.default_batchnorm,
-            "settings": {"rounds": settings.rounds, "local_epochs": settings.local_epochs, "strategy": settings.strategy,
-                         "weighting": settings.weighting, "spacing_mm": list(settings.spacing), "patch": list(settings.patch_size),
-                         "seed": seed, "device": torch_device.type},
+            "settings": {
+                "rounds": settings.rounds,
+                "local_epochs": settings.local_epochs,
+                "strategy": settings.strategy,
+                "weighting": settings.weighting,
+                "spacing_mm": list(settings.spacing),
+                "patch": list(settings.patch_size),
+                "seed": seed,
+                "device": torch_device.type,
+            },
             "seconds": round(elapsed, 1),
         }
         (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        case = sorted(result.predictions)[0]
+        case = min(result.predictions)
         site = validate_site(layout.external, check_images=False)  # evaluate_on_site read them all
         image, reference = load_case(next(c for c in site.cases if c.name == case), site)
-        render_overlays(image, {"reference": reference, "FedBN prediction": result.predictions[case]}, work / "overlay.png",
-                        title=f"external {case}: reference vs FedBN global model")
+        render_overlays(
+            image,
+            {"reference": reference, "FedBN prediction": result.predictions[case]},
+            work / "overlay.png",
+            title=f"external {case}: reference vs FedBN global model",
+        )
         table = dice_table_markdown({"FedBN (global model)": summary})
         (work / "report.md").write_text(
             "# SegViz demo\n\n"
@@ -137,6 +167,14 @@ def run_demo(
         raise
     print(f"\nExternal-set Dice (FedBN global model, {len(result.per_case)} cases, {elapsed:.0f} s):", file=sys.stderr)
     print(table)
-    reporter.emit("done", outputs={"model": str(out / "model.segviz"), "metrics": str(out / "metrics.json"),
-                                   "report": str(out / "report.md"), "overlay": str(out / "overlay.png")}, metrics=metrics["external_dice"])
+    reporter.emit(
+        "done",
+        outputs={
+            "model": str(out / "model.segviz"),
+            "metrics": str(out / "metrics.json"),
+            "report": str(out / "report.md"),
+            "overlay": str(out / "overlay.png"),
+        },
+        metrics=metrics["external_dice"],
+    )
     return metrics

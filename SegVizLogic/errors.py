@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SegVizError", "SegVizInputError", "BundleError"]
+__all__ = ["BundleError", "SegVizError", "SegVizInputError"]
 
 
 class SegVizError(Exception):

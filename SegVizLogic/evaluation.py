@@ -13,9 +13,11 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from .errors import SegVizInputError
 from .organs import ORGAN_NAMES, organ_by_label, organ_by_name
 
-__all__ = ["parse_ref_map", "evaluate_label_maps", "OrganScore"]
+__all__ = ["OrganScore", "evaluate_label_maps", "parse_ref_map"]
 
-OrganScore = dict  # {"dice": float | None, "hd95_mm": float | None, "status": str, "pred_voxels": int, "ref_voxels": int}
+OrganScore = (
+    dict  # {"dice": float | None, "hd95_mm": float | None, "status": str, "pred_voxels": int, "ref_voxels": int}
+)
 
 
 def parse_ref_map(text: str | None) -> dict[int, str]:
@@ -62,9 +64,12 @@ def evaluate_label_maps(
     Raises:
         SegVizInputError: the two label maps are not on the same grid.
     """
-    if pred.GetSize() != ref.GetSize() or not np.allclose(pred.GetSpacing(), ref.GetSpacing(), atol=1e-3) or not np.allclose(
-        pred.GetOrigin(), ref.GetOrigin(), atol=1e-2
-    ) or not np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-4):
+    if (
+        pred.GetSize() != ref.GetSize()
+        or not np.allclose(pred.GetSpacing(), ref.GetSpacing(), atol=1e-3)
+        or not np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-2)
+        or not np.allclose(pred.GetDirection(), ref.GetDirection(), atol=1e-4)
+    ):
         raise SegVizInputError(
             pred_path,
             f"grid differs from {ref_path} (size {pred.GetSize()} vs {ref.GetSize()}, spacing "
@@ -90,7 +95,9 @@ def evaluate_label_maps(
             if hd95 and pred_mask.any():
                 with warnings.catch_warnings():  # MONAI 1.5+ deprecation notice inside its own call
                     warnings.simplefilter("ignore", FutureWarning)
-                    score["hd95_mm"] = float(compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)[0, 0])
+                    score["hd95_mm"] = float(
+                        compute_hausdorff_distance(p, r, include_background=True, percentile=95, spacing=spacing)[0, 0]
+                    )
             else:
                 score["hd95_mm"] = None
             score["status"] = "scored" if pred_mask.any() else "missed (not predicted)"

@@ -17,7 +17,7 @@ from .organs import ORGAN_NAMES, organ_by_name
 from .progress import ProgressReporter
 from .site import load_case, validate_site
 
-__all__ = ["ExternalResult", "evaluate_on_site", "dice_table_markdown"]
+__all__ = ["ExternalResult", "dice_table_markdown", "evaluate_on_site"]
 
 
 @dataclass
@@ -29,7 +29,9 @@ class ExternalResult:
 
     def dice(self, organ: str) -> list[float]:
         """Dice of ``organ`` per case (cases where the reference has the organ)."""
-        return [scores[organ]["dice"] for scores in self.per_case.values() if scores.get(organ, {}).get("dice") is not None]
+        return [
+            scores[organ]["dice"] for scores in self.per_case.values() if scores.get(organ, {}).get("dice") is not None
+        ]
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{organ: {"mean": .., "std": .., "n": ..}}`` of Dice (and HD95 mean)."""
@@ -39,8 +41,12 @@ class ExternalResult:
             values = self.dice(organ)
             hd = [s[organ]["hd95_mm"] for s in self.per_case.values() if s.get(organ, {}).get("hd95_mm") is not None]
             if values:
-                out[organ] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values),
-                              "hd95_mean_mm": float(np.mean(hd)) if hd else None}
+                out[organ] = {
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values)),
+                    "n": len(values),
+                    "hd95_mean_mm": float(np.mean(hd)) if hd else None,
+                }
         return out
 
 
@@ -67,15 +73,24 @@ def evaluate_on_site(
         for case in site.cases:
             image, reference = load_case(case, site)
             prediction = segment_image(bundle, image, device, batchnorm=batchnorm).labels
-            result.per_case[case.name] = evaluate_label_maps(prediction, reference, ref_map, organs=site.organs, hd95=hd95,
-                                                             pred_path=f"prediction of {case.name}", ref_path=str(case.label_path))
+            result.per_case[case.name] = evaluate_label_maps(
+                prediction,
+                reference,
+                ref_map,
+                organs=site.organs,
+                hd95=hd95,
+                pred_path=f"prediction of {case.name}",
+                ref_path=str(case.label_path),
+            )
             if keep_predictions:
                 result.predictions[case.name] = prediction
             advance(1)
     return result
 
 
-def dice_table_markdown(rows: Mapping[str, Mapping[str, Mapping[str, float]]], organs: tuple[str, ...] = ORGAN_NAMES) -> str:
+def dice_table_markdown(
+    rows: Mapping[str, Mapping[str, Mapping[str, float]]], organs: tuple[str, ...] = ORGAN_NAMES
+) -> str:
     """Markdown table: one row per model (``{name: summary}``), ``mean ± std`` Dice per organ."""
     lines = ["| model | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs)]
     for name, summary in rows.items():

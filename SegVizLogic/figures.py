@@ -19,7 +19,9 @@ def axial_display(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
 
 
-def overlay_rgb(ct_slice: np.ndarray, label_slice: np.ndarray | None, window: tuple[float, float] = (40, 400), alpha: float = 0.45) -> np.ndarray:
+def overlay_rgb(
+    ct_slice: np.ndarray, label_slice: np.ndarray | None, window: tuple[float, float] = (40, 400), alpha: float = 0.45
+) -> np.ndarray:
     """RGB float image of a CT slice (window level, width) with organ colours blended in."""
     level, width = window
     grey = np.clip((ct_slice - (level - width / 2)) / width, 0, 1)
@@ -31,7 +33,9 @@ def overlay_rgb(ct_slice: np.ndarray, label_slice: np.ndarray | None, window: tu
     return rgb
 
 
-def render_overlays(image: sitk.Image, label_maps: Mapping[str, sitk.Image | None], path: str | Path, title: str = "", slices: int = 3) -> Path:
+def render_overlays(
+    image: sitk.Image, label_maps: Mapping[str, sitk.Image | None], path: str | Path, title: str = "", slices: int = 3
+) -> Path:
     """Write a PNG: rows = axial slices through the organs, columns = CT then each label map.
 
     Args:
@@ -59,7 +63,12 @@ def render_overlays(image: sitk.Image, label_maps: Mapping[str, sitk.Image | Non
     spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()
     aspect = spacing[1] / spacing[0]
     columns = ["CT", *maps]
-    fig, axes = plt.subplots(len(picks), len(columns), figsize=(2.6 * len(columns), 2.6 * len(picks) * aspect * ct.shape[1] / ct.shape[2] + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(picks),
+        len(columns),
+        figsize=(2.6 * len(columns), 2.6 * len(picks) * aspect * ct.shape[1] / ct.shape[2] + 0.6),
+        squeeze=False,
+    )
     for row, z in enumerate(picks):
         for col, name in enumerate(columns):
             labels = None if name == "CT" else maps[name]
@@ -67,7 +76,13 @@ def render_overlays(image: sitk.Image, label_maps: Mapping[str, sitk.Image | Non
             axes[row, col].set_axis_off()
             if row == 0:
                 axes[row, col].set_title(name, fontsize=9)
-    fig.legend(handles=[Patch(color=o.colour_float, label=o.name) for o in ORGANS], loc="lower center", ncol=len(ORGANS), fontsize=8, frameon=False)
+    fig.legend(
+        handles=[Patch(color=o.colour_float, label=o.name) for o in ORGANS],
+        loc="lower center",
+        ncol=len(ORGANS),
+        fontsize=8,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))

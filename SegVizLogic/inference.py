@@ -30,16 +30,16 @@ if TYPE_CHECKING:
     from .bundle import ModelBundle
 
 __all__ = [
-    "resolve_device",
     "INFERENCE_OVERLAP",
+    "SegmentationResult",
+    "adapt_batchnorm",
     "bundle_probabilities",
+    "keep_largest_component",
+    "organ_volumes_ml",
     "predict_probabilities",
     "probabilities_to_labels",
-    "keep_largest_component",
-    "adapt_batchnorm",
+    "resolve_device",
     "segment_image",
-    "SegmentationResult",
-    "organ_volumes_ml",
 ]
 
 
@@ -56,7 +56,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SegVizInputError(None, "--device cuda was asked for but no CUDA GPU is available (use --device auto or cpu)")
+        raise SegVizInputError(
+            None, "--device cuda was asked for but no CUDA GPU is available (use --device auto or cpu)"
+        )
     if name not in ("cpu", "cuda"):
         raise SegVizInputError(None, f"unknown device {name!r}: expected auto, cpu or cuda")
     return torch.device(name)
@@ -87,7 +89,9 @@ def predict_probabilities(
     model.eval().to(device)
     batch = image if image.dim() == 5 else image[None]
     batch = torch.as_tensor(batch, dtype=torch.float32)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     total = _window_batches(batch.shape[2:], roi_size, overlap, sw_batch_size)
     done = [0]
@@ -101,13 +105,22 @@ def predict_probabilities(
         return out
 
     probabilities = sliding_window_inference(
-        batch, roi_size=list(roi_size), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap,
-        mode="gaussian", sw_device=device, device=torch.device("cpu"), progress=False,
+        batch,
+        roi_size=list(roi_size),
+        sw_batch_size=sw_batch_size,
+        predictor=predictor,
+        overlap=overlap,
+        mode="gaussian",
+        sw_device=device,
+        device=torch.device("cpu"),
+        progress=False,
     )
     return torch.as_tensor(probabilities)[0].float()
 
 
-def _window_batches(shape: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float], sw_batch_size: int) -> int:
+def _window_batches(
+    shape: Sequence[int], roi_size: Sequence[int], overlap: float | Sequence[float], sw_batch_size: int
+) -> int:
     """How many predictor calls MONAI's sliding window makes (its scan-interval rule)."""
     overlaps = [overlap] * len(roi_size) if isinstance(overlap, (int, float)) else list(overlap)
     count = 1
@@ -117,7 +130,9 @@ def _window_batches(shape: Sequence[int], roi_size: Sequence[int], overlap: floa
     return math.ceil(count / sw_batch_size)
 
 
-def probabilities_to_labels(probabilities: np.ndarray | torch.Tensor, organs: Sequence[str], threshold: float = 0.5) -> np.ndarray:
+def probabilities_to_labels(
+    probabilities: np.ndarray | torch.Tensor, organs: Sequence[str], threshold: float = 0.5
+) -> np.ndarray:
     """Label map from ``(C, ...)`` probabilities: the schema value of the most probable organ
     where its probability exceeds ``threshold``, else 0."""
     p = probabilities.numpy() if isinstance(probabilities, torch.Tensor) else np.asarray(probabilities)
@@ -126,7 +141,9 @@ def probabilities_to_labels(probabilities: np.ndarray | torch.Tensor, organs: Se
     return np.where(p.max(axis=0) > threshold, values[best], 0).astype(np.uint8)
 
 
-def keep_largest_component(labels: np.ndarray, organs: Sequence[str], components: dict[str, int] | None = None) -> np.ndarray:
+def keep_largest_component(
+    labels: np.ndarray, organs: Sequence[str], components: dict[str, int] | None = None
+) -> np.ndarray:
     """Keep, per organ, the largest connected component(s) (two for the kidneys)."""
     from scipy import ndimage
 
@@ -147,7 +164,9 @@ def keep_largest_component(labels: np.ndarray, organs: Sequence[str], components
 
 
 @torch.no_grad()
-def adapt_batchnorm(model: MultiOrganUNet, image: torch.Tensor, roi_size: Sequence[int], device: torch.device, max_windows: int = 16) -> None:
+def adapt_batchnorm(
+    model: MultiOrganUNet, image: torch.Tensor, roi_size: Sequence[int], device: torch.device, max_windows: int = 16
+) -> None:
     """Test-time BatchNorm re-estimation (AdaBN): recompute running statistics on windows of
     the input volume itself. Used when no site's BatchNorm matches the new scanner."""
     from torch import nn
@@ -185,11 +204,17 @@ def organ_volumes_ml(labels: sitk.Image, organs: Sequence[str]) -> dict[str, dic
     array = sitk.GetArrayViewFromImage(labels)
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     counts = np.bincount(array.ravel(), minlength=6)
-    return {name: {"voxels": int(counts[organ_by_name(name).label]), "volume_ml": round(int(counts[organ_by_name(name).label]) * voxel_ml, 3)} for name in organs}
+    return {
+        name: {
+            "voxels": int(counts[organ_by_name(name).label]),
+            "volume_ml": round(int(counts[organ_by_name(name).label]) * voxel_ml, 3),
+        }
+        for name in organs
+    }
 
 
 def bundle_probabilities(
-    bundle: "ModelBundle",
+    bundle: ModelBundle,
     prepared: torch.Tensor,
     device: torch.device,
     batchnorm: str | None = None,
@@ -207,7 +232,7 @@ def bundle_probabilities(
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
     roi = tuple(roi_size or bundle.roi_size)
-    window = dict(sw_batch_size=sw_batch_size, overlap=INFERENCE_OVERLAP, on_batch=on_batch)
+    window = {"sw_batch_size": sw_batch_size, "overlap": INFERENCE_OVERLAP, "on_batch": on_batch}
     if choice == "per-organ":
         channels = []
         for index, organ in enumerate(bundle.organs):
@@ -221,7 +246,7 @@ def bundle_probabilities(
 
 
 def segment_image(
-    bundle: "ModelBundle",
+    bundle: ModelBundle,
     image: sitk.Image,
     device: torch.device,
     batchnorm: str | None = None,
@@ -250,8 +275,14 @@ def segment_image(
             reporter.emit("progress", stage="network", current=done, total=total)
             last[0] = done
 
-    probabilities = bundle_probabilities(bundle, prepared, device, batchnorm=batchnorm, sw_batch_size=sw_batch_size,
-                                         on_batch=on_batch if reporter.mode == "json" else None)
+    probabilities = bundle_probabilities(
+        bundle,
+        prepared,
+        device,
+        batchnorm=batchnorm,
+        sw_batch_size=sw_batch_size,
+        on_batch=on_batch if reporter.mode == "json" else None,
+    )
     del prepared
     timings["network_s"] = time.perf_counter() - t1
 

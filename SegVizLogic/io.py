@@ -19,9 +19,10 @@ import gzip
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,23 +31,23 @@ from .errors import SegVizInputError
 from .organs import organ_by_name
 
 __all__ = [
-    "write_text_atomic",
     "IMAGE_SUFFIXES",
     "LABEL_SUFFIXES",
     "WRITE_SUFFIXES",
+    "ct_intensity_problem",
     "file_suffix",
-    "strip_suffix",
+    "geometry",
+    "geometry_differences",
+    "organ_map_from_segment_names",
     "read_image",
     "read_label_map",
     "read_segment_names",
-    "to_organ_labels",
-    "organ_map_from_segment_names",
     "resample_to_reference",
-    "write_label_map_like",
-    "geometry",
     "same_geometry",
-    "geometry_differences",
-    "ct_intensity_problem",
+    "strip_suffix",
+    "to_organ_labels",
+    "write_label_map_like",
+    "write_text_atomic",
 ]
 
 # Longest first, so that ".seg.nrrd" wins over ".nrrd" and ".nii.gz" over ".gz".
@@ -144,8 +145,10 @@ def _check_nifti_complete(path: Path) -> None:
     try:
         header = nib.load(str(path)).header
         shape = header.get_data_shape()
-        expected = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
-    except Exception as error:  # nibabel raises many types for a damaged header
+        expected = (
+            int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+        )
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for a damaged header
         raise SegVizInputError(path, f"unreadable or corrupt NIfTI file ({str(error).splitlines()[0][:120]})") from None
     if file_suffix(path) == ".nii.gz":
         total = 0
@@ -178,7 +181,9 @@ def _read_itk_file(path: Path, *, information_only: bool = False) -> sitk.Image 
             _check_nifti_complete(path)
         return reader.Execute()
     except RuntimeError as error:
-        raise SegVizInputError(path, _with_detail(f"unreadable, truncated or corrupt {format_name} file", error)) from None
+        raise SegVizInputError(
+            path, _with_detail(f"unreadable, truncated or corrupt {format_name} file", error)
+        ) from None
 
 
 def _read_dicom_series(folder: Path, only_file: Path | None = None) -> sitk.Image:
@@ -216,7 +221,9 @@ def _check_dicom_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, n_f
     if n_files < 3:
         return
     try:
-        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n_files)])
+        positions = np.array(
+            [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n_files)]
+        )
         cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
     except (RuntimeError, ValueError, IndexError):
         return  # no positions to check (e.g. a multi-frame file): trust the reader
@@ -224,7 +231,8 @@ def _check_dicom_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, n_f
     gaps = np.diff(np.sort(positions @ normal))
     if gaps.size and (gaps.min() <= 0 or gaps.max() - gaps.min() > 0.01 * max(abs(np.median(gaps)), 1e-6) + 1e-3):
         raise SegVizInputError(
-            folder, f"DICOM slice spacing is not uniform ({gaps.min():.3g}..{gaps.max():.3g} mm): missing or duplicate slices"
+            folder,
+            f"DICOM slice spacing is not uniform ({gaps.min():.3g}..{gaps.max():.3g} mm): missing or duplicate slices",
         )
 
 
@@ -285,7 +293,9 @@ def read_image(path: str | Path) -> sitk.Image:
         image = _read_dicom_series(path.parent, only_file=path) if suffix == ".dcm" else _read_itk_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()
-        raise SegVizInputError(path, f"image has {components} values per voxel (colour or multi-channel); expected greyscale CT")
+        raise SegVizInputError(
+            path, f"image has {components} values per voxel (colour or multi-channel); expected greyscale CT"
+        )
     if _is_vector(image):
         image = sitk.VectorIndexSelectionCast(image, 0)
     return sitk.Cast(_as_3d(image, path), sitk.sitkFloat32)
@@ -361,7 +371,9 @@ def _segments(meta: Mapping[str, str], n_layers: int, path: Path) -> list[_Segme
         raw.append((i, meta.get(f"Segment{i}_Name", meta.get(f"Segment{i}_ID", f"Segment_{i}")), layer, value))
     values = [value for _, _, _, value in raw]
     renumber = n_layers > 1 and len(set(values)) != len(values)
-    return [_Segment(i, name, layer, value, (k + 1) if renumber else value) for k, (i, name, layer, value) in enumerate(raw)]
+    return [
+        _Segment(i, name, layer, value, (k + 1) if renumber else value) for k, (i, name, layer, value) in enumerate(raw)
+    ]
 
 
 def _integer_labels(image: sitk.Image, path: Path) -> sitk.Image:
@@ -455,11 +467,38 @@ def read_segment_names(path: str | Path) -> dict[int, str]:
 # Words that say nothing about which organ a segment is.
 _SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt", "sinister", "dexter", "sin", "dex"}
 _FILLER_WORDS = {
-    "segmentation", "segment", "seg", "label", "labels", "labelmap", "mask", "roi", "whole", "total",
-    "organ", "structure", "gt", "manual", "auto", "the", "of", "and", "volume", "region", "s",
+    "segmentation",
+    "segment",
+    "seg",
+    "label",
+    "labels",
+    "labelmap",
+    "mask",
+    "roi",
+    "whole",
+    "total",
+    "organ",
+    "structure",
+    "gt",
+    "manual",
+    "auto",
+    "the",
+    "of",
+    "and",
+    "volume",
+    "region",
+    "s",
 }
-_SYNONYMS = {"liver": "liver", "hepar": "liver", "spleen": "spleen", "lien": "spleen", "pancreas": "pancreas",
-             "kidney": "kidney", "kidneys": "kidney", "ren": "kidney"}
+_SYNONYMS = {
+    "liver": "liver",
+    "hepar": "liver",
+    "spleen": "spleen",
+    "lien": "spleen",
+    "pancreas": "pancreas",
+    "kidney": "kidney",
+    "kidneys": "kidney",
+    "ren": "kidney",
+}
 
 
 def organ_map_from_segment_names(names: Mapping[int, str]) -> dict[int, str | None]:
@@ -520,7 +559,9 @@ def to_organ_labels(
     present = np.unique(array)
     undeclared = [int(v) for v in present if v != 0 and int(v) not in mapping]
     if undeclared:
-        shown = ", ".join(str(v) for v in undeclared[:12]) + (f" ... ({len(undeclared)} values)" if len(undeclared) > 12 else "")
+        shown = ", ".join(str(v) for v in undeclared[:12]) + (
+            f" ... ({len(undeclared)} values)" if len(undeclared) > 12 else ""
+        )
         raise SegVizInputError(path, f"label values {shown} are not declared (map them to an organ or to null)")
     out = np.zeros(array.shape, dtype=np.uint8)
     for value, organ in mapping.items():
@@ -540,7 +581,9 @@ def resample_to_reference(label_image: sitk.Image, reference: sitk.Image) -> sit
     Returns:
         label image with the pixel type of ``label_image`` and exactly the geometry of ``reference``.
     """
-    return sitk.Resample(label_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label_image.GetPixelID())
+    return sitk.Resample(
+        label_image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label_image.GetPixelID()
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -554,8 +597,12 @@ def geometry(image: sitk.Image | sitk.ImageFileReader) -> dict[str, tuple]:
     ``direction`` is the row-major 3×3 direction cosine matrix as 9 numbers (column j is the
     world direction of index axis j), as SimpleITK gives it.
     """
-    return {"size": tuple(image.GetSize()), "spacing": tuple(image.GetSpacing()),
-            "origin": tuple(image.GetOrigin()), "direction": tuple(image.GetDirection())}
+    return {
+        "size": tuple(image.GetSize()),
+        "spacing": tuple(image.GetSpacing()),
+        "origin": tuple(image.GetOrigin()),
+        "direction": tuple(image.GetDirection()),
+    }
 
 
 def _as_geometry(item: sitk.Image | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -566,8 +613,9 @@ def _fmt(values: tuple) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def geometry_differences(a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapping[str, Any],
-                         tol: float = _GEOMETRY_TOL) -> list[str]:
+def geometry_differences(
+    a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapping[str, Any], tol: float = _GEOMETRY_TOL
+) -> list[str]:
     """Describe, with numbers, how the grids of ``a`` and ``b`` differ (empty list: same grid).
 
     Sizes must be equal; spacing and origin (mm) and direction must agree within ``tol``.
@@ -588,7 +636,9 @@ def geometry_differences(a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapp
     return problems
 
 
-def same_geometry(a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapping[str, Any], tol: float = _GEOMETRY_TOL) -> bool:
+def same_geometry(
+    a: sitk.Image | Mapping[str, Any], b: sitk.Image | Mapping[str, Any], tol: float = _GEOMETRY_TOL
+) -> bool:
     """True when ``a`` and ``b`` (images or :func:`geometry` dicts) have the same grid within ``tol``."""
     return not geometry_differences(a, b, tol)
 
@@ -602,9 +652,10 @@ def _label_array(labels: np.ndarray | sitk.Image, path: Path) -> np.ndarray:
     array = sitk.GetArrayFromImage(labels) if isinstance(labels, sitk.Image) else np.asarray(labels)
     if array.dtype == bool:
         return array.astype(np.uint8)
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.issubdtype(array.dtype, np.floating) or not np.array_equal(array, np.round(array)):
-            raise SegVizInputError(path, f"labels of type {array.dtype} are not whole numbers")
+    if not np.issubdtype(array.dtype, np.integer) and (
+        not np.issubdtype(array.dtype, np.floating) or not np.array_equal(array, np.round(array))
+    ):
+        raise SegVizInputError(path, f"labels of type {array.dtype} are not whole numbers")
     if array.size == 0:
         return array.astype(np.uint8)
     low, high = int(array.min()), int(array.max())
@@ -624,8 +675,9 @@ def _itk_write(image: sitk.Image, path: Path, io_name: str, compress: bool) -> N
     writer.Execute(image)
 
 
-def write_label_map_like(labels: np.ndarray | sitk.Image, reference: sitk.Image, path: str | Path,
-                         force: bool = False) -> Path:
+def write_label_map_like(
+    labels: np.ndarray | sitk.Image, reference: sitk.Image, path: str | Path, force: bool = False
+) -> Path:
     """Write a label map with exactly the size, spacing, origin and direction of ``reference``.
 
     The format follows the suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``; compressed where
@@ -723,4 +775,3 @@ def _move_no_clobber(temp: Path, path: Path) -> None:
         if path.exists():
             raise SegVizInputError(path, "exists; use --force to overwrite") from None
         os.replace(temp, path)
-

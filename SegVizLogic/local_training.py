@@ -52,13 +52,17 @@ def train_bundle(
     training = training or TrainingConfig()
     reporter = reporter or ProgressReporter("none")
     if any(p % network.divisor for p in training.patch_size):
-        raise ValueError(f"patch size {training.patch_size} must be a multiple of {network.divisor} (the network's stride product)")
+        raise ValueError(
+            f"patch size {training.patch_size} must be a multiple of {network.divisor} (the network's stride product)"
+        )
     seed_everything(training.seed)
     torch_device = resolve_device(device)
     sites = [load_site_data(d, preprocessing, training, reporter=reporter) for d in site_dirs]
     model = build_network(network)
     kind = "local" if len(sites) == 1 else ("central-naive" if training.label_mode == "naive" else "central-partial")
-    reporter.emit("stage", stage="train", message=f"{kind} training on {', '.join(s.name for s in sites)} ({torch_device.type})")
+    reporter.emit(
+        "stage", stage="train", message=f"{kind} training on {', '.join(s.name for s in sites)} ({torch_device.type})"
+    )
 
     history: list[dict] = []
     best = {"score": -1.0, "state": None, "epoch": 0}
@@ -80,13 +84,36 @@ def train_bundle(
         if score >= best["score"]:
             best.update(score=score, state=copy.deepcopy(model.state_dict()), epoch=epoch)
         if checkpoint_dir is not None:
-            save_bundle(Path(checkpoint_dir) / f"epoch-{epoch:03d}.segviz", model, preprocessing, provenance(epoch),
-                        metrics={"history": history}, training=training.to_dict(), force=True)
+            save_bundle(
+                Path(checkpoint_dir) / f"epoch-{epoch:03d}.segviz",
+                model,
+                preprocessing,
+                provenance(epoch),
+                metrics={"history": history},
+                training=training.to_dict(),
+                force=True,
+            )
 
-    train_site(model, sites, epochs=epochs, lr=lr, device=torch_device, reporter=reporter, config=training, on_epoch_end=on_epoch_end)
+    train_site(
+        model,
+        sites,
+        epochs=epochs,
+        lr=lr,
+        device=torch_device,
+        reporter=reporter,
+        config=training,
+        on_epoch_end=on_epoch_end,
+    )
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     final = history[best["epoch"] - 1]["val_dice"] if best["epoch"] else {}
-    return save_bundle(out, model.cpu(), preprocessing, provenance(epochs) | {"best_epoch": best["epoch"]},
-                       metrics={"history": history, "final": {"val_dice": final}}, training=training.to_dict(),
-                       trained_organs=sorted({o for s in sites for o in s.organs}), force=force)
+    return save_bundle(
+        out,
+        model.cpu(),
+        preprocessing,
+        provenance(epochs) | {"best_epoch": best["epoch"]},
+        metrics={"history": history, "final": {"val_dice": final}},
+        training=training.to_dict(),
+        trained_organs=sorted({o for s in sites for o in s.organs}),
+        force=force,
+    )

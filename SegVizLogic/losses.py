@@ -18,7 +18,7 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["PartialLabelLoss", "NaiveSoftmaxLoss"]
+__all__ = ["NaiveSoftmaxLoss", "PartialLabelLoss"]
 
 
 class PartialLabelLoss(nn.Module):
@@ -42,7 +42,9 @@ class PartialLabelLoss(nn.Module):
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, exclusion_weight: float = 0.0) -> None:
         super().__init__()
         if dice_weight < 0 or bce_weight < 0 or dice_weight + bce_weight == 0 or exclusion_weight < 0:
-            raise ValueError(f"weights must be non-negative and dice/bce not both zero, got {dice_weight}, {bce_weight}, {exclusion_weight}")
+            raise ValueError(
+                f"weights must be non-negative and dice/bce not both zero, got {dice_weight}, {bce_weight}, {exclusion_weight}"
+            )
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.exclusion_weight = exclusion_weight
@@ -88,7 +90,9 @@ class NaiveSoftmaxLoss(nn.Module):
         super().__init__()
         self.dice = DiceLoss(softmax=True, include_background=False)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor | None = None
+    ) -> torch.Tensor:
         background_logit = torch.zeros_like(logits[:, :1])
         full_logits = torch.cat([background_logit, logits], dim=1)
         background = 1 - target.amax(dim=1, keepdim=True)

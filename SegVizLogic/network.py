@@ -14,14 +14,14 @@ from torch import nn
 from .organs import ORGAN_NAMES, organ_by_name
 
 __all__ = [
-    "NetworkConfig",
+    "HEAD_PREFIX",
+    "PARTITION_BATCHNORM",
+    "PARTITION_SHARED",
     "MultiOrganUNet",
+    "NetworkConfig",
     "build_network",
     "parameter_group",
     "partition_state",
-    "PARTITION_SHARED",
-    "PARTITION_BATCHNORM",
-    "HEAD_PREFIX",
 ]
 
 PARTITION_SHARED = "shared"
@@ -65,7 +65,9 @@ class NetworkConfig:
         if len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"strides {self.strides} must have one entry fewer than channels {self.channels}")
         if self.output not in ("sigmoid", "softmax"):
-            raise ValueError(f"output must be 'sigmoid' (one binary problem per organ) or 'softmax', got {self.output!r}")
+            raise ValueError(
+                f"output must be 'sigmoid' (one binary problem per organ) or 'softmax', got {self.output!r}"
+            )
         if self.num_res_units < 0 or self.body_features < 1:
             raise ValueError(f"invalid num_res_units={self.num_res_units} or body_features={self.body_features}")
 
@@ -79,7 +81,7 @@ class NetworkConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "NetworkConfig":
+    def from_dict(cls, data: Mapping) -> NetworkConfig:
         """Inverse of :meth:`to_dict`; raises ``ValueError`` on unknown keys."""
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
@@ -117,7 +119,10 @@ class MultiOrganUNet(nn.Module):
         )
         # The body's last layer is a plain convolution; the heads add the non-linearity.
         self.heads = nn.ModuleDict(
-            {name: nn.Sequential(nn.PReLU(config.body_features), nn.Conv3d(config.body_features, 1, 1)) for name in config.organs}
+            {
+                name: nn.Sequential(nn.PReLU(config.body_features), nn.Conv3d(config.body_features, 1, 1))
+                for name in config.organs
+            }
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "Organ",
-    "ORGANS",
-    "ORGAN_NAMES",
     "ANATOMICAL_STRUCTURE",
     "KIDNEY_SIDE_MODIFIERS",
-    "organ_by_name",
+    "ORGANS",
+    "ORGAN_NAMES",
+    "Organ",
     "organ_by_label",
+    "organ_by_name",
     "parse_organ_list",
 ]
 

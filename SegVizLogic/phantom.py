@@ -40,20 +40,20 @@ from .organs import ORGANS, organ_by_name
 from .progress import ProgressReporter
 
 __all__ = [
-    "PHASES",
     "FILE_FORMATS",
-    "SIZES",
     "LAYOUTS",
     "PAPER_SITES",
+    "PHASES",
+    "SIZES",
     "TISSUES",
-    "ScannerProfile",
     "PhantomAnatomy",
     "PhantomLayout",
-    "phantom_scanners",
-    "sample_anatomy",
-    "make_phantom_case",
+    "ScannerProfile",
     "generate_phantom_sites",
+    "make_phantom_case",
+    "phantom_scanners",
     "render_phantom_montage",
+    "sample_anatomy",
 ]
 
 PHASES = ("portal-venous", "non-contrast", "arterial")
@@ -74,10 +74,32 @@ TISSUES: dict[str, int] = {
     name: code
     for code, name in enumerate(
         (
-            "air", "skin", "fat", "muscle", "visceral_fat", "bone_cortical", "bone_cancellous", "disc",
-            "csf", "liver", "spleen", "pancreas", "kidney_cortex", "kidney_medulla", "renal_sinus",
-            "aorta", "ivc", "portal_vein", "hepatic_vein", "bowel_wall", "fluid", "gas", "stool",
-            "bile", "lung", "table",
+            "air",
+            "skin",
+            "fat",
+            "muscle",
+            "visceral_fat",
+            "bone_cortical",
+            "bone_cancellous",
+            "disc",
+            "csf",
+            "liver",
+            "spleen",
+            "pancreas",
+            "kidney_cortex",
+            "kidney_medulla",
+            "renal_sinus",
+            "aorta",
+            "ivc",
+            "portal_vein",
+            "hepatic_vein",
+            "bowel_wall",
+            "fluid",
+            "gas",
+            "stool",
+            "bile",
+            "lung",
+            "table",
         )
     )
 }
@@ -171,7 +193,9 @@ class ScannerProfile:
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
         if self.noise_sigma < 0 or self.noise_grain < 0:
-            raise ValueError(f"noise_sigma and noise_grain must be >= 0, got {self.noise_sigma!r}, {self.noise_grain!r}")
+            raise ValueError(
+                f"noise_sigma and noise_grain must be >= 0, got {self.noise_sigma!r}, {self.noise_grain!r}"
+            )
         if len(self.fov) != 3 or min(self.fov) <= 0:
             raise ValueError(f"fov must be three positive lengths in mm, got {self.fov!r}")
 
@@ -183,7 +207,7 @@ class ScannerProfile:
     @property
     def grid_size(self) -> tuple[int, int, int]:
         """Voxel counts (x, y, z) on the LPS grid."""
-        return tuple(max(8, int(round(f / s))) for f, s in zip(self.fov, self.spacing))  # type: ignore[return-value]
+        return tuple(max(8, round(f / s)) for f, s in zip(self.fov, self.spacing))  # type: ignore[return-value]
 
 
 def phantom_scanners(size: str = "small") -> dict[str, ScannerProfile]:
@@ -201,11 +225,66 @@ def phantom_scanners(size: str = "small") -> dict[str, ScannerProfile]:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     #       name            phase            sigma  off   small(px, sl, fov)                      full(px, sl)  orient format  bolus grain
     table = (
-        ("site-liver", "portal-venous", 12.0, 0.0, (3.0, 4.0, (340.0, 260.0, 200.0)), (0.78, 1.25), "LPS", ".nii.gz", 1.00, 0.6),
-        ("site-spleen", "non-contrast", 16.0, 3.0, (3.5, 5.0, (350.0, 270.0, 210.0)), (0.86, 2.5), "RAS", ".nrrd", 1.00, 0.8),
-        ("site-pancreas", "portal-venous", 10.0, -2.0, (2.5, 3.0, (330.0, 250.0, 195.0)), (0.70, 1.0), "LAS", ".mha", 1.03, 0.5),
-        ("site-kidney", "arterial", 14.0, 2.0, (2.8, 3.5, (345.0, 266.0, 203.0)), (0.82, 2.0), "PIR", ".nii.gz", 1.00, 0.7),
-        ("external", "portal-venous", 20.0, -3.0, (3.2, 4.5, (340.0, 260.0, 202.0)), (0.74, 1.5), "RAI", ".nrrd", 0.97, 0.9),
+        (
+            "site-liver",
+            "portal-venous",
+            12.0,
+            0.0,
+            (3.0, 4.0, (340.0, 260.0, 200.0)),
+            (0.78, 1.25),
+            "LPS",
+            ".nii.gz",
+            1.00,
+            0.6,
+        ),
+        (
+            "site-spleen",
+            "non-contrast",
+            16.0,
+            3.0,
+            (3.5, 5.0, (350.0, 270.0, 210.0)),
+            (0.86, 2.5),
+            "RAS",
+            ".nrrd",
+            1.00,
+            0.8,
+        ),
+        (
+            "site-pancreas",
+            "portal-venous",
+            10.0,
+            -2.0,
+            (2.5, 3.0, (330.0, 250.0, 195.0)),
+            (0.70, 1.0),
+            "LAS",
+            ".mha",
+            1.03,
+            0.5,
+        ),
+        (
+            "site-kidney",
+            "arterial",
+            14.0,
+            2.0,
+            (2.8, 3.5, (345.0, 266.0, 203.0)),
+            (0.82, 2.0),
+            "PIR",
+            ".nii.gz",
+            1.00,
+            0.7,
+        ),
+        (
+            "external",
+            "portal-venous",
+            20.0,
+            -3.0,
+            (3.2, 4.5, (340.0, 260.0, 202.0)),
+            (0.74, 1.5),
+            "RAI",
+            ".nrrd",
+            0.97,
+            0.9,
+        ),
     )
     scanners = {}
     for name, phase, sigma, offset, (px, sl, fov), (fpx, fsl), orient, fmt, bolus, grain in table:
@@ -230,7 +309,9 @@ class _Waves:
     amp: np.ndarray  # (n,)
 
     @staticmethod
-    def draw(rng: np.random.Generator, amp: float, wavelengths: tuple[float, float] = (45.0, 110.0), n: int = 5) -> _Waves:
+    def draw(
+        rng: np.random.Generator, amp: float, wavelengths: tuple[float, float] = (45.0, 110.0), n: int = 5
+    ) -> _Waves:
         d = rng.normal(size=(n, 3))
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         k = d * (2 * np.pi / rng.uniform(*wavelengths, size=(n, 1)))
@@ -255,9 +336,11 @@ class _Blob:
     def local(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dx, dy, dz = x - self.center[0], y - self.center[1], z - self.center[2]
         r = self.rot.astype(np.float32)
-        return (r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz,
-                r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz,
-                r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz)
+        return (
+            r[0, 0] * dx + r[1, 0] * dy + r[2, 0] * dz,
+            r[0, 1] * dx + r[1, 1] * dy + r[2, 1] * dz,
+            r[0, 2] * dx + r[1, 2] * dy + r[2, 2] * dz,
+        )
 
     @property
     def reach(self) -> float:
@@ -347,15 +430,29 @@ def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnato
     fat = float(np.clip(1.0 + jitter(0.25), 0.55, 1.5))
     muscle = 11.0 * factor(0.15)
     # The cavity is set by the skeleton; fat and muscle add outwards (an obese patient is wider).
-    body = {"fat_lat": 21.0 * fat, "fat_ant": 22.0 * fat, "fat_post": 13.0 * fat, "muscle": muscle,
-            "x0": shift[0], "y0": shift[1], "z0": shift[2]}
+    body = {
+        "fat_lat": 21.0 * fat,
+        "fat_ant": 22.0 * fat,
+        "fat_post": 13.0 * fat,
+        "muscle": muscle,
+        "x0": shift[0],
+        "y0": shift[1],
+        "z0": shift[2],
+    }
     body["a"] = 120.0 * habitus * factor(0.03) + body["fat_lat"] + muscle
     body["b_ant"] = 71.0 * habitus * factor(0.03) + body["fat_ant"] + muscle
     body["b_post"] = 69.0 * habitus + body["fat_post"] + 26.0
 
-    def blob(center: tuple[float, float, float], axes: tuple[float, float, float], volume_spread: float,
-             rot: tuple[float, float, float] = (0.0, 0.0, 0.0), base: np.ndarray | None = None,
-             pos_sd: float = 4.0, rot_sd: float = 4.0, wave_amp: float = 0.05) -> _Blob:
+    def blob(
+        center: tuple[float, float, float],
+        axes: tuple[float, float, float],
+        volume_spread: float,
+        rot: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        base: np.ndarray | None = None,
+        pos_sd: float = 4.0,
+        rot_sd: float = 4.0,
+        wave_amp: float = 0.05,
+    ) -> _Blob:
         c = np.asarray(center, float) + shift + jitter(pos_sd, 3)
         ratio = factor(0.07, 3)
         ratio /= np.prod(ratio) ** (1 / 3)  # shape change at constant volume...
@@ -376,7 +473,10 @@ def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnato
         organs[side] = blob((sign * 77.0, 36.0, z), (29.0, 26.5, 58.0), 0.15, base=frame, wave_amp=0.035)
 
     # Pancreas: head by the duodenum on the right, neck anterior to the portal confluence, tail to the splenic hilum.
-    p = np.array([(-42, -38, 88), (-34, -44, 99), (-8, -52, 104), (22, -46, 110), (48, -28, 116), (66, -5, 121), (76, 12, 124)], float)
+    p = np.array(
+        [(-42, -38, 88), (-34, -44, 99), (-8, -52, 104), (22, -46, 110), (48, -28, 116), (66, -5, 121), (76, 12, 124)],
+        float,
+    )
     p += shift + jitter(3.0, (1, 3)) + jitter(2.0, p.shape)
     pr = np.array([17.5, 16.5, 12.0, 12.0, 11.0, 10.0, 7.5]) * factor(0.05) * factor(0.04, 7)
     pancreas = _Tube.through(p, pr, "pancreas")
@@ -390,24 +490,66 @@ def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnato
 
     sp = shift[:2]
     vessels = [
-        _Tube.through(np.array([(11, -22, 240), (11, -23, 120), (8, -20, 30), (5, -18, 14)]) + np.r_[sp, 0], 10.5 * factor(0.08), "aorta"),
+        _Tube.through(
+            np.array([(11, -22, 240), (11, -23, 120), (8, -20, 30), (5, -18, 14)]) + np.r_[sp, 0],
+            10.5 * factor(0.08),
+            "aorta",
+        ),
         _Tube.through(np.array([(5, -18, 14), (36, -10, -40)]) + np.r_[sp, 0], 6.5, "aorta"),
         _Tube.through(np.array([(5, -18, 14), (-28, -10, -40)]) + np.r_[sp, 0], 6.5, "aorta"),
-        _Tube.through(np.array([(-22, -18, -40), (-22, -20, 120), (-24, -4, 175), (-20, -2, 240)]) + np.r_[sp, 0], np.array([11.0, 11.0, 12.0, 12.0]), "ivc"),
+        _Tube.through(
+            np.array([(-22, -18, -40), (-22, -20, 120), (-24, -4, 175), (-20, -2, 240)]) + np.r_[sp, 0],
+            np.array([11.0, 11.0, 12.0, 12.0]),
+            "ivc",
+        ),
         # portal vein from the confluence behind the pancreatic neck to the liver hilum, then branches
-        _Tube.through(np.array([(-10, -38, 100), (-30, -30, 118), (-48, -26, 130), (-85, -14, 136)]) + np.r_[sp, 0] + np.r_[jitter(2.0, 2), 0], np.array([7.0, 7.0, 6.0, 4.0]), "portal_vein"),
-        _Tube.through(np.array([(-48, -26, 130), (-25, -45, 140), (5, -62, 146)]) + np.r_[sp, 0], np.array([5.0, 4.0, 3.0]), "portal_vein"),
+        _Tube.through(
+            np.array([(-10, -38, 100), (-30, -30, 118), (-48, -26, 130), (-85, -14, 136)])
+            + np.r_[sp, 0]
+            + np.r_[jitter(2.0, 2), 0],
+            np.array([7.0, 7.0, 6.0, 4.0]),
+            "portal_vein",
+        ),
+        _Tube.through(
+            np.array([(-48, -26, 130), (-25, -45, 140), (5, -62, 146)]) + np.r_[sp, 0],
+            np.array([5.0, 4.0, 3.0]),
+            "portal_vein",
+        ),
         # splenic vein along the back of the pancreas body and tail
         _Tube.through(p[2:] + np.array([0.0, 10.0, 0.0]), 4.0, "portal_vein"),
         # hepatic veins draining into the IVC below the diaphragm
-        _Tube.through(np.array([(-100, -5, 150), (-60, 0, 168), (-26, -2, 180)]) + np.r_[sp, 0], np.array([3.5, 4.5, 6.0]), "hepatic_vein"),
-        _Tube.through(np.array([(-50, -55, 150), (-38, -25, 170), (-24, -4, 182)]) + np.r_[sp, 0], np.array([3.0, 4.0, 5.5]), "hepatic_vein"),
-        _Tube.through(np.array([(0, -60, 160), (-14, -28, 178), (-22, -6, 184)]) + np.r_[sp, 0], np.array([3.0, 3.5, 5.0]), "hepatic_vein"),
+        _Tube.through(
+            np.array([(-100, -5, 150), (-60, 0, 168), (-26, -2, 180)]) + np.r_[sp, 0],
+            np.array([3.5, 4.5, 6.0]),
+            "hepatic_vein",
+        ),
+        _Tube.through(
+            np.array([(-50, -55, 150), (-38, -25, 170), (-24, -4, 182)]) + np.r_[sp, 0],
+            np.array([3.0, 4.0, 5.5]),
+            "hepatic_vein",
+        ),
+        _Tube.through(
+            np.array([(0, -60, 160), (-14, -28, 178), (-22, -6, 184)]) + np.r_[sp, 0],
+            np.array([3.0, 3.5, 5.0]),
+            "hepatic_vein",
+        ),
     ]
 
     bowel: list[_Tube] = []
     # Duodenal C-loop around the pancreatic head (gas and fluid), then the colon frame and small bowel.
-    duo = np.array([(5, -62, 128), (-28, -58, 124), (-58, -40, 110), (-62, -34, 92), (-55, -34, 74), (-22, -42, 66), (10, -44, 70), (28, -40, 84)], float)
+    duo = np.array(
+        [
+            (5, -62, 128),
+            (-28, -58, 124),
+            (-58, -40, 110),
+            (-62, -34, 92),
+            (-55, -34, 74),
+            (-22, -42, 66),
+            (10, -44, 70),
+            (28, -40, 84),
+        ],
+        float,
+    )
     bowel.append(_Tube.through(duo + shift + jitter(2.0, duo.shape), 11.0, "fluid"))
     colon = [
         np.array([(-98, -8, -20), (-100, -12, 40), (-96, -20, 92), (-80, -46, 104)], float),
@@ -440,7 +582,10 @@ def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnato
 
     # Ribs: (level at the spine in mm, how far round they reach in degrees from the back).
     top = 205.0 + shift[2]
-    ribs = tuple((top + 30.0 - 25.0 * i + jitter(2.0), (150.0, 150.0, 140.0, 125.0, 105.0, 75.0)[i] + jitter(5.0)) for i in range(6))
+    ribs = tuple(
+        (top + 30.0 - 25.0 * i + jitter(2.0), (150.0, 150.0, 140.0, 125.0, 105.0, 75.0)[i] + jitter(5.0))
+        for i in range(6)
+    )
     anatomy = PhantomAnatomy(
         body=body,
         organs=organs,
@@ -469,15 +614,19 @@ def _volume_corrected(anatomy: PhantomAnatomy, targets: dict[str, float], passes
         _, labels = _rasterise(anatomy, grid)
         right = (grid.xs < x_mid)[None, None, :]
         measured = {
-            "liver": (labels == 1).sum(), "spleen": (labels == 2).sum(),
-            "kidney_right": ((labels == 4) & right).sum(), "kidney_left": ((labels == 4) & ~right).sum(),
+            "liver": (labels == 1).sum(),
+            "spleen": (labels == 2).sum(),
+            "kidney_right": ((labels == 4) & right).sum(),
+            "kidney_left": ((labels == 4) & ~right).sum(),
         }
         organs = dict(anatomy.organs)
         for name, target in targets.items():
             ml = float(measured[name]) * voxel_ml
             if ml > 0:
                 b = organs[name]
-                organs[name] = _Blob(b.center, b.axes * float(np.clip(target / ml, 0.8, 1.25)) ** (1 / 3), b.rot, b.waves)
+                organs[name] = _Blob(
+                    b.center, b.axes * float(np.clip(target / ml, 0.8, 1.25)) ** (1 / 3), b.rot, b.waves
+                )
         anatomy = replace(anatomy, organs=organs)
     return anatomy
 
@@ -501,7 +650,9 @@ class _Grid:
         self.zs = (self.origin[2] + sz * np.arange(nz)).astype(np.float32)
         self.shape = (nz, ny, nx)
 
-    def box(self, lo: np.ndarray, hi: np.ndarray) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
+    def box(
+        self, lo: np.ndarray, hi: np.ndarray
+    ) -> tuple[tuple[slice, slice, slice], np.ndarray, np.ndarray, np.ndarray] | None:
         """Slices covering physical [lo, hi] and broadcastable coordinates X (1,1,n), Y (1,n,1), Z (n,1,1)."""
         out = []
         for axis, coords in enumerate((self.xs, self.ys, self.zs)):
@@ -531,14 +682,20 @@ def _tube_q2(grid: _Grid, tube: _Tube, margin: float = 1.0):
         if sub is None:
             continue
         (bz, by, bx), sx_, sy_, sz_ = sub
-        local = (slice(bz.start - z0, bz.stop - z0), slice(by.start - y0, by.stop - y0), slice(bx.start - x0, bx.stop - x0))
+        local = (
+            slice(bz.start - z0, bz.stop - z0),
+            slice(by.start - y0, by.stop - y0),
+            slice(bx.start - x0, bx.stop - x0),
+        )
         inv = np.float32(1.0 / (r * r))
         d2 = ((sx_ - c[0]) ** 2 * inv) + ((sy_ - c[1]) ** 2 * inv) + ((sz_ - c[2]) ** 2 * inv)
         np.minimum(q2[local], d2, out=q2[local])
     return sl, X, Y, Z, q2
 
 
-def _superellipse(x: np.ndarray, y: np.ndarray, a: float, b_ant: float, b_post: float, n_ant: float = 2.2, n_post: float = 3.0) -> np.ndarray:
+def _superellipse(
+    x: np.ndarray, y: np.ndarray, a: float, b_ant: float, b_post: float, n_ant: float = 2.2, n_post: float = 3.0
+) -> np.ndarray:
     """Body-outline function: < 1 inside. Flatter at the back (n_post), rounder in front."""
     a, b_ant, b_post = max(a, 1.0), max(b_ant, 1.0), max(b_post, 1.0)
     ant = (np.abs(x) / a) ** n_ant + (np.abs(np.minimum(y, 0)) / b_ant) ** n_ant
@@ -587,8 +744,16 @@ def _kidney_parts(kd: _Blob, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tup
 def _cavity_inside(body: dict[str, float], x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The peritoneal/retroperitoneal cavity inside the muscle wall (2-D, no z wobble)."""
     m = body["muscle"]
-    return _superellipse(x - body["x0"], y - body["y0"], body["a"] - body["fat_lat"] - m,
-                         body["b_ant"] - body["fat_ant"] - m, body["b_post"] - body["fat_post"] - 26.0) < 1.0
+    return (
+        _superellipse(
+            x - body["x0"],
+            y - body["y0"],
+            body["a"] - body["fat_lat"] - m,
+            body["b_ant"] - body["fat_ant"] - m,
+            body["b_post"] - body["fat_post"] - 26.0,
+        )
+        < 1.0
+    )
 
 
 def _organ_space(body: dict[str, float], x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -597,8 +762,9 @@ def _organ_space(body: dict[str, float], x: np.ndarray, y: np.ndarray) -> np.nda
     return _cavity_inside(body, x, y) & ~retro
 
 
-def _calibrated(blob: _Blob, inside: Any, body: dict[str, float], target_ml: float,
-                taken: tuple[Any, ...] = (), step: float = 5.0) -> _Blob:
+def _calibrated(
+    blob: _Blob, inside: Any, body: dict[str, float], target_ml: float, taken: tuple[Any, ...] = (), step: float = 5.0
+) -> _Blob:
     """Rescale a blob so that its shape, clipped to the organ space and less what the organs in
     ``taken`` occupy, has ``target_ml`` (two passes)."""
     for _ in range(1):
@@ -631,7 +797,12 @@ def _rasterise(anat: PhantomAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarra
     body = outline[wob_index] < 1.0
 
     def layer(shrink_lat: float, shrink_ant: float, shrink_post: float) -> np.ndarray:
-        inner = np.stack([_superellipse(x2 / w, y2 / w, a - shrink_lat, ba - shrink_ant, bp - shrink_post) for w in np.unique(np.round(wobble, 3))])
+        inner = np.stack(
+            [
+                _superellipse(x2 / w, y2 / w, a - shrink_lat, ba - shrink_ant, bp - shrink_post)
+                for w in np.unique(np.round(wobble, 3))
+            ]
+        )
         return inner[wob_index] < 1.0
 
     tissue[body] = T["skin"]
@@ -644,7 +815,9 @@ def _rasterise(anat: PhantomAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarra
 
     # Table under the patient (a curved carbon-fibre shell).
     yt = bp + bd["y0"] + 10.0 + 0.0006 * (grid.xs[None, :] - bd["x0"]) ** 2
-    table2 = ((grid.ys[:, None] > yt) & (grid.ys[:, None] < yt + 5.0)) | ((grid.ys[:, None] > yt + 22.0) & (grid.ys[:, None] < yt + 26.0))
+    table2 = ((grid.ys[:, None] > yt) & (grid.ys[:, None] < yt + 5.0)) | (
+        (grid.ys[:, None] > yt + 22.0) & (grid.ys[:, None] < yt + 26.0)
+    )
     table2 &= np.abs(grid.xs[None, :] - bd["x0"]) < 0.8 * a
     tissue[:, table2] = T["table"]
 
@@ -653,7 +826,7 @@ def _rasterise(anat: PhantomAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarra
     for sign in (-1.0, 1.0):
         erector = ((x2 - sign * 34.0) / 27.0) ** 2 + ((y2 - 70.0) / 24.0) ** 2 < 1.0
         tissue[:, erector] = T["muscle"]
-        ql = (((x2 - sign * 64.0) / 17.0) ** 2 + ((y2 - 66.0) / 12.0) ** 2 < 1.0)
+        ql = ((x2 - sign * 64.0) / 17.0) ** 2 + ((y2 - 66.0) / 12.0) ** 2 < 1.0
         tissue[(Z[:, 0, 0] < 110.0 + bd["z0"])[:, None, None] & ql[None]] = T["muscle"]
         psoas_r = np.clip((150.0 + bd["z0"] - Z) * 0.16, 0.0, 24.0)
         psoas = ((X - sign * (30.0 + 0.35 * psoas_r)) ** 2 + ((Y - 8.0) * 1.1) ** 2) < psoas_r**2
@@ -665,7 +838,7 @@ def _rasterise(anat: PhantomAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarra
         res = _tube_q2(grid, tube)
         if res is None:
             continue
-        sl, Xb, Yb, Zb, q2 = res
+        sl, _Xb, Yb, _Zb, q2 = res
         inside = (q2 < 1.0) & cavity[sl]
         wall_ratio = float(np.clip(1.0 - 3.0 / tube.radii.mean(), 0.5, 0.9)) ** 2
         lumen = inside & (q2 < wall_ratio)
@@ -716,7 +889,9 @@ def _rasterise(anat: PhantomAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarra
     if box is not None:
         sl, Xs, Ys, Zs = box
         u, v, w = gb.local(Xs, Ys, Zs)
-        inside = np.sqrt((u / gb.axes[0]) ** 2 + (v / gb.axes[1]) ** 2 + (w / gb.axes[2]) ** 2) + gb.waves(Xs, Ys, Zs) < 1.0
+        inside = (
+            np.sqrt((u / gb.axes[0]) ** 2 + (v / gb.axes[1]) ** 2 + (w / gb.axes[2]) ** 2) + gb.waves(Xs, Ys, Zs) < 1.0
+        )
         inside &= cavity[sl]
         tissue[sl][inside] = T["bile"]
         labels[sl][inside] = 0
@@ -785,8 +960,12 @@ def _rasterise(anat: PhantomAnatomy, grid: _Grid) -> tuple[np.ndarray, np.ndarra
     r_canal = np.hypot(x2, y2 - 35.0)
     canal = (r_canal < 9.0)[None]
     ring = ((r_canal >= 9.0) & (r_canal < 15.0) & (y2 > 24.0))[None]
-    spinous = ((np.abs(x2) < 4.0 + 0.05 * (y2 - 45.0)) & (y2 > 42.0) & (y2 < 86.0))[None] & ((phase > 9.0) & (phase < 24.0))[:, None, None]
-    transverse = ((np.abs(y2 - 34.0) < 4.0) & (np.abs(x2) > 10.0) & (np.abs(x2) < 42.0))[None] & ((phase > 12.0) & (phase < 22.0))[:, None, None]
+    spinous = ((np.abs(x2) < 4.0 + 0.05 * (y2 - 45.0)) & (y2 > 42.0) & (y2 < 86.0))[None] & (
+        (phase > 9.0) & (phase < 24.0)
+    )[:, None, None]
+    transverse = ((np.abs(y2 - 34.0) < 4.0) & (np.abs(x2) > 10.0) & (np.abs(x2) < 42.0))[None] & (
+        (phase > 12.0) & (phase < 22.0)
+    )[:, None, None]
     bone |= ring | spinous | transverse
     tissue[np.broadcast_to(canal, grid.shape)] = T["csf"]
 
@@ -830,7 +1009,9 @@ def _unit_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[f
     return smooth / np.float32(std if std > 0 else 1.0)
 
 
-def _intensities(tissue: np.ndarray, anat: PhantomAnatomy, scanner: ScannerProfile, grid: _Grid, noise_rng: np.random.Generator) -> np.ndarray:
+def _intensities(
+    tissue: np.ndarray, anat: PhantomAnatomy, scanner: ScannerProfile, grid: _Grid, noise_rng: np.random.Generator
+) -> np.ndarray:
     column = _PHASE_COLUMN[scanner.phase]
     boost = scanner.contrast_scale * anat.enhancement
     names = sorted(TISSUES, key=TISSUES.get)
@@ -979,7 +1160,9 @@ def generate_phantom_sites(
     if out.exists() and not out.is_dir():
         raise SegVizInputError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise SegVizInputError(out, "folder is not empty; choose an empty folder or pass force=True to replace the phantom data in it")
+        raise SegVizInputError(
+            out, "folder is not empty; choose an empty folder or pass force=True to replace the phantom data in it"
+        )
     progress = progress or ProgressReporter("none")
     scanners = phantom_scanners(size)
     plan = [(name, [organ], scanners[name], n_site) for name, organ in PAPER_SITES]
@@ -1031,7 +1214,9 @@ def generate_phantom_sites(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    progress.emit("stage", stage="phantom", message=f"phantom written to {out} in {time.perf_counter() - started:.1f} s")
+    progress.emit(
+        "stage", stage="phantom", message=f"phantom written to {out} in {time.perf_counter() - started:.1f} s"
+    )
     return PhantomLayout(sites=[out / name for name, _ in PAPER_SITES], external=out / EXTERNAL_NAME)
 
 
@@ -1061,7 +1246,9 @@ def render_phantom_montage(layout: PhantomLayout, path: str | Path, case: int = 
     folders = [*layout.sites, layout.external]
     manifest_path = layout.root / "phantom.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"sites": {}}
-    fig, axes = plt.subplots(len(folders), 3, figsize=(12.5, 3.1 * len(folders)), gridspec_kw={"width_ratios": [1.3, 1.3, 0.95]})
+    fig, axes = plt.subplots(
+        len(folders), 3, figsize=(12.5, 3.1 * len(folders)), gridspec_kw={"width_ratios": [1.3, 1.3, 0.95]}
+    )
     fig.patch.set_facecolor("black")
     for row, folder in enumerate(folders):
         info = json.loads((folder / "site.json").read_text())
@@ -1072,12 +1259,17 @@ def render_phantom_montage(layout: PhantomLayout, path: str | Path, case: int = 
         sx, sy, sz = ct.GetSpacing()
         ox, oy, oz = ct.GetOrigin()
         nz, ny, nx = arr.shape
-        colours = [(0, 0, 0, 0)] + [(*organ_by_name(info["labels"][str(k)]).colour_float, 0.45) if str(k) in info["labels"] else (0, 0, 0, 0) for k in range(1, 8)]
+        colours = [(0, 0, 0, 0)] + [
+            (*organ_by_name(info["labels"][str(k)]).colour_float, 0.45) if str(k) in info["labels"] else (0, 0, 0, 0)
+            for k in range(1, 8)
+        ]
         cmap = ListedColormap(colours)
         scanner = manifest["sites"].get(info["name"], {}).get("scanner", {})
         stem = image_file.name.split(".")[0]
-        ext = image_file.name[len(stem):]
-        orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(sitk.ReadImage(str(image_file)).GetDirection())
+        ext = image_file.name[len(stem) :]
+        orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            sitk.ReadImage(str(image_file)).GetDirection()
+        )
         title = f"{info['name']} · {scanner.get('phase', '?')} · {scanner.get('pixel_spacing', sx):g}×{scanner.get('pixel_spacing', sy):g}×{scanner.get('slice_thickness', sz):g} mm · {orient} {ext}"
         # Axial levels in patient z: upper abdomen (liver, spleen, stomach) and renal hilum.
         for col, z_mm in enumerate((150.0, 95.0)):
@@ -1087,23 +1279,62 @@ def render_phantom_montage(layout: PhantomLayout, path: str | Path, case: int = 
             ax.imshow(arr[k], cmap="gray", vmin=-160, vmax=240, extent=extent, interpolation="bilinear")
             ax.imshow(larr[k], cmap=cmap, vmin=0, vmax=7, extent=extent, interpolation="nearest")
             if larr[k].any():
-                ax.contour(np.linspace(ox, ox + (nx - 1) * sx, nx), np.linspace(oy, oy + (ny - 1) * sy, ny), (larr[k] > 0).astype(float), levels=[0.5], colors="white", linewidths=0.5)
+                ax.contour(
+                    np.linspace(ox, ox + (nx - 1) * sx, nx),
+                    np.linspace(oy, oy + (ny - 1) * sy, ny),
+                    (larr[k] > 0).astype(float),
+                    levels=[0.5],
+                    colors="white",
+                    linewidths=0.5,
+                )
             ax.set_title(f"axial z={oz + k * sz:.0f} mm", color="white", fontsize=9)
             ax.text(0.02, 0.04, "R", color="yellow", transform=ax.transAxes, fontsize=10)
             ax.text(0.95, 0.04, "L", color="yellow", transform=ax.transAxes, fontsize=10)
         ax = axes[row, 2]
         j = int(np.clip(round((10.0 - oy) / sy), 0, ny - 1))  # coronal plane through the kidneys
         extent = (ox - sx / 2, ox + (nx - 0.5) * sx, oz - sz / 2, oz + (nz - 0.5) * sz)
-        ax.imshow(arr[:, j, :], cmap="gray", vmin=-160, vmax=240, extent=extent, origin="lower", interpolation="bilinear", aspect="equal")
-        ax.imshow(larr[:, j, :], cmap=cmap, vmin=0, vmax=7, extent=extent, origin="lower", interpolation="nearest", aspect="equal")
+        ax.imshow(
+            arr[:, j, :],
+            cmap="gray",
+            vmin=-160,
+            vmax=240,
+            extent=extent,
+            origin="lower",
+            interpolation="bilinear",
+            aspect="equal",
+        )
+        ax.imshow(
+            larr[:, j, :],
+            cmap=cmap,
+            vmin=0,
+            vmax=7,
+            extent=extent,
+            origin="lower",
+            interpolation="nearest",
+            aspect="equal",
+        )
         ax.set_title(f"coronal y={oy + j * sy:.0f} mm", color="white", fontsize=9)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[row, 0].annotate(title, (0.0, 1.13), xycoords="axes fraction", color="white", fontsize=11, fontweight="bold")
+        axes[row, 0].annotate(
+            title, (0.0, 1.13), xycoords="axes fraction", color="white", fontsize=11, fontweight="bold"
+        )
     handles = [plt.Rectangle((0, 0), 1, 1, color=o.colour_float) for o in ORGANS]
-    fig.legend(handles, [o.name for o in ORGANS], loc="lower center", ncol=4, facecolor="black", labelcolor="white", frameon=False)
-    fig.suptitle("SegViz phantom sites · W400 L40 · radiological convention (patient right on image left)", color="white", fontsize=13)
+    fig.legend(
+        handles,
+        [o.name for o in ORGANS],
+        loc="lower center",
+        ncol=4,
+        facecolor="black",
+        labelcolor="white",
+        frameon=False,
+    )
+    fig.suptitle(
+        "SegViz phantom sites · W400 L40 · radiological convention (patient right on image left)",
+        color="white",
+        fontsize=13,
+    )
     fig.tight_layout(rect=(0, 0.02, 1, 0.98))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,11 +24,11 @@ from monai.transforms import (
 )
 
 __all__ = [
-    "Preprocessing",
     "LPS_TO_RAS",
-    "sitk_to_metatensor",
+    "Preprocessing",
     "metatensor_to_sitk",
     "preprocessing_transforms",
+    "sitk_to_metatensor",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -59,9 +59,13 @@ class Preprocessing:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Preprocessing":
+    def from_dict(cls, data: Mapping) -> Preprocessing:
         """Inverse of :meth:`to_dict`."""
-        return cls(spacing=tuple(data["spacing"]), hu_window=tuple(data["hu_window"]), orientation=data.get("orientation", "RAS"))
+        return cls(
+            spacing=tuple(data["spacing"]),
+            hu_window=tuple(data["hu_window"]),
+            orientation=data.get("orientation", "RAS"),
+        )
 
 
 def sitk_to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> MetaTensor:
@@ -98,7 +102,9 @@ def metatensor_to_sitk(tensor: torch.Tensor | np.ndarray, affine: np.ndarray | t
     return image
 
 
-def preprocessing_transforms(preprocessing: Preprocessing, keys: Sequence[str] = ("image",), label_keys: Sequence[str] = ()) -> Compose:
+def preprocessing_transforms(
+    preprocessing: Preprocessing, keys: Sequence[str] = ("image",), label_keys: Sequence[str] = ()
+) -> Compose:
     """MONAI dict transforms from a loaded ``MetaTensor`` to network input.
 
     Args:

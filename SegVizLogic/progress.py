@@ -26,10 +26,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
-__all__ = ["PROGRESS_MODES", "ProgressReporter", "parse_progress_line"]
+__all__ = ["PROGRESS_MODES", "ProgressReporter", "parse_progress_line", "read_new_lines", "relay_event"]
 
 PROGRESS_MODES = ("rich", "json", "none")
 
@@ -123,10 +125,23 @@ class ProgressReporter:
     def task(self, stage: str, total: int | None) -> Iterator[Any]:
         """Context manager yielding ``advance(n=1, **fields)`` for a counted piece of work."""
         if self.mode == "rich":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
             with Progress(*columns, console=self._console, transient=False) as bar:
                 task_id = bar.add_task(stage, total=total, info="")
 
@@ -144,3 +159,24 @@ class ProgressReporter:
             self.emit("progress", stage=stage, current=state["current"], total=total, **fields)
 
         yield advance
+
+
+def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """New complete lines of a JSON-lines file after byte ``offset``, and the offset after them
+    (a line still being written is left for the next call)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    return data[: end + 1].decode("utf-8", errors="replace").splitlines(), offset + end + 1
+
+
+def relay_event(event: dict, reporter: ProgressReporter) -> None:
+    """Emit a parsed event (from another process's progress file) on ``reporter``."""
+    fields = {k: v for k, v in event.items() if k not in ("event", "time")}
+    reporter.emit(event["event"], **fields)

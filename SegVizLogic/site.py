@@ -26,9 +26,10 @@ Every organ in ``labels`` must be in ``organs`` and, with a value mapping, every
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,20 +53,20 @@ from .io import (
 from .organs import ORGAN_NAMES, organ_by_name
 
 __all__ = [
-    "SITE_FILE",
     "IMAGES_DIR",
     "LABELS_DIR",
-    "STATE_DIR",
     "SEGMENT_NAMES",
+    "SITE_FILE",
+    "STATE_DIR",
     "Case",
     "Site",
     "SiteValidationError",
+    "case_organ_map",
+    "load_case",
     "load_site",
+    "state_dir",
     "validate_site",
     "write_site",
-    "load_case",
-    "case_organ_map",
-    "state_dir",
 ]
 
 SITE_FILE = "site.json"
@@ -199,8 +200,10 @@ def _check_declaration(data: Any, where: Path, problems: list[str]) -> _Declarat
         declaration.segment_names = True
         return declaration
     if not isinstance(raw_labels, dict) or not raw_labels:
-        problems.append(f"{where}: 'labels' must map label values to organ names or null "
-                        f"(e.g. {{\"1\": \"liver\"}}), or be {SEGMENT_NAMES!r}; got {raw_labels!r}")
+        problems.append(
+            f"{where}: 'labels' must map label values to organ names or null "
+            f'(e.g. {{"1": "liver"}}), or be {SEGMENT_NAMES!r}; got {raw_labels!r}'
+        )
         return declaration
     for key, organ in raw_labels.items():
         try:
@@ -214,16 +217,20 @@ def _check_declaration(data: Any, where: Path, problems: list[str]) -> _Declarat
         try:
             organ_name = organ_by_name(str(organ)).name
         except ValueError:
-            problems.append(f"{where}: unknown organ {organ!r} for label value {value} in 'labels' (valid: {valid}, or null)")
+            problems.append(
+                f"{where}: unknown organ {organ!r} for label value {value} in 'labels' (valid: {valid}, or null)"
+            )
             continue
         if value == 0:
             problems.append(f"{where}: label value 0 is background and cannot be {organ_name!r}")
             continue
         declaration.label_values[value] = organ_name
         if declaration.organs and organ_name not in declaration.organs:
-            problems.append(f"{where}: label value {value} is {organ_name!r}, which is not in 'organs' "
-                            f"[{', '.join(declaration.organs)}]")
-    mapped = set(v for v in declaration.label_values.values() if v)
+            problems.append(
+                f"{where}: label value {value} is {organ_name!r}, which is not in 'organs' "
+                f"[{', '.join(declaration.organs)}]"
+            )
+    mapped = {v for v in declaration.label_values.values() if v}
     for organ_name in declaration.organs:
         if organ_name not in mapped:
             problems.append(f"{where}: organ {organ_name!r} is in 'organs' but no label value in 'labels' maps to it")
@@ -266,7 +273,9 @@ def _list_entries(folder: Path, problems: list[str], images: bool) -> dict[str, 
             continue
         if path.is_dir():
             if not images:
-                problems.append(f"{path}: a folder in {LABELS_DIR}/; a label map must be one file ({', '.join(LABEL_SUFFIXES)})")
+                problems.append(
+                    f"{path}: a folder in {LABELS_DIR}/; a label map must be one file ({', '.join(LABEL_SUFFIXES)})"
+                )
                 continue
         elif file_suffix(path) == ".dcm":
             problems.append(f"{path}: DICOM files must be in one sub-folder per case ({IMAGES_DIR}/<case>/)")
@@ -287,17 +296,23 @@ def _pair(root: Path, problems: list[str]) -> tuple[Case, ...]:
         image_paths, label_paths = images.get(name, []), labels.get(name, [])
         for kind, paths in (("images", image_paths), ("label maps", label_paths)):
             if len(paths) > 1:
-                problems.append(f"{paths[0].parent}: {len(paths)} {kind} for case {name!r}: "
-                                f"{', '.join(p.name for p in paths)}; keep one")
+                problems.append(
+                    f"{paths[0].parent}: {len(paths)} {kind} for case {name!r}: "
+                    f"{', '.join(p.name for p in paths)}; keep one"
+                )
         if image_paths and not label_paths:
-            problems.append(f"{image_paths[0]}: no label map for case {name!r} "
-                            f"(expected {root / LABELS_DIR / name}.nii.gz, .nrrd, .mha or .seg.nrrd)")
+            problems.append(
+                f"{image_paths[0]}: no label map for case {name!r} "
+                f"(expected {root / LABELS_DIR / name}.nii.gz, .nrrd, .mha or .seg.nrrd)"
+            )
         elif label_paths and not image_paths:
             problems.append(f"{label_paths[0]}: no image for case {name!r} in {root / IMAGES_DIR}")
         elif len(image_paths) == 1 and len(label_paths) == 1:
             cases.append(Case(name, image_paths[0], label_paths[0]))
     if not cases and (root / IMAGES_DIR).is_dir() and (root / LABELS_DIR).is_dir():
-        problems.append(f"{root}: no cases (no image in {IMAGES_DIR}/ has a label map of the same name in {LABELS_DIR}/)")
+        problems.append(
+            f"{root}: no cases (no image in {IMAGES_DIR}/ has a label map of the same name in {LABELS_DIR}/)"
+        )
     return tuple(cases)
 
 
@@ -308,8 +323,15 @@ def _collect(path: str | Path, check_images: bool) -> Site:
     cases = _pair(root, problems) if root.is_dir() else ()
     if declaration is None:
         raise SiteValidationError(root, problems)
-    site = Site(root, declaration.name, declaration.organs, dict(declaration.label_values), cases,
-                declaration.description, declaration.segment_names)
+    site = Site(
+        root,
+        declaration.name,
+        declaration.organs,
+        dict(declaration.label_values),
+        cases,
+        declaration.description,
+        declaration.segment_names,
+    )
     if check_images and not problems:
         _check_cases(site, problems)
     if problems:
@@ -382,8 +404,10 @@ def _grid_problem(labels: sitk.Image, image: sitk.Image, segmentation: bool) -> 
             index = np.array(image.TransformPhysicalPointToContinuousIndex(labels.GetOrigin()))
             if np.max(np.abs(index - np.round(index))) <= _LATTICE_TOL:
                 return None
-            return (f"segmentation origin is not on the image's voxel grid "
-                    f"(at index ({', '.join(f'{v:.3f}' for v in index)}) of the image)")
+            return (
+                f"segmentation origin is not on the image's voxel grid "
+                f"(at index ({', '.join(f'{v:.3f}' for v in index)}) of the image)"
+            )
         differences = lattice
     return "geometry differs from the image (label vs image): " + "; ".join(differences)
 
@@ -427,14 +451,16 @@ def _check_cases(site: Site, problems: list[str]) -> None:
         present = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v != 0]
         if site.segment_names:
             if not names:
-                problems.append(f"{case.label_path}: no segment names, but site.json says \"labels\": {SEGMENT_NAMES!r}")
+                problems.append(f'{case.label_path}: no segment names, but site.json says "labels": {SEGMENT_NAMES!r}')
                 complete = False  # its organs are unknown, so "organ absent" would be a false alarm
                 continue
             mapping = organ_map_from_segment_names(names)
             for value, organ in mapping.items():
                 if organ is not None and organ not in site.organs:
-                    problems.append(f"{case.label_path}: segment {names[value]!r} is {organ!r}, "
-                                    f"which is not in 'organs' [{', '.join(site.organs)}] of {site.site_file}")
+                    problems.append(
+                        f"{case.label_path}: segment {names[value]!r} is {organ!r}, "
+                        f"which is not in 'organs' [{', '.join(site.organs)}] of {site.site_file}"
+                    )
             undeclared = [v for v in present if v not in mapping]
             what = "have no segment"
         else:
@@ -442,13 +468,17 @@ def _check_cases(site: Site, problems: list[str]) -> None:
             undeclared = [v for v in present if v not in mapping]
             what = f"are not declared in 'labels' of {site.site_file}"
         if undeclared:
-            shown = ", ".join(map(str, undeclared[:12])) + (f" ... ({len(undeclared)} values)" if len(undeclared) > 12 else "")
+            shown = ", ".join(map(str, undeclared[:12])) + (
+                f" ... ({len(undeclared)} values)" if len(undeclared) > 12 else ""
+            )
             problems.append(f"{case.label_path}: label values {shown} {what}")
         found.update(mapping[v] for v in present if mapping.get(v) in site.organs)
     if complete:
         for organ in site.organs:
             if organ not in found:
-                problems.append(f"{site.site_file}: organ {organ!r} is declared but absent from every label map of the site")
+                problems.append(
+                    f"{site.site_file}: organ {organ!r} is declared but absent from every label map of the site"
+                )
 
 
 # --------------------------------------------------------------------------------------
@@ -456,8 +486,14 @@ def _check_cases(site: Site, problems: list[str]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def write_site(root: str | Path, name: str, organs: str | list[str] | tuple[str, ...],
-               label_values: Mapping[int, str | None] | str, force: bool = False, description: str = "") -> Path:
+def write_site(
+    root: str | Path,
+    name: str,
+    organs: str | list[str] | tuple[str, ...],
+    label_values: Mapping[int, str | None] | str,
+    force: bool = False,
+    description: str = "",
+) -> Path:
     """Write ``site.json`` (and create ``images/`` and ``labels/``) in ``root``.
 
     Args:

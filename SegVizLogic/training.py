@@ -24,8 +24,8 @@ from monai.metrics import DiceMetric
 from monai.transforms import (
     Compose,
     MapTransform,
-    RandCropByPosNegLabeld,
     RandAdjustContrastd,
+    RandCropByPosNegLabeld,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -42,14 +42,14 @@ from .progress import ProgressReporter
 from .site import Site, load_case, state_dir, validate_site
 
 __all__ = [
-    "TrainingConfig",
     "SiteData",
     "TrainResult",
-    "load_site_data",
-    "train_site",
+    "TrainingConfig",
     "evaluate_dice",
+    "load_site_data",
     "resolve_device",
     "seed_everything",
+    "train_site",
 ]
 
 
@@ -91,9 +91,13 @@ class TrainingConfig:
         if len(self.patch_size) != 3 or min(self.patch_size) < 8:
             raise ValueError(f"patch_size must be three sizes >= 8, got {self.patch_size}")
         if self.batch_size < 1 or self.samples_per_case < 1:
-            raise ValueError(f"batch_size and samples_per_case must be >= 1, got {self.batch_size}, {self.samples_per_case}")
+            raise ValueError(
+                f"batch_size and samples_per_case must be >= 1, got {self.batch_size}, {self.samples_per_case}"
+            )
         if not 0.0 <= self.pos_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"pos_fraction must be in [0, 1] and val_fraction in [0, 1), got {self.pos_fraction}, {self.val_fraction}")
+            raise ValueError(
+                f"pos_fraction must be in [0, 1] and val_fraction in [0, 1), got {self.pos_fraction}, {self.val_fraction}"
+            )
         if self.label_mode not in ("partial", "naive"):
             raise ValueError(f"label_mode must be 'partial' or 'naive', got {self.label_mode!r}")
 
@@ -102,7 +106,7 @@ class TrainingConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "TrainingConfig":
+    def from_dict(cls, data: Mapping) -> TrainingConfig:
         """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError``)."""
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
@@ -166,7 +170,12 @@ def load_site_data(
     config = config or TrainingConfig()
     reporter = reporter or ProgressReporter("none")
     site = validate_site(site_dir)
-    transform = Compose([LoadSiteCased({site.name: site}), preprocessing_transforms(preprocessing, keys=("image",), label_keys=("label",))])
+    transform = Compose(
+        [
+            LoadSiteCased({site.name: site}),
+            preprocessing_transforms(preprocessing, keys=("image",), label_keys=("label",)),
+        ]
+    )
     cache_dir = state_dir(site) / "cache" if cache else None
     items = []
     with reporter.task(f"preprocess {site.name}", total=len(site.cases)) as advance:
@@ -196,16 +205,26 @@ def _cached_case(transform: Compose, item: dict, stamp: str, cache_dir: Path | N
         try:
             saved = torch.load(path, weights_only=True)
             affine = saved["affine"]
-            return {**item, "image": MetaTensor(saved["image"], affine=affine), "label": MetaTensor(saved["label"], affine=affine)}
-        except Exception:  # a damaged cache entry is recomputed, never trusted
+            return {
+                **item,
+                "image": MetaTensor(saved["image"], affine=affine),
+                "label": MetaTensor(saved["label"], affine=affine),
+            }
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
     out = transform(dict(item))
     image, label = out["image"], out["label"]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"image": image.as_tensor().contiguous(), "label": label.as_tensor().to(torch.uint8).contiguous(),
-                    "affine": image.affine.clone()}, tmp)
+        torch.save(
+            {
+                "image": image.as_tensor().contiguous(),
+                "label": label.as_tensor().to(torch.uint8).contiguous(),
+                "affine": image.affine.clone(),
+            },
+            tmp,
+        )
         os.replace(tmp, path)
     return {**item, "image": image, "label": label.to(torch.uint8)}
 
@@ -214,7 +233,11 @@ def _file_stamp(path: Path) -> list:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
-        return [str(path.resolve()), sum(p.stat().st_size for p in files), max((p.stat().st_mtime_ns for p in files), default=0)]
+        return [
+            str(path.resolve()),
+            sum(p.stat().st_size for p in files),
+            max((p.stat().st_mtime_ns for p in files), default=0),
+        ]
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
@@ -242,8 +265,13 @@ def _patch_transform(config: TrainingConfig) -> Compose:
         [
             SpatialPadd(keys=("image", "label"), spatial_size=config.patch_size),
             RandCropByPosNegLabeld(
-                keys=("image", "label"), label_key="label", spatial_size=config.patch_size,
-                pos=pos, neg=1.0 - pos, num_samples=config.samples_per_case, allow_smaller=False,
+                keys=("image", "label"),
+                label_key="label",
+                spatial_size=config.patch_size,
+                pos=pos,
+                neg=1.0 - pos,
+                num_samples=config.samples_per_case,
+                allow_smaller=False,
             ),
             # Contrast phase (tens of HU per organ), calibration and noise differ between
             # scanners: a head taught at one site must still fire at another. Shifts of 0.15 are
@@ -312,7 +340,11 @@ def train_site(
     # regroups into steps of at least ``batch_size`` patches.
     cases_per_load = max(1, config.batch_size // config.samples_per_case)
     loader = DataLoader(dataset, batch_size=cases_per_load, shuffle=True, num_workers=0, generator=generator)
-    loss_fn = PartialLabelLoss(exclusion_weight=config.exclusion_weight) if config.label_mode == "partial" else NaiveSoftmaxLoss()
+    loss_fn = (
+        PartialLabelLoss(exclusion_weight=config.exclusion_weight)
+        if config.label_mode == "partial"
+        else NaiveSoftmaxLoss()
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     model.to(device)
     use_amp = config.amp and device.type == "cuda"
@@ -347,13 +379,22 @@ def train_site(
             # Validation costs a whole-volume inference per case: after the last epoch, or every
             # epoch when the caller selects the best epoch.
             if last or (validate and on_epoch_end is not None):
-                recalibrate_batchnorm(model, _patch_batches(loader, config.batch_size), device, config.recalibration_batches)
+                recalibrate_batchnorm(
+                    model, _patch_batches(loader, config.batch_size), device, config.recalibration_batches
+                )
             if validate and (last or on_epoch_end is not None):
                 val_dice = evaluate_dice(model, sites, device, config)
             reporter.emit("epoch", epoch=epoch, epochs=epochs, loss=losses[-1], dice=val_dice)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, losses[-1], val_dice)
-    return TrainResult(loss=losses[-1], losses=losses, num_examples=len(items), steps=steps, val_dice=val_dice, seconds=time.perf_counter() - start)
+    return TrainResult(
+        loss=losses[-1],
+        losses=losses,
+        num_examples=len(items),
+        steps=steps,
+        val_dice=val_dice,
+        seconds=time.perf_counter() - start,
+    )
 
 
 @torch.no_grad()
@@ -452,4 +493,3 @@ def evaluate_dice(
                 if organ in site.organs and not torch.isnan(dice[index]):
                     scores.setdefault(organ, []).append(float(dice[index]))
     return {organ: float(np.mean(v)) for organ, v in scores.items()}
-

@@ -14,9 +14,8 @@ import sys
 from typing import Annotated
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -53,11 +52,12 @@ def _resourceFile(filename: str) -> str:
 
 _sourceTreeFallback()
 
-from SegVizLogic.organs import ORGAN_NAMES  # noqa: E402
-from SegVizSlicerLib import dependencies, workflows  # noqa: E402
-from SegVizSlicerLib.job import model_info  # noqa: E402
-from SegVizSlicerLib.panel_state import FederationState, InferenceState  # noqa: E402
-from SegVizSlicerLib.site_export import Case, annotated_organs, cases_from_scene  # noqa: E402
+from SegVizSlicerLib import dependencies, workflows
+from SegVizSlicerLib.job import model_info
+from SegVizSlicerLib.panel_state import FederationState, InferenceState
+from SegVizSlicerLib.site_export import Case, annotated_organs, cases_from_scene
+
+from SegVizLogic.organs import ORGAN_NAMES
 
 POLL_INTERVAL_MS = 200
 
@@ -249,8 +249,11 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.text = _("Apply")
             ready = bool(p and p.inputVolume and _is_set(p.modelPath))
             self.ui.applyButton.enabled = ready
-            self.ui.applyButton.toolTip = (_("Segment the organs of the input volume with the global model") if ready
-                                           else _("Choose a model bundle and an input volume"))
+            self.ui.applyButton.toolTip = (
+                _("Segment the organs of the input volume with the global model")
+                if ready
+                else _("Choose a model bundle and an input volume")
+            )
 
         federation = self.logic.federationJob
         if federation is not None and federation.status.active:
@@ -261,8 +264,11 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.joinButton.text = _("Join round")
             ready = bool(p and p.superlink.strip() and p.siteName.strip() and self._cases and self._checkedOrgans())
             self.ui.joinButton.enabled = ready
-            self.ui.joinButton.toolTip = (_("Export this site's cases and join the federation") if ready
-                                          else _("Add cases, tick the annotated organs, and give a site name and SuperLink address"))
+            self.ui.joinButton.toolTip = (
+                _("Export this site's cases and join the federation")
+                if ready
+                else _("Add cases, tick the annotated organs, and give a site name and SuperLink address")
+            )
 
     def _checkedOrgans(self) -> list[str]:
         return [name for name in ORGAN_NAMES if self._organCheckBoxes[name].checked]
@@ -270,8 +276,9 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateDependencyStatus(self) -> None:
         missing = sorted(set(dependencies.missing_modules("infer")) | set(dependencies.missing_modules("federation")))
         if missing:
-            self.ui.dependenciesStatusLabel.text = _("Missing Python packages: {packages}. They are installed "
-                                                     "when first needed, after you confirm.").format(packages=", ".join(missing))
+            self.ui.dependenciesStatusLabel.text = _(
+                "Missing Python packages: {packages}. They are installed when first needed, after you confirm."
+            ).format(packages=", ".join(missing))
         else:
             self.ui.dependenciesStatusLabel.text = _("All Python packages SegViz needs are installed.")
 
@@ -323,7 +330,7 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyProgressBar.setRange(0, 0 if status.active else 100)
         else:
             self.ui.applyProgressBar.setRange(0, 100)
-            self.ui.applyProgressBar.setValue(int(round(100 * fraction)))
+            self.ui.applyProgressBar.setValue(round(100 * fraction))
         if status.state == InferenceState.FAILED:
             self.ui.applyStatusLabel.text = _("Failed: {message}").format(message=status.message)
             self._reportFailure(job, _("Applying the SegViz model failed:\n{message}").format(message=status.message))
@@ -390,8 +397,9 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             rootCert = p.rootCertificate if _is_set(p.rootCertificate) else None
-            self.logic.joinRound(self._cases, self._checkedOrgans(), p.siteName, p.workFolder,
-                                 p.superlink, rootCert, p.insecure)
+            self.logic.joinRound(
+                self._cases, self._checkedOrgans(), p.siteName, p.workFolder, p.superlink, rootCert, p.insecure
+            )
             self.ui.federationLogTextEdit.clear()
             self._logShown = 0
             self._timer.start()
@@ -404,29 +412,46 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         status = job.poll()
         self.ui.federationStateLabel.text = {
             FederationState.IDLE: _("Not joined"),
-            FederationState.JOINING: _("Connected, waiting for a round") if status.connected else _("Connecting to {superlink}…").format(superlink=status.superlink),
-            FederationState.TRAINING: _("Run finished; sending the last reply…") if status.run_finished else _("Training"),
+            FederationState.JOINING: _("Connected, waiting for a round")
+            if status.connected
+            else _("Connecting to {superlink}…").format(superlink=status.superlink),
+            FederationState.TRAINING: _("Run finished; sending the last reply…")
+            if status.run_finished
+            else _("Training"),
             FederationState.FINISHED: _("Finished"),
             FederationState.FAILED: _("Failed: {message}").format(message=status.message),
             FederationState.LEFT: _("Left the federation"),
         }[status.state]
-        self.ui.roundLabel.text = (_("Round {round} of {rounds}").format(round=status.round, rounds=status.rounds or "?")
-                                   if status.round else "–")
-        self.ui.epochLabel.text = (_("Epoch {epoch}/{epochs}, loss {loss:.4f}").format(
-            epoch=status.epoch, epochs=status.epochs or "?", loss=status.loss) if status.epoch and status.loss is not None else "–")
-        self.ui.globalDiceLabel.text = (", ".join(f"{organ} {dice:.3f}" for organ, dice in status.global_dice.items())
-                                        if status.global_dice else "–")
+        self.ui.roundLabel.text = (
+            _("Round {round} of {rounds}").format(round=status.round, rounds=status.rounds or "?")
+            if status.round
+            else "–"
+        )
+        self.ui.epochLabel.text = (
+            _("Epoch {epoch}/{epochs}, loss {loss:.4f}").format(
+                epoch=status.epoch, epochs=status.epochs or "?", loss=status.loss
+            )
+            if status.epoch and status.loss is not None
+            else "–"
+        )
+        self.ui.globalDiceLabel.text = (
+            ", ".join(f"{organ} {dice:.3f}" for organ, dice in status.global_dice.items())
+            if status.global_dice
+            else "–"
+        )
         if status.rounds:
             self.ui.federationProgressBar.setRange(0, status.rounds)
             self.ui.federationProgressBar.setValue(min(status.round, status.rounds))
         else:
             self.ui.federationProgressBar.setRange(0, 0 if status.active else 1)
         new = min(status.log_total - self._logShown, len(status.log))
-        for line in status.log[len(status.log) - new:] if new > 0 else []:
+        for line in status.log[len(status.log) - new :] if new > 0 else []:
             self.ui.federationLogTextEdit.appendPlainText(line)
         self._logShown = status.log_total
         if status.state == FederationState.FAILED:
-            self._reportFailure(job, _("Taking part in the federation failed:\n{message}").format(message=status.message))
+            self._reportFailure(
+                job, _("Taking part in the federation failed:\n{message}").format(message=status.message)
+            )
         if not status.active:
             self.ui.federationProgressBar.setRange(0, 1)
             self.ui.federationProgressBar.setValue(1 if status.state == FederationState.FINISHED else 0)
@@ -499,10 +524,11 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
         missing = dependencies.missing_modules(feature)
         if not missing and not always_ask:
             return True
-        requirements = dependencies.requirements_for(missing or list(dependencies.FEATURE_MODULES[feature]),
-                                                     requirementsPath, feature)
+        requirements = dependencies.requirements_for(
+            missing or list(dependencies.FEATURE_MODULES[feature]), requirementsPath, feature
+        )
         try:
-            import slicer.packaging as packaging
+            from slicer import packaging
         except ImportError:
             packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
@@ -510,19 +536,28 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
             try:
                 packaging.pip_ensure(requirements, requester="SegViz")
             except RuntimeError as exc:
-                slicer.util.warningDisplay(_("SegViz needs these Python packages: {packages}\n{reason}").format(
-                    packages=", ".join(requirements), reason=exc))
+                slicer.util.warningDisplay(
+                    _("SegViz needs these Python packages: {packages}\n{reason}").format(
+                        packages=", ".join(requirements), reason=exc
+                    )
+                )
                 return False
         else:
             if not slicer.util.confirmOkCancelDisplay(
-                    _("SegViz needs these Python packages, which are not installed yet:\n{packages}\n\n"
-                      "Download and install them now (this can take several minutes)?").format(packages="\n".join(requirements))):
+                _(
+                    "SegViz needs these Python packages, which are not installed yet:\n{packages}\n\n"
+                    "Download and install them now (this can take several minutes)?"
+                ).format(packages="\n".join(requirements))
+            ):
                 return False
             slicer.util.pip_install(requirements)
         still = dependencies.missing_modules(feature)
         if still:
-            raise RuntimeError(_("Still missing after installation: {packages}. Restart Slicer and try again.").format(
-                packages=", ".join(still)))
+            raise RuntimeError(
+                _("Still missing after installation: {packages}. Restart Slicer and try again.").format(
+                    packages=", ".join(still)
+                )
+            )
         return True
 
     # model ---------------------------------------------------------------
@@ -531,7 +566,7 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
         """One paragraph about a model bundle, from ``segviz model-info --json``."""
         try:
             info = model_info(modelPath)
-        except Exception as exc:  # shown in the panel, not a dialog: picking a file is not an error
+        except Exception as exc:  # noqa: BLE001 - shown in the panel, not a dialog: picking a file is not an error
             return _("Cannot read the model: {error}").format(error=exc)
         sites = info.get("sites") or []
         rounds = info.get("rounds")
@@ -540,7 +575,8 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
             sites=", ".join(str(s) for s in sites) if sites else "?",
             strategy=info.get("strategy") or "?",
             rounds=_("{n} rounds").format(n=rounds) if rounds else _("not federated"),
-            created=str(info.get("created") or "?")[:10])
+            created=str(info.get("created") or "?")[:10],
+        )
 
     # inference -----------------------------------------------------------
 
@@ -552,7 +588,7 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("The model is already running on a volume."))
         self.inferenceJob = workflows.start_inference(volumeNode, modelPath, workFolder, device)
         self.inferenceVolume = volumeNode  # the result belongs to this volume, whatever is selected later
-        logging.info("SegViz inference started: %s", " ".join(self.inferenceJob.process.argv))
+        logging.getLogger(__name__).info("SegViz inference started: %s", " ".join(self.inferenceJob.process.argv))
         return self.inferenceJob
 
     def loadInferenceResult(self, segmentationNode=None, splitKidney=False, show3D=True):
@@ -561,8 +597,9 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
         volumeNode = self.inferenceVolume
         if volumeNode is None or volumeNode.GetScene() is None:
             raise RuntimeError(_("The segmented volume is no longer in the scene."))
-        segmentation, table = workflows.load_inference_result(self.inferenceJob, volumeNode, segmentationNode,
-                                                              splitKidney, show3D)
+        segmentation, table = workflows.load_inference_result(
+            self.inferenceJob, volumeNode, segmentationNode, splitKidney, show3D
+        )
         segmentation.GetDisplayNode().SetVisibility(True)
         slicer.util.setSliceViewerLayers(background=volumeNode)
         return segmentation, table
@@ -573,8 +610,9 @@ class SegVizSlicerLogic(ScriptedLoadableModuleLogic):
         """Export the cases to the site folder and start ``segviz federation join``; returns the job."""
         if self.federationJob is not None and self.federationJob.status.active:
             raise RuntimeError(_("This site is already in the federation: leave first."))
-        self.federationJob = workflows.start_join(cases, organs, siteName, workFolder, superlink,
-                                                  rootCertificate, insecure)
+        self.federationJob = workflows.start_join(
+            cases, organs, siteName, workFolder, superlink, rootCertificate, insecure
+        )
         return self.federationJob
 
     def stopAll(self) -> None:
@@ -613,29 +651,32 @@ class SegVizSlicerTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
-
-        from SegVizLogic.organs import organ_by_name
+        import SimpleITK as sitk
         from SegVizSlicerLib.segment_import import import_label_map, organ_of_terminology, segment_terminology
         from SegVizSlicerLib.site_export import Case, export_site
         from SegVizSlicerLib.volume_nodes import image_from_volume_node
 
-        import SimpleITK as sitk
+        from SegVizLogic.organs import organ_by_name
 
         self.delayDisplay("Loading sample CT")
         volume = self._sampleVolume()
         image = image_from_volume_node(volume)
         labels = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
         k, j, i = (s // 2 for s in labels.shape)
-        labels[k - 5:k + 5, j - 10:j, i - 20:i - 5] = organ_by_name("liver").label
-        labels[k - 5:k + 5, j - 10:j, i + 5:i + 20] = organ_by_name("kidney").label
+        labels[k - 5 : k + 5, j - 10 : j, i - 20 : i - 5] = organ_by_name("liver").label
+        labels[k - 5 : k + 5, j - 10 : j, i + 5 : i + 20] = organ_by_name("kidney").label
         labelImage = sitk.GetImageFromArray(labels)
         labelImage.CopyInformation(image)
 
         segmentation = import_label_map(slicer.mrmlScene, labelImage, reference_volume_node=volume, split_kidney=True)
-        names = sorted(segmentation.GetSegmentation().GetNthSegment(n).GetName()
-                       for n in range(segmentation.GetSegmentation().GetNumberOfSegments()))
+        names = sorted(
+            segmentation.GetSegmentation().GetNthSegment(n).GetName()
+            for n in range(segmentation.GetSegmentation().GetNumberOfSegments())
+        )
         self.assertEqual(names, ["liver", "right kidney"] if "right kidney" in names else ["left kidney", "liver"])
-        liver = segmentation.GetSegmentation().GetSegment(segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver"))
+        liver = segmentation.GetSegmentation().GetSegment(
+            segmentation.GetSegmentation().GetSegmentIdBySegmentName("liver")
+        )
         self.assertEqual(organ_of_terminology(segment_terminology(liver))[0].name, "liver")
 
         with tempfile.TemporaryDirectory() as folder:

@@ -34,8 +34,13 @@ def liver_bundle(small_phantom, tmp_path_factory):
     from SegVizLogic.training import TrainingConfig
 
     path = tmp_path_factory.mktemp("model") / "liver.segviz"
-    return train_bundle([small_phantom.sites[0]], path,
-                        network=NetworkConfig(channels=(8, 16, 32), strides=(2, 2), num_res_units=1, body_features=8),
-                        preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
-                        training=TrainingConfig(patch_size=(48, 48, 32), batch_size=4, samples_per_case=4, amp=False),
-                        epochs=12, lr=3e-3, device="cpu")
+    return train_bundle(
+        [small_phantom.sites[0]],
+        path,
+        network=NetworkConfig(channels=(8, 16, 32), strides=(2, 2), num_res_units=1, body_features=8),
+        preprocessing=Preprocessing(spacing=(6.0, 6.0, 6.0)),
+        training=TrainingConfig(patch_size=(48, 48, 32), batch_size=4, samples_per_case=4, amp=False),
+        epochs=12,
+        lr=3e-3,
+        device="cpu",
+    )

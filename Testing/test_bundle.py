@@ -22,9 +22,16 @@ def saved(tmp_path):
     model = build_network(TINY)
     bn = partition_state(model)["batchnorm"]
     variants = {"averaged": {k: v + 1 for k, v in bn.items()}, **{f"organ:{o}": bn for o in TINY.organs}}
-    path = save_bundle(tmp_path / "m.segviz", model, Preprocessing(spacing=(3, 3, 3)), {"strategy": "fedbn", "rounds": 2, "sites": ["a", "b"]},
-                       batchnorm_variants=variants, default_batchnorm="averaged", metrics={"final": {"dice": 0.5}},
-                       training={"patch_size": [16, 16, 8]})
+    path = save_bundle(
+        tmp_path / "m.segviz",
+        model,
+        Preprocessing(spacing=(3, 3, 3)),
+        {"strategy": "fedbn", "rounds": 2, "sites": ["a", "b"]},
+        batchnorm_variants=variants,
+        default_batchnorm="averaged",
+        metrics={"final": {"dice": 0.5}},
+        training={"patch_size": [16, 16, 8]},
+    )
     return model, path
 
 

@@ -75,16 +75,34 @@ def test_trained_model_finds_liver_on_unseen_scanner_in_any_on_disk_orientation(
     # The same scan stored in another voxel order gives the same physical segmentation.
     flipped = sitk.DICOMOrient(image, "ASL")
     labels_flipped = segment_image(bundle, flipped, CPU).labels
-    back = sitk.DICOMOrient(labels_flipped, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()))
+    back = sitk.DICOMOrient(
+        labels_flipped, sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    )
     same = (sitk.GetArrayViewFromImage(back) == sitk.GetArrayViewFromImage(labels)).mean()
     assert same > 0.995
 
 
 def test_cli_infer_dicom_series_with_stats_and_json_progress(real_data, constant_bundle, tmp_path):
     out, stats = tmp_path / "pred.nrrd", tmp_path / "stats.json"
-    cmd = [sys.executable, "-m", "SegVizLogic.cli", "infer", "--model", str(constant_bundle), "--input",
-           str(real_data / "dcmqi_ct3slice" / "ct-3slice"), "--output", str(out), "--stats", str(stats), "--progress", "json", "--device", "cpu"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "SegVizLogic.cli",
+        "infer",
+        "--model",
+        str(constant_bundle),
+        "--input",
+        str(real_data / "dcmqi_ct3slice" / "ct-3slice"),
+        "--output",
+        str(out),
+        "--stats",
+        str(stats),
+        "--progress",
+        "json",
+        "--device",
+        "cpu",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert events[0]["event"] == "stage" and events[-1]["event"] == "done"
@@ -96,7 +114,7 @@ def test_cli_infer_dicom_series_with_stats_and_json_progress(real_data, constant
     assert voxels == int((sitk.GetArrayViewFromImage(image) == 1).sum()) > 0
     assert data["organs"]["liver"]["volume_ml"] == pytest.approx(voxels * np.prod(image.GetSpacing()) / 1000, rel=1e-3)
     # a second run does not overwrite without --force, and says so on one line
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 2
     assert again.stderr.strip() == f"error: {out}: already exists; use --force to overwrite"
 
@@ -105,8 +123,26 @@ def test_cli_infer_bad_input_fails_cleanly(constant_bundle, tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "pred.nii.gz"
-    run = subprocess.run([sys.executable, "-m", "SegVizLogic.cli", "infer", "--model", str(constant_bundle), "--input", str(bad),
-                          "--output", str(out), "--progress", "none"], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "SegVizLogic.cli",
+            "infer",
+            "--model",
+            str(constant_bundle),
+            "--input",
+            str(bad),
+            "--output",
+            str(out),
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}:")
@@ -140,7 +176,7 @@ def test_labels_cleanup_and_batchnorm_adaptation(small_phantom, liver_bundle):
 def test_inference_windows_are_the_training_patch_with_half_overlap(real_data, constant_bundle, monkeypatch):
     """The network runs on what it was trained on: windows of the bundle's training patch (larger
     windows cost the demo 0.24 external liver Dice), overlapping by half."""
-    import SegVizLogic.inference as inference
+    from SegVizLogic import inference
 
     calls = []
     original = inference.sliding_window_inference
@@ -154,7 +190,7 @@ def test_inference_windows_are_the_training_patch_with_half_overlap(real_data, c
     image = sitk.ReadImage(str(real_data / "totalseg_example" / "example_ct.nii.gz"))
     labels = segment_image(bundle, image, CPU).labels
     assert bundle.roi_size == (32, 32, 32) and inference.INFERENCE_OVERLAP == 0.5
-    (grid, roi, overlap), = calls
+    ((grid, roi, overlap),) = calls
     assert roi == (32, 32, 32) and overlap == 0.5
     assert all(size > 32 for size in grid)  # several windows per axis, so the overlap matters
     assert sitk.GetArrayViewFromImage(labels).max() == 1

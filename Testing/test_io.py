@@ -162,7 +162,9 @@ def test_totalsegmentator_mapping_voxel_counts():
 
 def test_to_organ_labels_refuses_undeclared_values():
     seg = io.read_label_map(_need(TOTALSEG / "example_seg_fast_force_split.nii.gz"))
-    with pytest.raises(SegVizInputError, match=r"seg.nii.gz: label values 4, 6, 8, 9, .* \.\.\. \(\d+ values\) are not declared"):
+    with pytest.raises(
+        SegVizInputError, match=r"seg.nii.gz: label values 4, 6, 8, 9, .* \.\.\. \(\d+ values\) are not declared"
+    ):
         io.to_organ_labels(seg, TOTALSEG_ORGANS, path="seg.nii.gz")
     with pytest.raises(SegVizInputError, match="unknown organ 'heart'"):
         io.to_organ_labels(seg, {5: "heart"})
@@ -192,8 +194,14 @@ def test_layered_seg_nrrd_written_with_simpleitk(tmp_path):
     seg = sitk.GetImageFromArray(layers, isVector=True)
     seg.SetSpacing((0.8, 0.8, 2.0))
     seg.SetOrigin((1.6, 2.4, 2.0))  # index (2, 3, 1) of the reference grid below
-    _segment_metadata(seg, [("Liver", 0, 1, "1 2 1 2 1 2"), ("Spleen segmentation", 0, 2, "5 5 4 4 0 0"),
-                            ("left kidney", 1, 1, "2 3 2 3 2 3")])
+    _segment_metadata(
+        seg,
+        [
+            ("Liver", 0, 1, "1 2 1 2 1 2"),
+            ("Spleen segmentation", 0, 2, "5 5 4 4 0 0"),
+            ("left kidney", 1, 1, "2 3 2 3 2 3"),
+        ],
+    )
     path = tmp_path / "case.seg.nrrd"
     sitk.WriteImage(seg, str(path), useCompression=True)
 
@@ -246,13 +254,29 @@ def test_slicer_style_header_list_axis_and_unique_values(tmp_path):
     assert (array[1, 1, 1], array[2, 2, 2], array[1, 2, 3]) == (1, 2, 7) and np.count_nonzero(array) == 3
 
 
-@pytest.mark.parametrize("name, organ", [
-    ("Liver", "liver"), ("liver", "liver"), ("LIVER", "liver"), ("left kidney", "kidney"),
-    ("kidney_right", "kidney"), ("Kidney (R)", "kidney"), ("RightKidney", "kidney"), ("kidneys", "kidney"),
-    ("Spleen segmentation", "spleen"), ("spleen_1", "spleen"), ("Pancreas", "pancreas"),
-    ("liver tumor", None), ("hepatic vein", None), ("kidney cyst", None), ("Segment_1", None),
-    ("adrenal gland left", None), ("pancreatic duct", None), ("liver and spleen", None),
-])
+@pytest.mark.parametrize(
+    "name, organ",
+    [
+        ("Liver", "liver"),
+        ("liver", "liver"),
+        ("LIVER", "liver"),
+        ("left kidney", "kidney"),
+        ("kidney_right", "kidney"),
+        ("Kidney (R)", "kidney"),
+        ("RightKidney", "kidney"),
+        ("kidneys", "kidney"),
+        ("Spleen segmentation", "spleen"),
+        ("spleen_1", "spleen"),
+        ("Pancreas", "pancreas"),
+        ("liver tumor", None),
+        ("hepatic vein", None),
+        ("kidney cyst", None),
+        ("Segment_1", None),
+        ("adrenal gland left", None),
+        ("pancreatic duct", None),
+        ("liver and spleen", None),
+    ],
+)
 def test_organ_map_from_segment_names(name, organ):
     assert io.organ_map_from_segment_names({4: name}) == {4: organ}
 
@@ -285,11 +309,14 @@ def test_truncated_nifti_gz_is_refused(tmp_path, fraction):
         io.read_label_map(path)
 
 
-@pytest.mark.parametrize("suffix, message", [
-    (".nii", r"file is truncated \(\d+ of \d+ bytes\)"),
-    (".nrrd", r"unreadable, truncated or corrupt NRRD file \(expected \d+ bytes but received \d+\)"),
-    (".mha", r"unreadable, truncated or corrupt MetaImage file"),
-])
+@pytest.mark.parametrize(
+    "suffix, message",
+    [
+        (".nii", r"file is truncated \(\d+ of \d+ bytes\)"),
+        (".nrrd", r"unreadable, truncated or corrupt NRRD file \(expected \d+ bytes but received \d+\)"),
+        (".mha", r"unreadable, truncated or corrupt MetaImage file"),
+    ],
+)
 def test_truncated_files_are_refused(tmp_path, suffix, message):
     full = tmp_path / f"full{suffix}"
     sitk.WriteImage(oblique_ct(), str(full), useCompression=suffix == ".nrrd")
@@ -351,7 +378,9 @@ def test_overwrite_refused_without_force(tmp_path):
 
 def test_write_refuses_shape_grid_and_suffix_mismatch(tmp_path):
     ct = oblique_ct()
-    with pytest.raises(SegVizInputError, match=r"labels have shape \(12, 16, 19\) but the reference needs \(12, 16, 20\)"):
+    with pytest.raises(
+        SegVizInputError, match=r"labels have shape \(12, 16, 19\) but the reference needs \(12, 16, 20\)"
+    ):
         io.write_label_map_like(np.zeros((12, 16, 19), np.uint8), ct, tmp_path / "a.nii.gz")
     shifted = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
     with pytest.raises(SegVizInputError, match=r"labels are not on the reference grid: spacing"):
@@ -383,7 +412,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise RuntimeError("No space left on device")
 
     monkeypatch.setattr(io, "_itk_write", broken_write)
-    with pytest.raises(SegVizInputError, match=r"new.nii.gz: could not write the label map \(No space left on device\)"):
+    with pytest.raises(
+        SegVizInputError, match=r"new.nii.gz: could not write the label map \(No space left on device\)"
+    ):
         io.write_label_map_like(np.ones((12, 16, 20), np.uint8), ct, tmp_path / "new.nii.gz")
     with pytest.raises(SegVizInputError, match=r"seg.nii.gz: could not write"):
         io.write_label_map_like(np.ones((12, 16, 20), np.uint8), ct, target, force=True)

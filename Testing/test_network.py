@@ -13,7 +13,11 @@ TINY = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, body_
 
 # [config, input_shape, expected_shape]
 TEST_CASE_1 = [TINY, (2, 1, 16, 16, 8), (2, 4, 16, 16, 8)]
-TEST_CASE_2 = [NetworkConfig(organs=("liver", "kidney"), channels=(4, 8), strides=(2,), num_res_units=0), (1, 1, 8, 8, 8), (1, 2, 8, 8, 8)]
+TEST_CASE_2 = [
+    NetworkConfig(organs=("liver", "kidney"), channels=(4, 8), strides=(2,), num_res_units=0),
+    (1, 1, 8, 8, 8),
+    (1, 2, 8, 8, 8),
+]
 
 
 @pytest.mark.parametrize("config, input_shape, expected_shape", [TEST_CASE_1, TEST_CASE_2])
@@ -32,7 +36,7 @@ def test_paper_configuration():
     assert not any(isinstance(m, nn.InstanceNorm3d) for m in body.modules())
 
 
-@pytest.mark.parametrize("bad", [dict(organs=("lung",)), dict(strides=(2,)), dict(output="tanh"), dict(organs=())])
+@pytest.mark.parametrize("bad", [{"organs": ("lung",)}, {"strides": (2,)}, {"output": "tanh"}, {"organs": ()}])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         NetworkConfig(**bad)

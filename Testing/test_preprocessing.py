@@ -63,7 +63,7 @@ def test_transforms_orient_resample_and_window():
     np.testing.assert_allclose(centre_ras, centre_lps * [-1, -1, 1], atol=1.6)
 
 
-@pytest.mark.parametrize("bad", [dict(spacing=(1, 1)), dict(spacing=(0, 1, 1)), dict(hu_window=(100, -100))])
+@pytest.mark.parametrize("bad", [{"spacing": (1, 1)}, {"spacing": (0, 1, 1)}, {"hu_window": (100, -100)}])
 def test_invalid_preprocessing(bad):
     with pytest.raises(ValueError):
         Preprocessing(**bad)

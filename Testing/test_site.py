@@ -52,8 +52,12 @@ def ct_image(spacing=SPACING, origin=ORIGIN, low=-1000.0, high=60.0) -> sitk.Ima
 
 def label_image(values=(1, 2), spacing=SPACING, origin=ORIGIN) -> sitk.Image:
     array = np.zeros(SIZE[::-1], np.uint8)
-    blocks = [(slice(2, 5), slice(3, 7), slice(3, 8)), (slice(5, 8), slice(7, 11), slice(8, 13)),
-              (slice(2, 4), slice(8, 10), slice(3, 5)), (slice(6, 8), slice(3, 5), slice(10, 12))]
+    blocks = [
+        (slice(2, 5), slice(3, 7), slice(3, 8)),
+        (slice(5, 8), slice(7, 11), slice(8, 13)),
+        (slice(2, 4), slice(8, 10), slice(3, 5)),
+        (slice(6, 8), slice(3, 5), slice(10, 12)),
+    ]
     for value, block in zip(values, blocks):
         array[block] = value
     image = sitk.GetImageFromArray(array)
@@ -62,8 +66,7 @@ def label_image(values=(1, 2), spacing=SPACING, origin=ORIGIN) -> sitk.Image:
     return image
 
 
-def make_site(root: Path, organs=("liver", "kidney"), labels=None, cases=("case001", "case002"),
-              values=(1, 2)) -> Path:
+def make_site(root: Path, organs=("liver", "kidney"), labels=None, cases=("case001", "case002"), values=(1, 2)) -> Path:
     """Site with local values 1 = liver, 2 = kidney unless told otherwise."""
     write_site(root, root.name, list(organs), labels if labels is not None else {1: "liver", 2: "kidney"})
     for case in cases:
@@ -110,7 +113,10 @@ def test_valid_site_loads_and_pairs(tmp_path):
     assert site.cases[0] == Case("case001", root / "images" / "case001.nii.gz", root / "labels" / "case001.nrrd")
     assert load_site(root) == site
     assert json.loads((root / SITE_FILE).read_text()) == {
-        "name": "site-a", "organs": ["liver", "kidney"], "labels": {"1": "liver", "2": "kidney"}}
+        "name": "site-a",
+        "organs": ["liver", "kidney"],
+        "labels": {"1": "liver", "2": "kidney"},
+    }
 
     image, organs = load_case(site.cases[0], site)
     assert image.GetPixelID() == sitk.sitkFloat32 and organs.GetPixelID() == sitk.sitkUInt8
@@ -120,8 +126,9 @@ def test_valid_site_loads_and_pairs(tmp_path):
 
 
 def test_null_values_and_several_values_per_organ(tmp_path):
-    root = make_site(tmp_path / "s", organs=("kidney",), labels={1: "kidney", 2: "kidney", 3: None, 4: None},
-                     values=(1, 2, 3, 4))
+    root = make_site(
+        tmp_path / "s", organs=("kidney",), labels={1: "kidney", 2: "kidney", 3: None, 4: None}, values=(1, 2, 3, 4)
+    )
     site = validate_site(root)
     _, organs = load_case(site.cases[0], site)
     counts = np.bincount(sitk.GetArrayViewFromImage(organs).ravel(), minlength=5)
@@ -149,11 +156,21 @@ def test_real_dicom_and_totalsegmentator_sites(tmp_path):
     (ts_site / "labels" / "ex.nii.gz").symlink_to(seg_path)
     site = validate_site(ts_site)
     _, organs = load_case(site.cases[0], site)
-    assert np.bincount(sitk.GetArrayViewFromImage(organs).ravel(), minlength=5)[1:].tolist() == [41692, 9668, 695, 12224]
+    assert np.bincount(sitk.GetArrayViewFromImage(organs).ravel(), minlength=5)[1:].tolist() == [
+        41692,
+        9668,
+        695,
+        12224,
+    ]
 
     # The same site declaring only liver and spleen: pancreas and kidney voxels become background.
-    write_site(ts_site, "ts", ["liver", "spleen"], {k: (v if v in ("liver", "spleen") else None) for k, v in mapping.items()},
-               force=True)
+    write_site(
+        ts_site,
+        "ts",
+        ["liver", "spleen"],
+        {k: (v if v in ("liver", "spleen") else None) for k, v in mapping.items()},
+        force=True,
+    )
     site = validate_site(ts_site)
     _, organs = load_case(site.cases[0], site)
     assert np.bincount(sitk.GetArrayViewFromImage(organs).ravel(), minlength=5)[1:].tolist() == [41692, 9668, 0, 0]
@@ -163,7 +180,7 @@ def _write_seg_nrrd(path: Path, names: list[str], origin=ORIGIN, spacing=SPACING
     """Single-layer Slicer segmentation: segment i has label value i + 1, a 2x2x2 block."""
     array = np.zeros(size[::-1], np.uint8)
     for i in range(len(names)):
-        array[1:3, 1:3, 2 * i + 1:2 * i + 3] = i + 1
+        array[1:3, 1:3, 2 * i + 1 : 2 * i + 3] = i + 1
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
@@ -180,8 +197,9 @@ def test_segment_names_site_with_cropped_segmentation(tmp_path):
     sitk.WriteImage(ct_image(), str(root / "images" / "c1.nrrd"))
     # Cropped by Slicer to 8x6x4 voxels starting at voxel (3, 2, 1) of the CT.
     crop_origin = (ORIGIN[0] + 3 * SPACING[0], ORIGIN[1] + 2 * SPACING[1], ORIGIN[2] + 1 * SPACING[2])
-    _write_seg_nrrd(root / "labels" / "c1.seg.nrrd", ["Liver", "kidney_left", "Liver tumor"], origin=crop_origin,
-                    size=(8, 6, 4))
+    _write_seg_nrrd(
+        root / "labels" / "c1.seg.nrrd", ["Liver", "kidney_left", "Liver tumor"], origin=crop_origin, size=(8, 6, 4)
+    )
     site = validate_site(root)
     assert site.segment_names and site.label_values == {}
     image, organs = load_case(site.cases[0], site)
@@ -245,30 +263,44 @@ def test_missing_keys(tmp_path):
 
 def test_unknown_organ_names_the_valid_ones(tmp_path):
     root = make_site(tmp_path / "s")
-    (root / SITE_FILE).write_text(json.dumps({"name": "s", "organs": ["liver", "livr", "kidney"],
-                                              "labels": {"1": "liver", "2": "kidney"}}))
+    (root / SITE_FILE).write_text(
+        json.dumps({"name": "s", "organs": ["liver", "livr", "kidney"], "labels": {"1": "liver", "2": "kidney"}})
+    )
     one_problem(root, "site.json: unknown organ 'livr' in 'organs' (valid: liver, spleen, pancreas, kidney)")
-    (root / SITE_FILE).write_text(json.dumps({"name": "s", "organs": ["liver", "kidney"],
-                                              "labels": {"1": "liver", "2": "kidney", "3": "heart"}}))
+    (root / SITE_FILE).write_text(
+        json.dumps({"name": "s", "organs": ["liver", "kidney"], "labels": {"1": "liver", "2": "kidney", "3": "heart"}})
+    )
     one_problem(root, "site.json: unknown organ 'heart' for label value 3 in 'labels'")
 
 
 def test_organ_in_labels_not_in_organs_and_vice_versa(tmp_path):
     root = make_site(tmp_path / "s")
-    (root / SITE_FILE).write_text(json.dumps({"name": "s", "organs": ["liver"], "labels": {"1": "liver", "2": "kidney"}}))
+    (root / SITE_FILE).write_text(
+        json.dumps({"name": "s", "organs": ["liver"], "labels": {"1": "liver", "2": "kidney"}})
+    )
     one_problem(root, "site.json: label value 2 is 'kidney', which is not in 'organs' [liver]")
-    (root / SITE_FILE).write_text(json.dumps({"name": "s", "organs": ["liver", "kidney", "spleen"],
-                                              "labels": {"1": "liver", "2": "kidney"}}))
+    (root / SITE_FILE).write_text(
+        json.dumps({"name": "s", "organs": ["liver", "kidney", "spleen"], "labels": {"1": "liver", "2": "kidney"}})
+    )
     one_problem(root, "site.json: organ 'spleen' is in 'organs' but no label value in 'labels' maps to it")
 
 
 def test_bad_label_keys(tmp_path):
     root = make_site(tmp_path / "s")
-    (root / SITE_FILE).write_text(json.dumps({"name": "s", "organs": ["liver", "kidney"],
-                                              "labels": {"one": "liver", "0": "liver", "2": "kidney", "1": "liver"}}))
+    (root / SITE_FILE).write_text(
+        json.dumps(
+            {
+                "name": "s",
+                "organs": ["liver", "kidney"],
+                "labels": {"one": "liver", "0": "liver", "2": "kidney", "1": "liver"},
+            }
+        )
+    )
     problems = problems_of(root)
     assert [p.split(": ", 1)[1] for p in problems] == [
-        "label value 'one' in 'labels' is not an integer", "label value 0 is background and cannot be 'liver'"]
+        "label value 'one' in 'labels' is not an integer",
+        "label value 0 is background and cannot be 'liver'",
+    ]
 
 
 # ------------------------------------------------------------------ pairing problems
@@ -280,8 +312,10 @@ def test_image_without_label_and_label_without_image(tmp_path):
     sitk.WriteImage(label_image(), str(root / "labels" / "case003.seg.nrrd"))
     problems = problems_of(root)
     assert problems == [
-        f"{root / 'images' / 'case002.nii.gz'}: no label map for case 'case002' "
-        f"(expected {root / 'labels' / 'case002'}.nii.gz, .nrrd, .mha or .seg.nrrd)",
+        (
+            f"{root / 'images' / 'case002.nii.gz'}: no label map for case 'case002' "
+            f"(expected {root / 'labels' / 'case002'}.nii.gz, .nrrd, .mha or .seg.nrrd)"
+        ),
         f"{root / 'labels' / 'case003.seg.nrrd'}: no image for case 'case003' in {root / 'images'}",
     ]
     with pytest.raises(SiteValidationError) as info:
@@ -325,7 +359,9 @@ def test_error_message_counts_more_problems(tmp_path):
 def test_geometry_mismatch_names_the_numbers(tmp_path):
     root = make_site(tmp_path / "s", cases=("case001",))
     sitk.WriteImage(label_image(spacing=(1.5, 1.5, 2.5)), str(root / "labels" / "case001.nrrd"))
-    one_problem(root, "case001.nrrd: geometry differs from the image (label vs image): spacing (1.5, 1.5, 2.5) vs (1.5, 1.5, 2)")
+    one_problem(
+        root, "case001.nrrd: geometry differs from the image (label vs image): spacing (1.5, 1.5, 2.5) vs (1.5, 1.5, 2)"
+    )
     sitk.WriteImage(label_image(origin=(-10.0, 20.0, 7.0)), str(root / "labels" / "case001.nrrd"))
     one_problem(root, "origin (-10, 20, 7) vs (-10, 20, 5)")
     flipped = label_image()
@@ -355,8 +391,11 @@ def test_declared_organ_absent_from_every_label_map(tmp_path):
 @pytest.mark.parametrize("low, high, shown", [(0, 255, "0..255"), (0.0, 1.0, "0..1"), (0, 4095, "0..4095")])
 def test_image_that_is_not_ct(tmp_path, low, high, shown):
     root = make_site(tmp_path / "s", cases=("case001",))
-    mr = sitk.Cast(ct_image(low=low, high=high - 200), sitk.sitkFloat32) if high > 1 else \
-        sitk.GetImageFromArray(np.linspace(low, high, np.prod(SIZE), dtype=np.float32).reshape(SIZE[::-1]))
+    mr = (
+        sitk.Cast(ct_image(low=low, high=high - 200), sitk.sitkFloat32)
+        if high > 1
+        else sitk.GetImageFromArray(np.linspace(low, high, np.prod(SIZE), dtype=np.float32).reshape(SIZE[::-1]))
+    )
     mr.CopyInformation(ct_image())
     sitk.WriteImage(mr, str(root / "images" / "case001.nii.gz"))
     one_problem(root, f"case001.nii.gz: intensity range {shown} is not CT in HU")
@@ -387,8 +426,12 @@ def test_write_site_refuses_overwrite_and_bad_declarations(tmp_path):
         write_site(root, "s", ["spleen"], {1: "spleen"})
     assert json.loads(path.read_text())["organs"] == ["liver"]
     write_site(root, "s", ["spleen"], {1: "spleen"}, force=True, description="test site")
-    assert json.loads(path.read_text()) == {"name": "s", "organs": ["spleen"], "labels": {"1": "spleen"},
-                                            "description": "test site"}
+    assert json.loads(path.read_text()) == {
+        "name": "s",
+        "organs": ["spleen"],
+        "labels": {"1": "spleen"},
+        "description": "test site",
+    }
     with pytest.raises(SiteValidationError, match="unknown organ 'lung'"):
         write_site(tmp_path / "t", "t", ["lung"], {1: "lung"})
     with pytest.raises(SiteValidationError, match="label value 2 is 'kidney', which is not in 'organs'"):

@@ -64,7 +64,9 @@ def test_one_epoch_makes_the_steps_its_progress_bar_announces(small_phantom, sam
     data = load_site_data(small_phantom.sites[0], COARSE, FAST)
     config = replace(FAST, samples_per_case=samples_per_case, batch_size=batch_size)
     recorder = Recorder()
-    result = train_site(build_network(SMALL), data, epochs=1, lr=1e-3, device="cpu", config=config, validate=False, reporter=recorder)
+    result = train_site(
+        build_network(SMALL), data, epochs=1, lr=1e-3, device="cpu", config=config, validate=False, reporter=recorder
+    )
     assert result.steps == steps
     assert result.num_examples == 2 and np.isfinite(result.loss)
     progress = [f for e, f in recorder.events if e == "progress" and f.get("stage") == "train"]
@@ -72,8 +74,16 @@ def test_one_epoch_makes_the_steps_its_progress_bar_announces(small_phantom, sam
 
 
 def test_train_bundle_restricts_output_to_trained_organs(small_phantom, tmp_path):
-    out = train_bundle([small_phantom.sites[1]], tmp_path / "spleen.segviz", network=SMALL, preprocessing=COARSE,
-                       training=FAST, epochs=2, lr=1e-3, device="cpu")
+    out = train_bundle(
+        [small_phantom.sites[1]],
+        tmp_path / "spleen.segviz",
+        network=SMALL,
+        preprocessing=COARSE,
+        training=FAST,
+        epochs=2,
+        lr=1e-3,
+        device="cpu",
+    )
     bundle = load_bundle(out)
     assert bundle.trained_organs == ("spleen",)
     assert bundle.provenance["strategy"] == "local" and bundle.provenance["sites"] == ["site-spleen"]
@@ -106,4 +116,6 @@ def test_batchnorm_recalibration_matches_current_weights_and_keeps_the_count():
     assert recalibrate_batchnorm(model, iter(batches), torch.device("cpu"), max_batches=3) == 3
     torch.testing.assert_close(bn.running_mean, expected, atol=1e-5, rtol=1e-5)
     assert int(bn.num_batches_tracked) == 7 and bn.momentum == 0.1 and not model.training
-    assert cosine_factor(0.0) == 1.0 and abs(cosine_factor(1.0) - 0.1) < 1e-12 and abs(cosine_factor(0.5) - 0.55) < 1e-12
+    assert (
+        cosine_factor(0.0) == 1.0 and abs(cosine_factor(1.0) - 0.1) < 1e-12 and abs(cosine_factor(0.5) - 0.55) < 1e-12
+    )

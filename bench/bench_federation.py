@@ -61,7 +61,10 @@ def _fresh_sites(sites: list[Path], work: Path, tag: str) -> list[Path]:
 def run_deployment(sites: list[Path], work: Path, args) -> Path:
     """A real federation with TLS; returns the final bundle."""
     from SegVizLogic.federated.certs import write_certificates
-    from SegVizLogic.federated.deployment import follow_run, free_port, join_federation, start_run, start_superlink
+    from SegVizLogic.federated.processes import free_port
+    from SegVizLogic.federated.runs import follow_run, start_run
+    from SegVizLogic.federated.site_node import join_federation
+    from SegVizLogic.federated.superlink import start_superlink
     from SegVizLogic.federated.task import FederationSettings
     from SegVizLogic.progress import ProgressReporter
 
@@ -73,18 +76,37 @@ def run_deployment(sites: list[Path], work: Path, args) -> Path:
     try:
         for site in sites:
             stop = threading.Event()
-            thread = threading.Thread(target=join_federation, args=(address, site),
-                                      kwargs={"root_cert": tls["ca.crt"], "stop": stop, "device": args.device}, daemon=True)
+            thread = threading.Thread(
+                target=join_federation,
+                args=(address, site),
+                kwargs={"root_cert": tls["ca.crt"], "stop": stop, "device": args.device},
+                daemon=True,
+            )
             thread.start()
             stops.append(stop)
             threads.append(thread)
-        settings = FederationSettings(rounds=args.rounds, local_epochs=args.local_epochs, lr=demo.lr, strategy="fedbn",
-                                      weighting="uniform", min_clients=len(sites), wait_timeout=300, seed=args.seed,
-                                      network=demo.network, training=training.to_dict(), preprocessing=demo.preprocessing)
+        settings = FederationSettings(
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            lr=demo.lr,
+            strategy="fedbn",
+            weighting="uniform",
+            min_clients=len(sites),
+            wait_timeout=300,
+            seed=args.seed,
+            network=demo.network,
+            training=training.to_dict(),
+            preprocessing=demo.preprocessing,
+        )
         config = settings.to_run_config()
         config.pop("out-dir")
         run_id = start_run(address, work / "out-deployment", config, root_cert=tls["ca.crt"], work_dir=work / "run")
-        return follow_run(work / "out-deployment", ProgressReporter(args.progress), run_id=run_id, flwr_home=work / "run" / "flwr-home")
+        return follow_run(
+            work / "out-deployment",
+            ProgressReporter(args.progress),
+            run_id=run_id,
+            flwr_home=work / "run" / "flwr-home",
+        )
     finally:
         for stop in stops:
             stop.set()
@@ -99,10 +121,21 @@ def run_simulation(sites: list[Path], work: Path, args) -> Path:
     from SegVizLogic.progress import ProgressReporter
 
     demo, training = _settings(args)
-    return run_federated_simulation(sites, work / "out-simulation", rounds=args.rounds, local_epochs=args.local_epochs,
-                                    strategy="fedbn", weighting="uniform", lr=demo.lr, preprocessing=demo.preprocessing,
-                                    training_config=training, network_config=demo.network, seed=args.seed,
-                                    reporter=ProgressReporter(args.progress), device=args.device)
+    return run_federated_simulation(
+        sites,
+        work / "out-simulation",
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        strategy="fedbn",
+        weighting="uniform",
+        lr=demo.lr,
+        preprocessing=demo.preprocessing,
+        training_config=training,
+        network_config=demo.network,
+        seed=args.seed,
+        reporter=ProgressReporter(args.progress),
+        device=args.device,
+    )
 
 
 def summarise(bundle_path: Path, mode: str) -> list[dict]:
@@ -117,23 +150,25 @@ def summarise(bundle_path: Path, mode: str) -> list[dict]:
         busy = max(client) if mode == "deployment" else sum(client)
         round_seconds = entry["seconds"]["round"]
         overhead = max(0.0, round_seconds - busy)
-        rows.append({
-            "mode": mode,
-            "round": entry["round"],
-            "sites": len(sites),
-            "round_s": round(round_seconds, 2),
-            "client_handler_s_max": round(max(client), 2),
-            "client_handler_s_sum": round(sum(client), 2),
-            "train_s_max": round(max(train), 2),
-            "train_s_sum": round(sum(train), 2),
-            "aggregate_s": entry["seconds"].get("aggregate", 0.0),
-            # the final round's bundle is written after its metrics were recorded
-            "bundle_s": entry["seconds"].get("bundle", 0.0),
-            "overhead_s": round(overhead, 2),
-            "overhead_fraction": round(overhead / round_seconds, 4) if round_seconds else None,
-            "bytes_to_each_site": entry["bytes"]["to_each_site"],
-            "bytes_from_site": entry["bytes"]["from_site"],
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "round": entry["round"],
+                "sites": len(sites),
+                "round_s": round(round_seconds, 2),
+                "client_handler_s_max": round(max(client), 2),
+                "client_handler_s_sum": round(sum(client), 2),
+                "train_s_max": round(max(train), 2),
+                "train_s_sum": round(sum(train), 2),
+                "aggregate_s": entry["seconds"].get("aggregate", 0.0),
+                # the final round's bundle is written after its metrics were recorded
+                "bundle_s": entry["seconds"].get("bundle", 0.0),
+                "overhead_s": round(overhead, 2),
+                "overhead_fraction": round(overhead / round_seconds, 4) if round_seconds else None,
+                "bytes_to_each_site": entry["bytes"]["to_each_site"],
+                "bytes_from_site": entry["bytes"]["from_site"],
+            }
+        )
     return rows
 
 
@@ -161,21 +196,49 @@ def latency_breakdown(bundle_path: Path, sites: list[Path]) -> list[dict]:
             sent = [e["time"] for e in site_events if e["event"] == "update_sent" and e.get("round") == server_round]
             if begun and sent:
                 received = start + history[server_round]["seconds"]["wire_and_clients"]
-                rows.append({"round": server_round, "site": site.name, "dispatch_s": round(begun[-1] - start, 2),
-                             "handler_s": round(sent[-1] - begun[-1], 2), "return_s": round(received - sent[-1], 2)})
+                rows.append(
+                    {
+                        "round": server_round,
+                        "site": site.name,
+                        "dispatch_s": round(begun[-1] - start, 2),
+                        "handler_s": round(sent[-1] - begun[-1], 2),
+                        "return_s": round(received - sent[-1], 2),
+                    }
+                )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     """A plain-text table of the rows."""
-    header = ("mode", "round", "round s", "client s (max/sum)", "train s (max/sum)", "aggr s", "bundle s", "overhead", "to site", "from site (mean)")
+    header = (
+        "mode",
+        "round",
+        "round s",
+        "client s (max/sum)",
+        "train s (max/sum)",
+        "aggr s",
+        "bundle s",
+        "overhead",
+        "to site",
+        "from site (mean)",
+    )
     lines = [header]
     for r in rows:
         mean_from = sum(r["bytes_from_site"].values()) / max(1, len(r["bytes_from_site"]))
-        lines.append((r["mode"], str(r["round"]), f"{r['round_s']:.1f}", f"{r['client_handler_s_max']:.1f}/{r['client_handler_s_sum']:.1f}",
-                      f"{r['train_s_max']:.1f}/{r['train_s_sum']:.1f}", f"{r['aggregate_s']:.3f}", f"{r['bundle_s']:.3f}",
-                      f"{r['overhead_s']:.1f} s ({100 * r['overhead_fraction']:.0f} %)", f"{r['bytes_to_each_site'] / 1e6:.2f} MB",
-                      f"{mean_from / 1e6:.2f} MB"))
+        lines.append(
+            (
+                r["mode"],
+                str(r["round"]),
+                f"{r['round_s']:.1f}",
+                f"{r['client_handler_s_max']:.1f}/{r['client_handler_s_sum']:.1f}",
+                f"{r['train_s_max']:.1f}/{r['train_s_sum']:.1f}",
+                f"{r['aggregate_s']:.3f}",
+                f"{r['bundle_s']:.3f}",
+                f"{r['overhead_s']:.1f} s ({100 * r['overhead_fraction']:.0f} %)",
+                f"{r['bytes_to_each_site'] / 1e6:.2f} MB",
+                f"{mean_from / 1e6:.2f} MB",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for index, line in enumerate(lines):
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
@@ -189,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--sites", type=int, default=4)
-    parser.add_argument("--cases-per-site", type=int, default=None, help="phantom cases per site (default: the phantom's)")
+    parser.add_argument(
+        "--cases-per-site", type=int, default=None, help="phantom cases per site (default: the phantom's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: temporary, removed)")
@@ -209,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             fresh = _fresh_sites(sites, work, mode)
             t0 = time.perf_counter()
             bundle = (run_deployment if mode == "deployment" else run_simulation)(fresh, work, args)
-            print(f"{mode}: {args.rounds} rounds in {time.perf_counter() - t0:.1f} s (including start-up)", file=sys.stderr)
+            print(
+                f"{mode}: {args.rounds} rounds in {time.perf_counter() - t0:.1f} s (including start-up)",
+                file=sys.stderr,
+            )
             rows += summarise(bundle, mode)
             if mode == "deployment":
                 latency = latency_breakdown(bundle, fresh)
@@ -218,15 +286,27 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     if latency:
-        print("\ndeployment latency per site (dispatch: server sends -> handler starts; return: reply sent -> server has all)")
+        print(
+            "\ndeployment latency per site (dispatch: server sends -> handler starts; return: reply sent -> server has all)"
+        )
         for row in latency:
-            print(f"  round {row['round']} {row['site']:<14} dispatch {row['dispatch_s']:5.1f} s  handler {row['handler_s']:6.1f} s  return {row['return_s']:5.1f} s")
+            print(
+                f"  round {row['round']} {row['site']:<14} dispatch {row['dispatch_s']:5.1f} s  handler {row['handler_s']:6.1f} s  return {row['return_s']:5.1f} s"
+            )
     worst = {mode: max(r["overhead_fraction"] for r in rows if r["mode"] == mode) for mode in {r["mode"] for r in rows}}
-    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "cpu_count": os.cpu_count(),
-              "target_overhead_fraction": TARGET_OVERHEAD, "worst_overhead_fraction": worst, "rounds": rows, "latency": latency,
-              "seconds": round(time.perf_counter() - started, 1)}
+    result = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cpu_count": os.cpu_count(),
+        "target_overhead_fraction": TARGET_OVERHEAD,
+        "worst_overhead_fraction": worst,
+        "rounds": rows,
+        "latency": latency,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     args.json.write_text(json.dumps(result, indent=2))
-    print(f"\nworst overhead per mode: {', '.join(f'{m} {100 * f:.0f} %' for m, f in worst.items())} (target <= {100 * TARGET_OVERHEAD:.0f} %)")
+    print(
+        f"\nworst overhead per mode: {', '.join(f'{m} {100 * f:.0f} %' for m, f in worst.items())} (target <= {100 * TARGET_OVERHEAD:.0f} %)"
+    )
     print(f"wrote {args.json}")
     return 0
 

@@ -62,13 +62,20 @@ def main() -> int:
     from SegVizLogic.training import TrainingConfig, load_site_data, train_site
 
     device = resolve_device(args.device)
-    out: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-                 "local_epochs": args.local_epochs, "cases_per_site": args.cases_per_site, "sites": {}}
+    out: dict = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "local_epochs": args.local_epochs,
+        "cases_per_site": args.cases_per_site,
+        "sites": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for site, organ in PAPER_SITES:
             write_site(Path(tmp) / site, site, [organ], {1: organ})
         start = time.perf_counter()
-        jobs = [(site, organ, case, tmp, args.size) for site, organ in PAPER_SITES for case in range(args.cases_per_site)]
+        jobs = [
+            (site, organ, case, tmp, args.size) for site, organ in PAPER_SITES for case in range(args.cases_per_site)
+        ]
         with ProcessPoolExecutor(args.workers) as pool:
             sizes = list(pool.map(_write_case, jobs))
         out["phantom_s"] = round(time.perf_counter() - start, 1)
@@ -93,18 +100,29 @@ def main() -> int:
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
             groups = partition_state(model.cpu())
-            sent = {g: arrays for g, arrays in groups.items() if g != PARTITION_BATCHNORM and (not g.startswith("head:") or g == f"head:{organ}")}
+            sent = {
+                g: arrays
+                for g, arrays in groups.items()
+                if g != PARTITION_BATCHNORM and (not g.startswith("head:") or g == f"head:{organ}")
+            }
             updates.append(SiteUpdate(site=site, organs=(organ,), num_examples=result.num_examples, partition=sent))
-            out["sites"][site] = {"preprocess_s": round(t1 - t0, 2), "train_s": round(t2 - t1, 2), "steps": result.steps,
-                                  "step_s": round((t2 - t1) / max(result.steps, 1), 3), "val_dice": result.val_dice,
-                                  "bytes_sent": int(sum(a.nbytes for arrays in sent.values() for a in arrays.values())),
-                                  "preprocessed_shape": list(data.train_items[0]["image"].shape)}
+            out["sites"][site] = {
+                "preprocess_s": round(t1 - t0, 2),
+                "train_s": round(t2 - t1, 2),
+                "steps": result.steps,
+                "step_s": round((t2 - t1) / max(result.steps, 1), 3),
+                "val_dice": result.val_dice,
+                "bytes_sent": int(sum(a.nbytes for arrays in sent.values() for a in arrays.values())),
+                "preprocessed_shape": list(data.train_items[0]["image"].shape),
+            }
             print(site, out["sites"][site], flush=True)
         t3 = time.perf_counter()
         aggregate_updates(current, updates, strategy="fedbn", weighting="uniform")
         out["aggregation_s"] = round(time.perf_counter() - t3, 3)
         out["round_s_sequential"] = round(time.perf_counter() - round_start, 1)
-        out["round_s_parallel_sites"] = round(max(s["preprocess_s"] + s["train_s"] for s in out["sites"].values()) + out["aggregation_s"], 1)
+        out["round_s_parallel_sites"] = round(
+            max(s["preprocess_s"] + s["train_s"] for s in out["sites"].values()) + out["aggregation_s"], 1
+        )
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

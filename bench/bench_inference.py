@@ -28,7 +28,7 @@ GRID_SIZE = (512, 512, 300)
 GRID_SPACING = (0.8, 0.8, 1.0)
 TARGETS = {"cpu": {"wall_s": 30.0, "peak_rss_gb": 4.0}, "cuda": {"wall_s": 2.0}}
 
-__all__ = ["find_ct", "make_benchmark_ct", "make_random_bundle", "segviz_command", "run_infer_benchmark"]
+__all__ = ["find_ct", "make_benchmark_ct", "make_random_bundle", "run_infer_benchmark", "segviz_command"]
 
 
 def find_ct(path: str | Path | None = None) -> Path:
@@ -68,8 +68,14 @@ def make_random_bundle(out: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = build_network(NetworkConfig())
-    return save_bundle(out, model, Preprocessing(), provenance={"strategy": "benchmark (random weights)"},
-                       training=TrainingConfig().to_dict(), force=True)
+    return save_bundle(
+        out,
+        model,
+        Preprocessing(),
+        provenance={"strategy": "benchmark (random weights)"},
+        training=TrainingConfig().to_dict(),
+        force=True,
+    )
 
 
 def segviz_command() -> list[str]:
@@ -152,8 +158,13 @@ def _timeline(output: str, started_at: float, wall: float, timings: dict) -> dic
     }
 
 
-def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct: str | Path | None = None, repeats: int = 1,
-                        workdir: str | Path | None = None) -> dict:
+def run_infer_benchmark(
+    device: str = "cpu",
+    model: str | Path | None = None,
+    ct: str | Path | None = None,
+    repeats: int = 1,
+    workdir: str | Path | None = None,
+) -> dict:
     """Time ``segviz infer`` on the 512×512×300 benchmark CT.
 
     Returns:
@@ -175,15 +186,35 @@ def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct
         runs = []
         for index in range(repeats):
             stats = work / f"stats-{index}.json"
-            command = [*segviz_command(), "infer", "--model", str(model_path), "--input", str(ct_path), "--output", str(work / "labels.nii.gz"),
-                       "--device", device, "--stats", str(stats), "--progress", "json", "--force"]
+            command = [
+                *segviz_command(),
+                "infer",
+                "--model",
+                str(model_path),
+                "--input",
+                str(ct_path),
+                "--output",
+                str(work / "labels.nii.gz"),
+                "--device",
+                device,
+                "--stats",
+                str(stats),
+                "--progress",
+                "json",
+                "--force",
+            ]
             wall, peak, status, output, started_at = _run_child(command)
             if status != 0:
                 raise RuntimeError(f"segviz infer failed with exit status {status}: {' '.join(command)}")
             timings = json.loads(stats.read_text())["timings_s"]
-            runs.append({"wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 3),
-                         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-                         "timeline_s": _timeline(output, started_at, wall, timings)})
+            runs.append(
+                {
+                    "wall_s": round(wall, 2),
+                    "peak_rss_gb": round(peak / 1e9, 3),
+                    "timings_s": {k: round(v, 2) for k, v in timings.items()},
+                    "timeline_s": _timeline(output, started_at, wall, timings),
+                }
+            )
         best = min(runs, key=lambda r: r["wall_s"])
         split = dict(best["timeline_s"])
         # Reading the CT alone, timed here with the CLI's own function (part of load_and_read).
@@ -191,8 +222,17 @@ def run_infer_benchmark(device: str = "cpu", model: str | Path | None = None, ct
         read_image(ct_path)
         split["read_ct_alone"] = round(time.perf_counter() - t, 2)
         return {
-            "wall_s": best["wall_s"], "peak_rss_gb": best["peak_rss_gb"], "split_s": split, "runs": runs, "device": device,
-            "input": {"size": list(GRID_SIZE), "spacing_mm": list(GRID_SPACING), "source": str(source), "prepare_s": round(prepare_s, 1)},
+            "wall_s": best["wall_s"],
+            "peak_rss_gb": best["peak_rss_gb"],
+            "split_s": split,
+            "runs": runs,
+            "device": device,
+            "input": {
+                "size": list(GRID_SIZE),
+                "spacing_mm": list(GRID_SPACING),
+                "source": str(source),
+                "prepare_s": round(prepare_s, 1),
+            },
             "model": str(model) if model else "paper config (NetworkConfig(), Preprocessing()), random weights",
             "targets": TARGETS.get(device, {}),
         }

@@ -20,8 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 __all__ = ["run_training_step_benchmark"]
 
 
-def run_training_step_benchmark(device: str = "cpu", steps: int = 5, warmup: int = 2, patch=(128, 128, 32), batch_size: int = 8,
-                                seed: int = 0, retain_memory: bool = True) -> dict:
+def run_training_step_benchmark(
+    device: str = "cpu",
+    steps: int = 5,
+    warmup: int = 2,
+    patch=(128, 128, 32),
+    batch_size: int = 8,
+    seed: int = 0,
+    retain_memory: bool = True,
+) -> dict:
     """Median seconds of one training step (forward, backward, AdamW) after ``warmup`` steps.
 
     ``retain_memory`` sets the allocator as ``train_site`` does (:func:`SegVizLogic.allocator.retain_freed_memory`);
@@ -32,10 +39,9 @@ def run_training_step_benchmark(device: str = "cpu", steps: int = 5, warmup: int
     """
     import torch
 
+    from SegVizLogic.allocator import retain_freed_memory
     from SegVizLogic.losses import PartialLabelLoss
     from SegVizLogic.network import NetworkConfig, build_network
-
-    from SegVizLogic.allocator import retain_freed_memory
 
     retained = retain_freed_memory() if retain_memory else False
     torch.manual_seed(seed)
@@ -47,7 +53,9 @@ def run_training_step_benchmark(device: str = "cpu", steps: int = 5, warmup: int
     image = torch.rand(batch_size, 1, *patch, device=dev)
     target = (torch.rand(batch_size, organs, *patch, device=dev) > 0.9).float()
     annotated = torch.zeros(batch_size, organs, dtype=torch.bool, device=dev)
-    annotated[torch.arange(batch_size), torch.arange(batch_size) % organs] = True  # one organ per sample, like single-organ sites
+    annotated[torch.arange(batch_size), torch.arange(batch_size) % organs] = (
+        True  # one organ per sample, like single-organ sites
+    )
     amp = dev.type == "cuda"
 
     def sync() -> None:
@@ -72,10 +80,18 @@ def run_training_step_benchmark(device: str = "cpu", steps: int = 5, warmup: int
         step()
     times = [step() for _ in range(steps)]
     median = statistics.median(times)
-    result = {"median_step_s": round(median, 4), "steps_s": [round(t, 4) for t in times], "patches_per_s": round(batch_size / median, 2),
-              "patch": list(patch), "batch_size": batch_size, "device": device, "amp": "bfloat16" if amp else None,
-              "warmup_steps": warmup, "threads": torch.get_num_threads(),
-              "allocator": "retain freed memory" if retained else "default"}
+    result = {
+        "median_step_s": round(median, 4),
+        "steps_s": [round(t, 4) for t in times],
+        "patches_per_s": round(batch_size / median, 2),
+        "patch": list(patch),
+        "batch_size": batch_size,
+        "device": device,
+        "amp": "bfloat16" if amp else None,
+        "warmup_steps": warmup,
+        "threads": torch.get_num_threads(),
+        "allocator": "retain freed memory" if retained else "default",
+    }
     if dev.type == "cuda":
         result["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return result
@@ -89,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 128, 32))
-    parser.add_argument("--default-allocator", action="store_true", help="measure with glibc's default allocator settings")
+    parser.add_argument(
+        "--default-allocator", action="store_true", help="measure with glibc's default allocator settings"
+    )
     args = parser.parse_args(argv)
-    result = run_training_step_benchmark(args.device, args.steps, args.warmup, patch=tuple(args.patch),
-                                         retain_memory=not args.default_allocator)
+    result = run_training_step_benchmark(
+        args.device, args.steps, args.warmup, patch=tuple(args.patch), retain_memory=not args.default_allocator
+    )
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

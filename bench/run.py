@@ -55,13 +55,17 @@ def bench_federation(quick: bool, device: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "federation.json"
         command = [sys.executable, str(script), "--json", str(out), "--device", device, "--progress", "none"]
-        command += ["--mode", "simulation", "--rounds", "2", "--local-epochs", "1", "--cases-per-site", "2"] if quick else ["--mode", "both"]
+        command += (
+            ["--mode", "simulation", "--rounds", "2", "--local-epochs", "1", "--cases-per-site", "2"]
+            if quick
+            else ["--mode", "both"]
+        )
         env = dict(os.environ)
         if device == "cuda":
             # The simulation engine's Ray actors ask for no GPU, and Ray then hides every GPU from them.
             env.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
             env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench_federation.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
         return json.loads(out.read_text())
@@ -78,10 +82,23 @@ def _federation_rows(fed: dict) -> list[tuple[str, str, str, str]]:
         mean_round = sum(r["round_s"] for r in entries) / len(entries)
         mean_overhead = sum(r["overhead_s"] for r in entries) / len(entries)
         ok = "" if target is None else (" ✓" if worst <= target else " ✗")
-        rows.append(_row(f"FL round overhead ({mode})", f"{mean_overhead:.1f} s of {mean_round:.1f} s, worst {100 * worst:.0f} %{ok}",
-                         "" if target is None else f"≤ {100 * target:.0f} %", f"{len(entries)} rounds, {entries[0]['sites']} sites"))
-        rows.append(_row(f"FL bytes per round ({mode})", f"{_mb(entries[-1]['bytes_to_each_site'])} to each site, "
-                         f"{_mb(entries[-1]['bytes_from_site'])} from a site", "", "last round"))
+        rows.append(
+            _row(
+                f"FL round overhead ({mode})",
+                f"{mean_overhead:.1f} s of {mean_round:.1f} s, worst {100 * worst:.0f} %{ok}",
+                "" if target is None else f"≤ {100 * target:.0f} %",
+                f"{len(entries)} rounds, {entries[0]['sites']} sites",
+            )
+        )
+        rows.append(
+            _row(
+                f"FL bytes per round ({mode})",
+                f"{_mb(entries[-1]['bytes_to_each_site'])} to each site, "
+                f"{_mb(entries[-1]['bytes_from_site'])} from a site",
+                "",
+                "last round",
+            )
+        )
     return rows
 
 
@@ -103,21 +120,48 @@ def table(results: dict) -> str:
     device = results["device"]
     if "wall_s" in inf:
         t = inf.get("targets", {})
-        ok = lambda v, lim: "" if lim is None else (" ✓" if v <= lim else " ✗")  # noqa: E731
-        rows.append(_row("infer 512×512×300 wall", f"{inf['wall_s']:.1f} s{ok(inf['wall_s'], t.get('wall_s'))}",
-                         f"≤ {t['wall_s']:g} s" if "wall_s" in t else "", f"segviz infer --device {device}"))
-        rows.append(_row("infer peak RSS (child)", f"{inf['peak_rss_gb']:.2f} GB{ok(inf['peak_rss_gb'], t.get('peak_rss_gb'))}",
-                         f"≤ {t['peak_rss_gb']:g} GB" if "peak_rss_gb" in t else "", "ru_maxrss of the child"))
+        ok = lambda v, lim: "" if lim is None else (" ✓" if v <= lim else " ✗")
+        rows.append(
+            _row(
+                "infer 512×512×300 wall",
+                f"{inf['wall_s']:.1f} s{ok(inf['wall_s'], t.get('wall_s'))}",
+                f"≤ {t['wall_s']:g} s" if "wall_s" in t else "",
+                f"segviz infer --device {device}",
+            )
+        )
+        rows.append(
+            _row(
+                "infer peak RSS (child)",
+                f"{inf['peak_rss_gb']:.2f} GB{ok(inf['peak_rss_gb'], t.get('peak_rss_gb'))}",
+                f"≤ {t['peak_rss_gb']:g} GB" if "peak_rss_gb" in t else "",
+                "ru_maxrss of the child",
+            )
+        )
         split = inf["split_s"]
         keys = ("startup", "load_and_read", "preprocess", "network", "restore", "write", "exit")
-        rows.append(_row("  split " + "/".join(keys), " / ".join("–" if split.get(k) is None else f"{split[k]:.1f}" for k in keys) + " s",
-                         "", f"CT read alone {split.get('read_ct_alone', float('nan')):.1f} s"))
+        rows.append(
+            _row(
+                "  split " + "/".join(keys),
+                " / ".join("–" if split.get(k) is None else f"{split[k]:.1f}" for k in keys) + " s",
+                "",
+                f"CT read alone {split.get('read_ct_alone', float('nan')):.1f} s",
+            )
+        )
     elif "error" in inf or "skipped" in inf:
         rows.append(_row("inference", inf.get("error") or inf.get("skipped")))
     tr = results.get("training", {})
     if "median_step_s" in tr:
-        note = f"{tr['patches_per_s']:.1f} patches/s" + (f", peak {tr['peak_gpu_memory_gb']} GB GPU" if "peak_gpu_memory_gb" in tr else "")
-        rows.append(_row("train step 128×128×32 ×8", f"{tr['median_step_s']:.3f} s", "", f"median of {len(tr['steps_s'])}; {note}"))
+        note = f"{tr['patches_per_s']:.1f} patches/s" + (
+            f", peak {tr['peak_gpu_memory_gb']} GB GPU" if "peak_gpu_memory_gb" in tr else ""
+        )
+        rows.append(
+            _row(
+                "train step 128×128×32 ×8",
+                f"{tr['median_step_s']:.3f} s",
+                "",
+                f"median of {len(tr['steps_s'])}; {note}",
+            )
+        )
     elif tr:
         rows.append(_row("training", tr.get("error") or tr.get("skipped", "")))
     fed = results.get("federation", {})
@@ -126,10 +170,15 @@ def table(results: dict) -> str:
     elif fed:
         rows.append(_row("federation", fed.get("error") or fed.get("skipped", "")))
     widths = [max(len(r[i]) for r in rows + [("benchmark", "figure", "target", "note")]) for i in range(4)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(("benchmark", "figure", "target", "note"), widths)), "-+-".join("-" * w for w in widths)]
+    lines = [
+        " | ".join(h.ljust(w) for h, w in zip(("benchmark", "figure", "target", "note"), widths)),
+        "-+-".join("-" * w for w in widths),
+    ]
     lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     m = results["machine"]
-    lines.append(f"\nmachine: {m['cpu']} ({m['cores']} cores), GPU {m['gpu'] or 'none'}, torch {m['torch']}, {m['date']}")
+    lines.append(
+        f"\nmachine: {m['cpu']} ({m['cores']} cores), GPU {m['gpu'] or 'none'}, torch {m['torch']}, {m['date']}"
+    )
     return "\n".join(lines)
 
 
@@ -139,9 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer training steps and a quick federation run")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="write all results (with the machine and date) here")
-    parser.add_argument("--model", type=Path, default=None, help="bundle for the inference benchmark (default: paper config, random weights)")
-    parser.add_argument("--ct", type=Path, default=None, help="source CT (default ../shared/data/real/totalseg_example/example_ct.nii.gz)")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 5 on CPU, 20 on CUDA; 3 with --quick)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="bundle for the inference benchmark (default: paper config, random weights)",
+    )
+    parser.add_argument(
+        "--ct",
+        type=Path,
+        default=None,
+        help="source CT (default ../shared/data/real/totalseg_example/example_ct.nii.gz)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed training steps (default 5 on CPU, 20 on CUDA; 3 with --quick)"
+    )
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -154,14 +215,21 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA GPU is available")
 
-    results: dict = {"device": args.device, "quick": args.quick, "machine": machine(), "command": " ".join(["python", "bench/run.py", *sys.argv[1:]])}
+    results: dict = {
+        "device": args.device,
+        "quick": args.quick,
+        "machine": machine(),
+        "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+    }
     started = time.perf_counter()
     if "inference" in only:
         from bench_inference import run_infer_benchmark
 
         try:
-            results["inference"] = run_infer_benchmark(args.device, args.model, args.ct, repeats=1 if args.quick or args.device == "cpu" else 3)
-        except Exception as error:  # one failed benchmark must not hide the others
+            results["inference"] = run_infer_benchmark(
+                args.device, args.model, args.ct, repeats=1 if args.quick or args.device == "cpu" else 3
+            )
+        except Exception as error:  # noqa: BLE001 - one failed benchmark must not hide the others
             traceback.print_exc()
             results["inference"] = {"error": f"{type(error).__name__}: {error}"}
     if "training" in only:
@@ -169,14 +237,16 @@ def main(argv: list[str] | None = None) -> int:
 
         steps = args.steps or (3 if args.quick else (20 if args.device == "cuda" else 5))
         try:
-            results["training"] = run_training_step_benchmark(args.device, steps=steps, warmup=3 if args.device == "cuda" else (1 if args.quick else 2))
-        except Exception as error:
+            results["training"] = run_training_step_benchmark(
+                args.device, steps=steps, warmup=3 if args.device == "cuda" else (1 if args.quick else 2)
+            )
+        except Exception as error:  # noqa: BLE001
             traceback.print_exc()
             results["training"] = {"error": f"{type(error).__name__}: {error}"}
     if "federation" in only:
         try:
             results["federation"] = bench_federation(args.quick, args.device)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             traceback.print_exc()
             results["federation"] = {"error": f"{type(error).__name__}: {error}"}
     results["seconds"] = round(time.perf_counter() - started, 1)

@@ -20,11 +20,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 UI = REPO / "Resources" / "UI" / "SegVizSlicer.ui"
 
-SUBSTITUTES = {"ctkCollapsibleButton": "QGroupBox", "qMRMLNodeComboBox": "QComboBox",
-               "ctkPathLineEdit": "QLineEdit", "qMRMLWidget": "QWidget"}
+SUBSTITUTES = {
+    "ctkCollapsibleButton": "QGroupBox",
+    "qMRMLNodeComboBox": "QComboBox",
+    "ctkPathLineEdit": "QLineEdit",
+    "qMRMLWidget": "QWidget",
+}
 # Properties the substitutes do not have (QUiLoader would warn about each).
-DROPPED = {"nodeTypes", "hideChildNodeTypes", "showChildNodeTypes", "noneEnabled", "addEnabled", "removeEnabled",
-           "renameEnabled", "noneDisplay", "filters", "nameFilters", "collapsed"}
+DROPPED = {
+    "nodeTypes",
+    "hideChildNodeTypes",
+    "showChildNodeTypes",
+    "noneEnabled",
+    "addEnabled",
+    "removeEnabled",
+    "renameEnabled",
+    "noneDisplay",
+    "filters",
+    "nameFilters",
+    "collapsed",
+}
 
 SAMPLE_TEXT = {
     "modelPathLineEdit": "~/SegViz/models/segviz-fedbn-round10.segviz",
@@ -66,20 +81,28 @@ def plain_qt_ui(path: Path) -> bytes:
 
 def fill_sample_state(panel, QtWidgets) -> None:
     """Put the panel in the state it shows during round 3 of a 10-round federation."""
-    find = lambda name, cls=QtWidgets.QWidget: panel.findChild(cls, name)  # noqa: E731
+    find = lambda name, cls=QtWidgets.QWidget: panel.findChild(cls, name)
     for name, text in SAMPLE_TEXT.items():
         find(name).setText(text)
     for name, text in SAMPLE_COMBO.items():
         combo = find(name)
         combo.addItem(text)
-    find("modelInfoLabel").setText("Organs: liver, spleen, pancreas, kidney\n"
-                                   "Trained by: site-a, site-b, site-c, site-d (fedbn, 10 rounds)\nCreated: 2026-11-20")
+    find("modelInfoLabel").setText(
+        "Organs: liver, spleen, pancreas, kidney\n"
+        "Trained by: site-a, site-b, site-c, site-d (fedbn, 10 rounds)\nCreated: 2026-11-20"
+    )
     find("splitKidneyCheckBox").setChecked(True)
     find("applyButton").setEnabled(True)
     find("applyProgressBar").setValue(100)
     find("applyStatusLabel").setText("5 organ segments loaded")
     volumes = find("organVolumesTable")
-    rows = [("liver", "1625.4"), ("spleen", "212.9"), ("pancreas", "78.3"), ("left kidney", "168.0"), ("right kidney", "159.6")]
+    rows = [
+        ("liver", "1625.4"),
+        ("spleen", "212.9"),
+        ("pancreas", "78.3"),
+        ("left kidney", "168.0"),
+        ("right kidney", "159.6"),
+    ]
     volumes.setRowCount(len(rows))
     for r, (organ, ml) in enumerate(rows):
         volumes.setItem(r, 0, QtWidgets.QTableWidgetItem(organ))
@@ -87,9 +110,11 @@ def fill_sample_state(panel, QtWidgets) -> None:
     volumes.resizeColumnsToContents()
     volumes.horizontalHeader().setStretchLastSection(True)
     cases = find("casesTable")
-    case_rows = [("Case 0003 CT", "Case 0003 segmentation", "liver, kidney"),
-                 ("Case 0005 CT", "Case 0005 segmentation", "liver, kidney"),
-                 ("Case 0007 CT", "Case 0007 segmentation", "liver")]
+    case_rows = [
+        ("Case 0003 CT", "Case 0003 segmentation", "liver, kidney"),
+        ("Case 0005 CT", "Case 0005 segmentation", "liver, kidney"),
+        ("Case 0007 CT", "Case 0007 segmentation", "liver"),
+    ]
     cases.setRowCount(len(case_rows))
     for r, row in enumerate(case_rows):
         for c, text in enumerate(row):
@@ -109,12 +134,9 @@ def fill_sample_state(panel, QtWidgets) -> None:
     bar.setRange(0, 10)
     bar.setValue(3)
     bar.setFormat("%v / %m rounds")
-    find("federationLogTextEdit").setPlainText("\n".join([
-        "Joining the federation at fl.hospital-network.example:9092…",
-        "connected superlink=fl.hospital-network.example:9092",
-        "round_started round=3 rounds=10",
-        "epoch epoch=1 epochs=2 loss=0.4172",
-    ]))
+    find("federationLogTextEdit").setPlainText(
+        "Joining the federation at fl.hospital-network.example:9092…\nconnected superlink=fl.hospital-network.example:9092\nround_started round=3 rounds=10\nepoch epoch=1 epochs=2 loss=0.4172"
+    )
     find("dependenciesStatusLabel").setText("All Python packages SegViz needs are installed.")
 
 

@@ -36,7 +36,7 @@ from ..progress import ProgressReporter
 from ..site import load_site
 from .config import ExperimentConfig
 
-__all__ = ["ArmOutcome", "bn_arm_name", "prepare_data", "run_arm", "run_seed", "batchnorm_to_measure"]
+__all__ = ["ArmOutcome", "batchnorm_to_measure", "bn_arm_name", "prepare_data", "run_arm", "run_seed"]
 
 
 def bn_arm_name(choice: str) -> str:
@@ -95,7 +95,10 @@ def prepare_data(config: ExperimentConfig, out_dir: str | Path, reporter: Progre
     try:
         manifest = json.loads((root / "phantom.json").read_text())
         counts = {name: info["cases"] for name, info in manifest["sites"].items()}
-        if (manifest["size"], manifest["seed"]) == (size, phantom["seed"]) and counts == {**{n: n_site for n, _ in PAPER_SITES}, EXTERNAL_NAME: n_ext}:
+        if (manifest["size"], manifest["seed"]) == (size, phantom["seed"]) and counts == {
+            **{n: n_site for n, _ in PAPER_SITES},
+            EXTERNAL_NAME: n_ext,
+        }:
             reporter.emit("stage", stage="phantom", message=f"reusing the phantom in {root}")
             return sites, str(root / EXTERNAL_NAME)
     except (OSError, ValueError, KeyError, TypeError):
@@ -112,22 +115,40 @@ def _records(arm: str, seed: int, result: ExternalResult, organs: Sequence[str])
             score = scores.get(organ)
             if score is None or score.get("dice") is None:
                 continue  # organ absent from this case's reference
-            rows.append({"arm": arm, "seed": seed, "case": case, "organ": organ, "dice": score["dice"],
-                         "hd95_mm": score.get("hd95_mm"), "status": score.get("status")})
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "case": case,
+                    "organ": organ,
+                    "dice": score["dice"],
+                    "hd95_mm": score.get("hd95_mm"),
+                    "status": score.get("status"),
+                }
+            )
     return rows
 
 
 def _first_prediction(result: ExternalResult) -> tuple[str, sitk.Image] | None:
     if not result.predictions:
         return None
-    case = sorted(result.predictions)[0]
+    case = min(result.predictions)
     return case, result.predictions[case]
 
 
-def _evaluate(bundle: ModelBundle, external: str, device: torch.device, config: ExperimentConfig, reporter: ProgressReporter,
-              batchnorm: str | None = None, hd95: bool | None = None) -> ExternalResult:
+def _evaluate(
+    bundle: ModelBundle,
+    external: str,
+    device: torch.device,
+    config: ExperimentConfig,
+    reporter: ProgressReporter,
+    batchnorm: str | None = None,
+    hd95: bool | None = None,
+) -> ExternalResult:
     hd95 = config.hd95 if hd95 is None else hd95
-    result = evaluate_on_site(bundle, external, device, batchnorm=batchnorm, reporter=reporter, keep_predictions=True, hd95=hd95)
+    result = evaluate_on_site(
+        bundle, external, device, batchnorm=batchnorm, reporter=reporter, keep_predictions=True, hd95=hd95
+    )
     first = _first_prediction(result)
     result.predictions = dict([first]) if first else {}  # keep one case for the overlay figure, not all
     return result
@@ -157,8 +178,15 @@ def _enable_gpu_in_ray(device: str) -> None:
         os.environ.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
 
 
-def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], external: str, arm_dir: str | Path, seed: int,
-            reporter: ProgressReporter | None = None) -> ArmOutcome:
+def run_arm(
+    arm: str,
+    config: ExperimentConfig,
+    site_dirs: Sequence[str],
+    external: str,
+    arm_dir: str | Path,
+    seed: int,
+    reporter: ProgressReporter | None = None,
+) -> ArmOutcome:
     """Train and evaluate one arm for one seed; bundles go to ``arm_dir``.
 
     Args:
@@ -194,12 +222,24 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
         for site_dir in site_dirs:
             site = load_site(site_dir)
             name = f"local:{site.name}"
-            path = timed("train", lambda: train_bundle([site_dir], arm_dir / f"{site.name}.segviz", network=replace(config.network, output="sigmoid"),
-                                                       preprocessing=config.preprocessing, training=_train_config(config, seed), epochs=epochs,
-                                                       lr=lr, device=config.device, reporter=reporter, force=True))
+            path = timed(
+                "train",
+                lambda site_dir=site_dir, site=site: train_bundle(
+                    [site_dir],
+                    arm_dir / f"{site.name}.segviz",
+                    network=replace(config.network, output="sigmoid"),
+                    preprocessing=config.preprocessing,
+                    training=_train_config(config, seed),
+                    epochs=epochs,
+                    lr=lr,
+                    device=config.device,
+                    reporter=reporter,
+                    force=True,
+                ),
+            )
             bundle = load_bundle(path)
             outcome.bundles[name] = str(path)
-            result = timed("evaluate", lambda: _evaluate(bundle, external, device, config, reporter))
+            result = timed("evaluate", lambda bundle=bundle: _evaluate(bundle, external, device, config, reporter))
             rows = _records(name, seed, result, bundle.trained_organs)
             outcome.records += rows
             for row in rows:
@@ -215,9 +255,17 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
                     composite[organ] = labels == organ_by_name(organ).label
         for (case, organ), rows in sorted(per_key.items()):
             hd = [r["hd95_mm"] for r in rows if r["hd95_mm"] is not None]
-            outcome.records.append({"arm": "local", "seed": seed, "case": case, "organ": organ,
-                                    "dice": float(np.mean([r["dice"] for r in rows])), "hd95_mm": float(np.mean(hd)) if hd else None,
-                                    "status": "mean of " + ", ".join(r["arm"] for r in rows) if len(rows) > 1 else rows[0]["status"]})
+            outcome.records.append(
+                {
+                    "arm": "local",
+                    "seed": seed,
+                    "case": case,
+                    "organ": organ,
+                    "dice": float(np.mean([r["dice"] for r in rows])),
+                    "hd95_mm": float(np.mean(hd)) if hd else None,
+                    "status": "mean of " + ", ".join(r["arm"] for r in rows) if len(rows) > 1 else rows[0]["status"],
+                }
+            )
         if overlay_ref is not None:
             labels = np.zeros(sitk.GetArrayViewFromImage(overlay_ref).shape, np.uint8)
             for organ, mask in composite.items():
@@ -230,9 +278,21 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
     if arm in ("central-naive", "central-partial"):
         naive = arm == "central-naive"
         network = replace(config.network, output="softmax" if naive else "sigmoid")
-        path = timed("train", lambda: train_bundle(site_dirs, arm_dir / "model.segviz", network=network, preprocessing=config.preprocessing,
-                                                   training=_train_config(config, seed, naive=naive), epochs=epochs, lr=lr,
-                                                   device=config.device, reporter=reporter, force=True))
+        path = timed(
+            "train",
+            lambda: train_bundle(
+                site_dirs,
+                arm_dir / "model.segviz",
+                network=network,
+                preprocessing=config.preprocessing,
+                training=_train_config(config, seed, naive=naive),
+                epochs=epochs,
+                lr=lr,
+                device=config.device,
+                reporter=reporter,
+                force=True,
+            ),
+        )
         bundle = load_bundle(path)
         outcome.bundles[arm] = str(path)
         result = timed("evaluate", lambda: _evaluate(bundle, external, device, config, reporter))
@@ -245,11 +305,24 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
         from ..federated.simulation import run_federated_simulation
 
         _enable_gpu_in_ray(config.device)
-        path = timed("train", lambda: run_federated_simulation(
-            list(site_dirs), arm_dir, rounds=config.federation.rounds, local_epochs=config.federation.local_epochs, strategy=arm,
-            weighting=config.federation.weighting, lr=lr, preprocessing=config.preprocessing,
-            training_config=_train_config(config, seed), network_config=replace(config.network, output="sigmoid"),
-            reporter=reporter, seed=seed, device=config.device))
+        path = timed(
+            "train",
+            lambda: run_federated_simulation(
+                list(site_dirs),
+                arm_dir,
+                rounds=config.federation.rounds,
+                local_epochs=config.federation.local_epochs,
+                strategy=arm,
+                weighting=config.federation.weighting,
+                lr=lr,
+                preprocessing=config.preprocessing,
+                training_config=_train_config(config, seed),
+                network_config=replace(config.network, output="sigmoid"),
+                reporter=reporter,
+                seed=seed,
+                device=config.device,
+            ),
+        )
         bundle = load_bundle(path)
         outcome.bundles[arm] = str(path)
         outcome.rounds = list(bundle.metrics.get("rounds", []))
@@ -260,12 +333,23 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
             outcome.overlay[arm] = first
         if arm == "fedbn":
             for choice in batchnorm_to_measure(bundle, config.batchnorm):
-                reporter.emit("stage", stage="batchnorm", message=f"seed {seed}: FedBN model with BatchNorm {choice!r} at the external site")
+                reporter.emit(
+                    "stage",
+                    stage="batchnorm",
+                    message=f"seed {seed}: FedBN model with BatchNorm {choice!r} at the external site",
+                )
                 if choice == bundle.default_batchnorm:
-                    rows = [{**r, "arm": bn_arm_name(choice), "hd95_mm": None} for r in outcome.records if r["arm"] == arm]
+                    rows = [
+                        {**r, "arm": bn_arm_name(choice), "hd95_mm": None} for r in outcome.records if r["arm"] == arm
+                    ]
                 else:
                     # Dice decides the BatchNorm default; HD95 (seconds per full-size case) only for the main rows.
-                    choice_result = timed("evaluate", lambda: _evaluate(bundle, external, device, config, reporter, batchnorm=choice, hd95=False))
+                    choice_result = timed(
+                        "evaluate",
+                        lambda choice=choice: _evaluate(
+                            bundle, external, device, config, reporter, batchnorm=choice, hd95=False
+                        ),
+                    )
                     rows = _records(bn_arm_name(choice), seed, choice_result, bundle.trained_organs)
                 outcome.records += rows
         return outcome
@@ -273,8 +357,14 @@ def run_arm(arm: str, config: ExperimentConfig, site_dirs: Sequence[str], extern
     raise ValueError(f"unknown arm {arm!r}")
 
 
-def run_seed(config: ExperimentConfig, site_dirs: Sequence[str], external: str, out_dir: str | Path, seed: int,
-             reporter: ProgressReporter | None = None) -> list[ArmOutcome]:
+def run_seed(
+    config: ExperimentConfig,
+    site_dirs: Sequence[str],
+    external: str,
+    out_dir: str | Path,
+    seed: int,
+    reporter: ProgressReporter | None = None,
+) -> list[ArmOutcome]:
     """Every arm of ``config`` for one seed; bundles under ``out_dir/seed-<seed>/<arm>/``."""
     reporter = reporter or ProgressReporter("none")
     outcomes = []

@@ -13,11 +13,23 @@ from ..progress import ProgressReporter
 from ..site import load_case, load_site, validate_site
 from .arms import ArmOutcome, prepare_data, run_seed
 from .config import ExperimentConfig
-from .report import (PAPER_DICE, REFERENCE_ARM, machine_info, macro_mean, plot_batchnorm, plot_dice_by_arm, plot_overlays, plot_rounds,
-                     table_rows, utc_now, write_json, write_report_md)
+from .report import (
+    PAPER_DICE,
+    REFERENCE_ARM,
+    machine_info,
+    macro_mean,
+    plot_batchnorm,
+    plot_dice_by_arm,
+    plot_overlays,
+    plot_rounds,
+    table_rows,
+    utc_now,
+    write_json,
+    write_report_md,
+)
 from .statistics import compare_to_reference, summarize
 
-__all__ = ["run_comparison", "RESULTS_FILE", "REPORT_FILE"]
+__all__ = ["REPORT_FILE", "RESULTS_FILE", "run_comparison"]
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -27,19 +39,31 @@ def _batchnorm_measurement(summary: dict, organs: list[str], default: str | None
     choices = {}
     for arm, row in summary.items():
         if arm.startswith("fedbn[bn="):
-            choice = arm[len("fedbn[bn="):-1]
-            choices[choice] = {"organs": {o: row[o]["dice"]["mean"] for o in organs if o in row}, "mean": macro_mean(row)}
+            choice = arm[len("fedbn[bn=") : -1]
+            choices[choice] = {
+                "organs": {o: row[o]["dice"]["mean"] for o in organs if o in row},
+                "mean": macro_mean(row),
+            }
     scored = {c: v["mean"] for c, v in choices.items() if v["mean"] is not None}
     best = max(scored.values()) if scored else None
     # Ties go to the bundle's default, then to the order measured.
     winners = [c for c, m in scored.items() if m == best]
     recommended = default if default in winners else (winners[0] if winners else None)
-    return {"choices": choices, "recommended": recommended, "bundle_default": default,
-            "criterion": "highest mean over organs of the mean external Dice, pooled over seeds"}
+    return {
+        "choices": choices,
+        "recommended": recommended,
+        "bundle_default": default,
+        "criterion": "highest mean over organs of the mean external Dice, pooled over seeds",
+    }
 
 
-def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = False, reporter: ProgressReporter | None = None,
-                   command: list[str] | None = None) -> dict:
+def run_comparison(
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    force: bool = False,
+    reporter: ProgressReporter | None = None,
+    command: list[str] | None = None,
+) -> dict:
     """Run ``config`` into ``out_dir`` and return what ``results.json`` holds.
 
     ``out_dir`` receives ``results.json``, ``report.md``, the PNG figures, the phantom data
@@ -83,7 +107,9 @@ def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = 
     figures: dict[str, str] = {}
     plot_dice_by_arm(out / "dice_by_arm.png", records, rows, organs)
     figures["External Dice per case, by arm"] = "dice_by_arm.png"
-    rounds = {arm: {str(o.seed): o.rounds for o in outcomes if o.arm == arm and o.rounds} for arm in ("fedavg", "fedbn")}
+    rounds = {
+        arm: {str(o.seed): o.rounds for o in outcomes if o.arm == arm and o.rounds} for arm in ("fedavg", "fedbn")
+    }
     rounds = {arm: v for arm, v in rounds.items() if v}
     if rounds:
         plot_rounds(out / "val_dice_rounds.png", rounds, organs)
@@ -94,7 +120,7 @@ def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = 
     first_seed = config.seeds[0]
     overlays = {arm: pair for o in outcomes if o.seed == first_seed for arm, pair in o.overlay.items()}
     if overlays:
-        case_name = sorted({c for c, _ in overlays.values()})[0]
+        case_name = min({c for c, _ in overlays.values()})
         case = next(c for c in external_site.cases if c.name == case_name)
         image, reference = load_case(case, external_site)
         predictions = {arm: overlays[arm][1] for arm in rows if arm in overlays and overlays[arm][0] == case_name}
@@ -104,7 +130,9 @@ def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = 
     argv = command or ["segviz", "experiment"]
     commands = []
     if config.source:
-        commands.append(f"segviz experiment --config {shlex.quote(config.source)} --out {shlex.quote(str(out))} --force")
+        commands.append(
+            f"segviz experiment --config {shlex.quote(config.source)} --out {shlex.quote(str(out))} --force"
+        )
     commands.append(" ".join(shlex.quote(a) for a in argv))
     results = {
         "name": config.name,
@@ -116,9 +144,15 @@ def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = 
         "machine": machine_info(),
         "device": config.device,
         "seeds": list(config.seeds),
-        "sites": [{"name": s.name, "organs": list(s.organs), "cases": len(s.cases), "path": str(s.root)} for s in sites],
-        "external": {"name": external_site.name, "organs": list(external_site.organs), "cases": len(external_site.cases),
-                     "path": str(external_site.root)},
+        "sites": [
+            {"name": s.name, "organs": list(s.organs), "cases": len(s.cases), "path": str(s.root)} for s in sites
+        ],
+        "external": {
+            "name": external_site.name,
+            "organs": list(external_site.organs),
+            "cases": len(external_site.cases),
+            "path": str(external_site.root),
+        },
         "organs": organs,
         "rows": rows,
         "detail_rows": detail_rows,
@@ -139,7 +173,14 @@ def run_comparison(config: ExperimentConfig, out_dir: str | Path, force: bool = 
     results["paper_dice"] = PAPER_DICE
     write_json(out / RESULTS_FILE, results)
     write_report_md(out / REPORT_FILE, results, config, figures)
-    reporter.emit("done", outputs={"results": str(out / RESULTS_FILE), "report": str(out / REPORT_FILE),
-                                   **{name: str(out / name) for name in figures.values()}},
-                  metrics={arm: macro_mean(summary[arm]) for arm in rows}, recommended_batchnorm=batchnorm["recommended"])
+    reporter.emit(
+        "done",
+        outputs={
+            "results": str(out / RESULTS_FILE),
+            "report": str(out / REPORT_FILE),
+            **{name: str(out / name) for name in figures.values()},
+        },
+        metrics={arm: macro_mean(summary[arm]) for arm in rows},
+        recommended_batchnorm=batchnorm["recommended"],
+    )
     return results

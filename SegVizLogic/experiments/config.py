@@ -37,18 +37,27 @@ each site; local and central arms train that many epochs.
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from ..network import NetworkConfig
 from ..preprocessing import Preprocessing
 from ..training import TrainingConfig
 
-__all__ = ["ARMS", "FEDERATED_ARMS", "BATCHNORM_DEFAULT_CHOICES", "FederationConfig", "DataConfig", "ExperimentConfig", "load_config",
-           "config_from_dict"]
+__all__ = [
+    "ARMS",
+    "BATCHNORM_DEFAULT_CHOICES",
+    "FEDERATED_ARMS",
+    "DataConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "config_from_dict",
+    "load_config",
+]
 
 ARMS: tuple[str, ...] = ("local", "central-naive", "central-partial", "fedavg", "fedbn")
 """Every arm of the comparison, in the order tables and plots show them."""
@@ -57,7 +66,19 @@ BATCHNORM_DEFAULT_CHOICES: tuple[str, ...] = ("model", "per-organ", "averaged", 
 """BatchNorm choices of the FedBN model measured at the external site unless ``[arms] batchnorm`` says otherwise
 (``"all"`` adds every ``organ:<organ>`` and ``site:<name>`` variant)."""
 
-_TOP_KEYS = {"name", "description", "seeds", "device", "hd95", "data", "network", "preprocessing", "training", "federation", "arms"}
+_TOP_KEYS = {
+    "name",
+    "description",
+    "seeds",
+    "device",
+    "hd95",
+    "data",
+    "network",
+    "preprocessing",
+    "training",
+    "federation",
+    "arms",
+}
 _PHANTOM_KEYS = {"size", "seed", "cases_per_site", "external_cases"}
 
 
@@ -112,13 +133,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if (self.phantom is None) == (not self.sites):
-            raise ValueError("[data] needs either phantom = {...} or sites = [...] (with external = \"...\"), not both")
+            raise ValueError('[data] needs either phantom = {...} or sites = [...] (with external = "..."), not both')
         if self.phantom is not None:
             unknown = set(self.phantom) - _PHANTOM_KEYS
             if unknown:
                 raise ValueError(f"unknown [data] phantom keys {sorted(unknown)}: expected {sorted(_PHANTOM_KEYS)}")
         elif not self.external:
-            raise ValueError("[data] sites = [...] needs external = \"<fully-labelled site folder>\"")
+            raise ValueError('[data] sites = [...] needs external = "<fully-labelled site folder>"')
 
 
 @dataclass(frozen=True)
@@ -164,8 +185,10 @@ class ExperimentConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if any(p % self.network.divisor for p in self.training.patch_size):
-            raise ValueError(f"[training] patch_size {list(self.training.patch_size)} must be a multiple of "
-                             f"{self.network.divisor} (the product of [network] strides)")
+            raise ValueError(
+                f"[training] patch_size {list(self.training.patch_size)} must be a multiple of "
+                f"{self.network.divisor} (the product of [network] strides)"
+            )
 
     def to_dict(self) -> dict:
         """JSON-ready dict (written to results.json)."""
@@ -173,14 +196,22 @@ class ExperimentConfig:
             "name": self.name,
             "description": self.description,
             "source": self.source,
-            "data": {"phantom": self.data.phantom, "sites": list(self.data.sites), "external": self.data.external,
-                     "phantom_dir": self.data.phantom_dir},
+            "data": {
+                "phantom": self.data.phantom,
+                "sites": list(self.data.sites),
+                "external": self.data.external,
+                "phantom_dir": self.data.phantom_dir,
+            },
             "network": self.network.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "training": self.training.to_dict(),
-            "federation": {"rounds": self.federation.rounds, "local_epochs": self.federation.local_epochs,
-                           "lr": self.federation.lr, "weighting": self.federation.weighting,
-                           "total_epochs": self.federation.total_epochs},
+            "federation": {
+                "rounds": self.federation.rounds,
+                "local_epochs": self.federation.local_epochs,
+                "lr": self.federation.lr,
+                "weighting": self.federation.weighting,
+                "total_epochs": self.federation.total_epochs,
+            },
             "arms": list(self.arms),
             "batchnorm": list(self.batchnorm),
             "seeds": list(self.seeds),
@@ -192,11 +223,13 @@ class ExperimentConfig:
 def _section(data: Mapping, key: str) -> dict:
     value = data.get(key, {})
     if not isinstance(value, Mapping):
-        raise ValueError(f"[{key}] must be a table, got {type(value).__name__}")
+        raise ValueError(f"[{key}] must be a table, got {type(value).__name__}")  # noqa: TRY004 - a config error, reported as such
     return dict(value)
 
 
-def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", source: str | None = None) -> ExperimentConfig:
+def config_from_dict(
+    data: Mapping[str, Any], base_dir: str | Path = ".", source: str | None = None
+) -> ExperimentConfig:
     """Build an :class:`ExperimentConfig` from a parsed TOML mapping.
 
     Relative site paths are taken relative to ``base_dir`` (the TOML file's folder).
@@ -231,8 +264,11 @@ def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", source
     if unknown:
         raise ValueError(f"unknown [preprocessing] keys {sorted(unknown)}")
     defaults = Preprocessing()
-    preprocessing = Preprocessing(spacing=tuple(pre.get("spacing", defaults.spacing)), hu_window=tuple(pre.get("hu_window", defaults.hu_window)),
-                                  orientation=pre.get("orientation", defaults.orientation))
+    preprocessing = Preprocessing(
+        spacing=tuple(pre.get("spacing", defaults.spacing)),
+        hu_window=tuple(pre.get("hu_window", defaults.hu_window)),
+        orientation=pre.get("orientation", defaults.orientation),
+    )
     training_raw = _section(data, "training")
     if "label_mode" in training_raw:
         raise ValueError("[training] label_mode is set per arm (central-naive uses 'naive'); remove it")
@@ -251,10 +287,19 @@ def config_from_dict(data: Mapping[str, Any], base_dir: str | Path = ".", source
     seeds = data.get("seeds", [0])
     seeds = (seeds,) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
     return ExperimentConfig(
-        data=data_config, network=network, preprocessing=preprocessing, training=training, federation=federation,
-        arms=tuple(arms_raw.get("run", ARMS)), batchnorm=batchnorm, seeds=seeds, device=str(data.get("device", "auto")),
-        hd95=bool(data.get("hd95", True)), name=str(data.get("name", "SegViz comparison")),
-        description=str(data.get("description", "")), source=source,
+        data=data_config,
+        network=network,
+        preprocessing=preprocessing,
+        training=training,
+        federation=federation,
+        arms=tuple(arms_raw.get("run", ARMS)),
+        batchnorm=batchnorm,
+        seeds=seeds,
+        device=str(data.get("device", "auto")),
+        hd95=bool(data.get("hd95", True)),
+        name=str(data.get("name", "SegViz comparison")),
+        description=str(data.get("description", "")),
+        source=source,
     )
 
 

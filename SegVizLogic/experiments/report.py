@@ -17,8 +17,20 @@ from ..organs import ORGAN_NAMES, organ_by_name
 from .config import ARMS, ExperimentConfig
 from .statistics import MIN_PAIRS, WILCOXON_KWARGS
 
-__all__ = ["PAPER_DICE", "REFERENCE_ARM", "table_rows", "macro_mean", "machine_info", "write_json", "dice_table", "write_report_md",
-           "plot_dice_by_arm", "plot_rounds", "plot_batchnorm", "plot_overlays"]
+__all__ = [
+    "PAPER_DICE",
+    "REFERENCE_ARM",
+    "dice_table",
+    "machine_info",
+    "macro_mean",
+    "plot_batchnorm",
+    "plot_dice_by_arm",
+    "plot_overlays",
+    "plot_rounds",
+    "table_rows",
+    "write_json",
+    "write_report_md",
+]
 
 REFERENCE_ARM = "fedbn"
 """The arm every other arm is tested against."""
@@ -63,12 +75,18 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     for module in ("monai", "flwr", "scipy"):
         try:
             info[module] = __import__(module).__version__
-        except Exception:  # optional in some installs
+        except Exception:  # noqa: BLE001 - optional in some installs
             info[module] = None
     return info
 
@@ -97,8 +115,10 @@ def dice_table(results: Mapping, organs: Sequence[str] = ORGAN_NAMES, metric: st
     """Markdown: one row per arm, ``mean ± std`` per organ and (Dice) the p-value against FedBN."""
     summary, tests = results["summary"], results["wilcoxon_vs_fedbn"]
     unit = " (mm)" if metric == "hd95_mm" else ""
-    lines = [f"| arm | " + " | ".join(f"{o}{unit}" for o in organs) + (" | mean |" if metric == "dice" else " |"),
-             "|---|" + "---|" * (len(organs) + (1 if metric == "dice" else 0))]
+    lines = [
+        "| arm | " + " | ".join(f"{o}{unit}" for o in organs) + (" | mean |" if metric == "dice" else " |"),
+        "|---|" + "---|" * (len(organs) + (1 if metric == "dice" else 0)),
+    ]
     for arm in results["rows"]:
         cells = []
         for organ in organs:
@@ -140,58 +160,96 @@ def write_report_md(path: str | Path, results: Mapping, config: ExperimentConfig
     fed = config.federation
     n_cases = len({(r["seed"], r["case"]) for r in results["records"] if r["arm"] == REFERENCE_ARM}) or "–"
     bn = results.get("batchnorm", {})
-    data = (f"phantom `{json.dumps(config.data.phantom)}`" if config.data.phantom is not None
-            else "site folders " + ", ".join(f"`{s}`" for s in config.data.sites) + f", external `{config.data.external}`")
+    data = (
+        f"phantom `{json.dumps(config.data.phantom)}`"
+        if config.data.phantom is not None
+        else "site folders " + ", ".join(f"`{s}`" for s in config.data.sites) + f", external `{config.data.external}`"
+    )
     lines = [
         f"# {config.name}",
         "",
-        config.description or "Local vs central (naive, partial-label) vs FedAvg vs FedBN on the same sites and external set.",
+        config.description
+        or "Local vs central (naive, partial-label) vs FedAvg vs FedBN on the same sites and external set.",
         "",
         "## Settings",
         "",
-        f"- Data: {data}; training sites: " + ", ".join(f"`{s['name']}` ({', '.join(s['organs'])})" for s in results["sites"])
+        f"- Data: {data}; training sites: "
+        + ", ".join(f"`{s['name']}` ({', '.join(s['organs'])})" for s in results["sites"])
         + f"; external set `{results['external']['name']}` ({results['external']['cases']} cases).",
-        f"- Budget: {fed.rounds} rounds × {fed.local_epochs} local epochs = **{fed.total_epochs} epochs for every arm**; "
-        f"lr {fed.lr}, weighting `{fed.weighting}`.",
-        f"- Network: channels {list(config.network.channels)}, strides {list(config.network.strides)}, "
-        f"{config.network.num_res_units} residual units; preprocessing spacing {list(config.preprocessing.spacing)} mm, "
-        f"HU window {list(config.preprocessing.hu_window)}; patch {list(config.training.patch_size)}, batch {config.training.batch_size}, "
-        f"{config.training.samples_per_case} patches per case per epoch.",
-        f"- Seeds {list(results['seeds'])}; device `{results['device']}` ({results['machine']['gpu'] or results['machine']['cpu']}); "
-        f"total {results['seconds']:.0f} s.",
+        (
+            f"- Budget: {fed.rounds} rounds × {fed.local_epochs} local epochs = **{fed.total_epochs} epochs for every arm**; "
+            f"lr {fed.lr}, weighting `{fed.weighting}`."
+        ),
+        (
+            f"- Network: channels {list(config.network.channels)}, strides {list(config.network.strides)}, "
+            f"{config.network.num_res_units} residual units; preprocessing spacing {list(config.preprocessing.spacing)} mm, "
+            f"HU window {list(config.preprocessing.hu_window)}; patch {list(config.training.patch_size)}, batch {config.training.batch_size}, "
+            f"{config.training.samples_per_case} patches per case per epoch."
+        ),
+        (
+            f"- Seeds {list(results['seeds'])}; device `{results['device']}` ({results['machine']['gpu'] or results['machine']['cpu']}); "
+            f"total {results['seconds']:.0f} s."
+        ),
         "- Local and central arms keep their best validation epoch (`segviz train`); federated arms keep the final round.",
         "",
-        "## External Dice (mean ± std over cases" + (" and seeds" if len(results["seeds"]) > 1 else "") + f", n = {n_cases})",
+        "## External Dice (mean ± std over cases"
+        + (" and seeds" if len(results["seeds"]) > 1 else "")
+        + f", n = {n_cases})",
         "",
-        f"p: paired two-sided Wilcoxon signed-rank test of **fedbn** against the row, per organ, on (seed, case) pairs "
-        f"(`scipy.stats.wilcoxon(fedbn, arm, {', '.join(f'{k}={v!r}' for k, v in WILCOXON_KWARGS.items())})`); "
-        f"`p n/a` when fewer than {MIN_PAIRS} pairs differ or the arms are identical (reasons in results.json); "
-        "`*` p < 0.05, uncorrected for multiple comparisons. A missed organ counts as Dice 0. "
-        "`fedbn` uses the bundle's default BatchNorm "
-        f"(`{bn.get('bundle_default')}`); `fedbn[bn=...]` rows are the same model with each BatchNorm choice.",
+        (
+            f"p: paired two-sided Wilcoxon signed-rank test of **fedbn** against the row, per organ, on (seed, case) pairs "
+            f"(`scipy.stats.wilcoxon(fedbn, arm, {', '.join(f'{k}={v!r}' for k, v in WILCOXON_KWARGS.items())})`); "
+            f"`p n/a` when fewer than {MIN_PAIRS} pairs differ or the arms are identical (reasons in results.json); "
+            "`*` p < 0.05, uncorrected for multiple comparisons. A missed organ counts as Dice 0. "
+            "`fedbn` uses the bundle's default BatchNorm "
+            f"(`{bn.get('bundle_default')}`); `fedbn[bn=...]` rows are the same model with each BatchNorm choice."
+        ),
         "",
         dice_table(results, organs),
         "",
         "## The paper beside ours (external Dice, mean)",
         "",
-        "The paper's numbers are on BTCV with real CT; ours are on the configured external set. "
-        "The paper has no FedAvg or partial-label central row.",
+        (
+            "The paper's numbers are on BTCV with real CT; ours are on the configured external set. "
+            "The paper has no FedAvg or partial-label central row."
+        ),
         "",
         _paper_table(results, organs),
         "",
     ]
-    if any(s.get(o, {}).get("hd95_mm", {}).get("mean") is not None for s in results["summary"].values() for o in organs):
-        lines += ["## External HD95 (mm, mean ± std over cases where the organ was predicted)", "", dice_table(results, organs, "hd95_mm"), ""]
+    if any(
+        s.get(o, {}).get("hd95_mm", {}).get("mean") is not None for s in results["summary"].values() for o in organs
+    ):
+        lines += [
+            "## External HD95 (mm, mean ± std over cases where the organ was predicted)",
+            "",
+            dice_table(results, organs, "hd95_mm"),
+            "",
+        ]
     if bn.get("choices"):
-        lines += ["## BatchNorm at the external site (FedBN model)", "",
-                  "| BatchNorm | " + " | ".join(organs) + " | mean |", "|---|" + "---|" * (len(organs) + 1)]
+        lines += [
+            "## BatchNorm at the external site (FedBN model)",
+            "",
+            "| BatchNorm | " + " | ".join(organs) + " | mean |",
+            "|---|" + "---|" * (len(organs) + 1),
+        ]
         for choice, row in bn["choices"].items():
             cells = [("–" if row["organs"].get(o) is None else f"{row['organs'][o]:.3f}") for o in organs]
             mean = "–" if row["mean"] is None else f"{row['mean']:.3f}"
-            lines.append(f"| `{choice}`{' (recommended)' if choice == bn['recommended'] else ''} | " + " | ".join(cells) + f" | {mean} |")
-        lines += ["", f"Recommended default: **`{bn['recommended']}`** (highest mean Dice over organs; the bundle's default is "
-                  f"`{bn.get('bundle_default')}`). Chosen on this external set, so it is a measurement for the next "
-                  "federation's default, not an unbiased estimate of its Dice.", ""]
+            lines.append(
+                f"| `{choice}`{' (recommended)' if choice == bn['recommended'] else ''} | "
+                + " | ".join(cells)
+                + f" | {mean} |"
+            )
+        lines += [
+            "",
+            (
+                f"Recommended default: **`{bn['recommended']}`** (highest mean Dice over organs; the bundle's default is "
+                f"`{bn.get('bundle_default')}`). Chosen on this external set, so it is a measurement for the next "
+                "federation's default, not an unbiased estimate of its Dice."
+            ),
+            "",
+        ]
     lines += ["## Figures", ""]
     for title, name in figures.items():
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
@@ -216,12 +274,23 @@ def plot_dice_by_arm(path: str | Path, records: Sequence[Mapping], rows: Sequenc
     fig, axes = plt.subplots(1, len(organs), figsize=(3.2 * len(organs) + 1, 4.2), sharey=True, squeeze=False)
     rng = np.random.default_rng(0)
     for ax, organ in zip(axes[0], organs):
-        data = [[r["dice"] for r in records if r["arm"] == arm and r["organ"] == organ and r["dice"] is not None] for arm in rows]
+        data = [
+            [r["dice"] for r in records if r["arm"] == arm and r["organ"] == organ and r["dice"] is not None]
+            for arm in rows
+        ]
         positions = np.arange(1, len(rows) + 1)
         ax.boxplot([d if d else [np.nan] for d in data], positions=positions, widths=0.6, showfliers=False)
         for x, values in zip(positions, data):
-            ax.scatter(x + rng.uniform(-0.15, 0.15, len(values)), values, s=10, alpha=0.7, color=organ_by_name(organ).colour_float,
-                       edgecolors="black", linewidths=0.3, zorder=3)
+            ax.scatter(
+                x + rng.uniform(-0.15, 0.15, len(values)),
+                values,
+                s=10,
+                alpha=0.7,
+                color=organ_by_name(organ).colour_float,
+                edgecolors="black",
+                linewidths=0.3,
+                zorder=3,
+            )
         ax.set_title(organ)
         ax.set_xticks(positions)
         ax.set_xticklabels(rows, rotation=60, ha="right", fontsize=7)
@@ -257,8 +326,15 @@ def plot_rounds(path: str | Path, rounds: Mapping[str, Mapping[str, Sequence[Map
             x = np.arange(1, length + 1)
             for c in values:
                 ax.plot(x, c, styles.get(arm, "-"), color="grey", alpha=0.25, lw=0.8)
-            ax.plot(x, np.nanmean(values, axis=0), styles.get(arm, "-"), marker="o", ms=3, label=arm,
-                    color=organ_by_name(organ).colour_float if arm == "fedbn" else "black")
+            ax.plot(
+                x,
+                np.nanmean(values, axis=0),
+                styles.get(arm, "-"),
+                marker="o",
+                ms=3,
+                label=arm,
+                color=organ_by_name(organ).colour_float if arm == "fedbn" else "black",
+            )
         ax.set_title(organ)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -272,7 +348,9 @@ def plot_rounds(path: str | Path, rounds: Mapping[str, Mapping[str, Sequence[Map
     return Path(path)
 
 
-def plot_batchnorm(path: str | Path, choices: Mapping[str, Mapping], organs: Sequence[str], recommended: str | None) -> Path:
+def plot_batchnorm(
+    path: str | Path, choices: Mapping[str, Mapping], organs: Sequence[str], recommended: str | None
+) -> Path:
     """Grouped bars: external Dice per organ for each BatchNorm choice of the FedBN model."""
     plt = _plt()
     names = list(choices)
@@ -281,7 +359,9 @@ def plot_batchnorm(path: str | Path, choices: Mapping[str, Mapping], organs: Seq
     x = np.arange(len(names))
     for i, organ in enumerate(organs):
         values = [choices[n]["organs"].get(organ) or 0.0 for n in names]
-        ax.bar(x + (i - (len(organs) - 1) / 2) * width, values, width, label=organ, color=organ_by_name(organ).colour_float)
+        ax.bar(
+            x + (i - (len(organs) - 1) / 2) * width, values, width, label=organ, color=organ_by_name(organ).colour_float
+        )
     ax.set_xticks(x)
     ax.set_xticklabels([f"{n}\n(recommended)" if n == recommended else n for n in names], fontsize=8)
     ax.set_ylabel("external Dice (mean)")
@@ -294,11 +374,15 @@ def plot_batchnorm(path: str | Path, choices: Mapping[str, Mapping], organs: Seq
     return Path(path)
 
 
-def plot_overlays(path: str | Path, image: sitk.Image, reference: sitk.Image, predictions: Mapping[str, sitk.Image], case: str) -> Path:
+def plot_overlays(
+    path: str | Path, image: sitk.Image, reference: sitk.Image, predictions: Mapping[str, sitk.Image], case: str
+) -> Path:
     """Reference and every arm's prediction of one external case (via :func:`~SegVizLogic.figures.render_overlays`)."""
     from ..figures import render_overlays
 
-    return render_overlays(image, {"reference": reference, **predictions}, path, title=f"external case {case}: reference and each arm")
+    return render_overlays(
+        image, {"reference": reference, **predictions}, path, title=f"external case {case}: reference and each arm"
+    )
 
 
 def utc_now() -> str:

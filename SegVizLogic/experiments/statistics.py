@@ -15,7 +15,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["MIN_PAIRS", "WILCOXON_KWARGS", "describe", "paired_values", "paired_wilcoxon", "summarize", "compare_to_reference"]
+__all__ = [
+    "MIN_PAIRS",
+    "WILCOXON_KWARGS",
+    "compare_to_reference",
+    "describe",
+    "paired_values",
+    "paired_wilcoxon",
+    "summarize",
+]
 
 MIN_PAIRS = 6
 """Fewest non-zero paired differences for which a p-value is reported: with 5, the smallest
@@ -34,10 +42,17 @@ def describe(values: Sequence[float | None]) -> dict:
     v = np.asarray([x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=float)
     if v.size == 0:
         return {"mean": None, "std": None, "median": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None, "median": float(np.median(v)), "n": int(v.size)}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else None,
+        "median": float(np.median(v)),
+        "n": int(v.size),
+    }
 
 
-def paired_values(records: Iterable[Mapping], arm_a: str, arm_b: str, organ: str, metric: str = "dice") -> tuple[list[tuple], list[float], list[float]]:
+def paired_values(
+    records: Iterable[Mapping], arm_a: str, arm_b: str, organ: str, metric: str = "dice"
+) -> tuple[list[tuple], list[float], list[float]]:
     """The (seed, case) keys where both arms scored ``organ``, and both arms' values on them.
 
     Returns:
@@ -72,8 +87,14 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float]) -> dict:
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     d = x - y
     nonzero = int(np.count_nonzero(d))
-    out = {"p": None, "statistic": None, "n": int(d.size), "n_nonzero": nonzero,
-           "median_difference": float(np.median(d)) if d.size else None, "reason": None}
+    out = {
+        "p": None,
+        "statistic": None,
+        "n": int(d.size),
+        "n_nonzero": nonzero,
+        "median_difference": float(np.median(d)) if d.size else None,
+        "reason": None,
+    }
     if d.size == 0:
         out["reason"] = "no paired cases"
     elif nonzero == 0:
@@ -98,11 +119,16 @@ def summarize(records: Iterable[Mapping], arms: Sequence[str], organs: Sequence[
         for organ in organs:
             rows = [r for r in records if r["arm"] == arm and r["organ"] == organ]
             if rows:
-                out[arm][organ] = {"dice": describe([r.get("dice") for r in rows]), "hd95_mm": describe([r.get("hd95_mm") for r in rows])}
+                out[arm][organ] = {
+                    "dice": describe([r.get("dice") for r in rows]),
+                    "hd95_mm": describe([r.get("hd95_mm") for r in rows]),
+                }
     return out
 
 
-def compare_to_reference(records: Iterable[Mapping], reference: str, arms: Sequence[str], organs: Sequence[str], metric: str = "dice") -> dict[str, dict[str, dict]]:
+def compare_to_reference(
+    records: Iterable[Mapping], reference: str, arms: Sequence[str], organs: Sequence[str], metric: str = "dice"
+) -> dict[str, dict[str, dict]]:
     """Paired Wilcoxon tests of ``reference`` (FedBN) against every other arm, per organ.
 
     Returns:

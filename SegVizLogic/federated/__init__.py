@@ -2,8 +2,9 @@
 
 Modules: ``strategy`` (aggregation over the parameter partition), ``task`` (settings and one
 site's round), ``client_app`` / ``server_app`` (the Flower apps), ``simulation`` (Flower's
-simulation engine), ``deployment`` (SuperLink/SuperNode processes), ``certs`` (TLS) and
-``cli`` (``segviz federation ...``). Importing this package imports nothing heavy.
+simulation engine), ``processes`` (Flower processes and their supervision), ``superlink`` (the
+coordinator's SuperLink), ``site_node`` (a site's SuperNode, warm worker and ``join``), ``runs``
+(submitting and following runs), ``certs`` (TLS) and ``cli`` (``segviz federation ...``). Importing this package imports nothing heavy.
 """
 
 from __future__ import annotations

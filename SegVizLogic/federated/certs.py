@@ -22,8 +22,12 @@ CERT_FILES = ("ca.crt", "server.crt", "server.key")
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SegViz federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SegViz federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -32,7 +36,9 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def write_certificates(out_dir: str | Path, hosts: Sequence[str] = (), days: int = 365, force: bool = False) -> dict[str, Path]:
+def write_certificates(
+    out_dir: str | Path, hosts: Sequence[str] = (), days: int = 365, force: bool = False
+) -> dict[str, Path]:
     """Write ``ca.crt``, ``server.crt`` and ``server.key`` for the SuperLink.
 
     The server certificate names ``localhost``, ``127.0.0.1`` and every host in ``hosts``
@@ -61,13 +67,28 @@ def write_certificates(out_dir: str | Path, hosts: Sequence[str] = (), days: int
 
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(_name("SegViz federation CA")).issuer_name(_name("SegViz federation CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
+        x509.CertificateBuilder()
+        .subject_name(_name("SegViz federation CA"))
+        .issuer_name(_name("SegViz federation CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
@@ -82,9 +103,13 @@ def write_certificates(out_dir: str | Path, hosts: Sequence[str] = (), days: int
             names.append(entry)
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
-        x509.CertificateBuilder().subject_name(_name("SegViz SuperLink")).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
+        x509.CertificateBuilder()
+        .subject_name(_name("SegViz SuperLink"))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -93,8 +118,12 @@ def write_certificates(out_dir: str | Path, hosts: Sequence[str] = (), days: int
     )
     paths["ca.crt"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths["server.crt"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(paths["server.key"], server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                 serialization.NoEncryption()))
+    _write_private(
+        paths["server.key"],
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
     return paths
 
 
@@ -111,6 +140,13 @@ def write_node_key_pair(out_dir: str | Path, name: str = "node", force: bool = F
     if private.exists() and not force:
         raise SegVizInputError(private, "already exists; use --force to replace this site's key")
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    _write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
     return private, public

@@ -6,15 +6,16 @@ import argparse
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from ..cli import add_progress_argument, triple_argument
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter
-from ..cli import add_progress_argument, triple_argument
 
-__all__ = ["add_federation_commands", "FederationProgress"]
+__all__ = ["FederationProgress", "add_federation_commands"]
 
 
 class FederationProgress(ProgressReporter):
@@ -39,15 +40,18 @@ class FederationProgress(ProgressReporter):
         if event == "round_finished":
             self._ensure_bar(int(fields.get("rounds") or self._rounds or 1))
             metrics = fields.get("metrics") or {}
-            parts = [f"{k.replace('dice_', 'Dice ').replace('dice-', 'Dice ')} {v:.3f}" for k, v in metrics.items()
-                     if isinstance(v, float) and (k == "loss" or k.startswith("dice"))]
+            parts = [
+                f"{k.replace('dice_', 'Dice ').replace('dice-', 'Dice ')} {v:.3f}"
+                for k, v in metrics.items()
+                if isinstance(v, float) and (k == "loss" or k.startswith("dice"))
+            ]
             self._bar.console.print(f"round {fields.get('round')}/{fields.get('rounds')}: " + ", ".join(parts))
             self._bar.update(self._task, completed=int(fields.get("round", 0)))
             return
         if event == "run_finished":
             self.close()
             model = (fields.get("outputs") or {}).get("model")
-            self._console.print(f"[bold green]federated run finished[/]" + (f": {model}" if model else ""))
+            self._console.print("[bold green]federated run finished[/]" + (f": {model}" if model else ""))
             return
         if event == "update_sent":
             who = f"site {fields['site']}" if "site" in fields else "update"
@@ -68,7 +72,13 @@ class FederationProgress(ProgressReporter):
         if self._bar is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=self._console)
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self._console,
+            )
             self._bar.start()
             self._task = self._bar.add_task("federation", total=total)
 
@@ -84,7 +94,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (Slicer's Cancel, ``kill``) into KeyboardInterrupt so child Flower
     processes are stopped by the ``finally`` blocks instead of being orphaned."""
 
-    def handler(signum, frame):  # noqa: ARG001
+    def handler(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -97,20 +107,46 @@ def _terminate_as_interrupt() -> Iterator[None]:
 def _add_training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
-    parser.add_argument("--strategy", choices=("fedbn", "fedavg"), default="fedbn",
-                        help="fedbn: BatchNorm stays on each site (default); fedavg: BatchNorm averaged too")
-    parser.add_argument("--weighting", choices=("uniform", "examples"), default="uniform",
-                        help="average sites equally (paper, default) or by their training cases")
+    parser.add_argument(
+        "--strategy",
+        choices=("fedbn", "fedavg"),
+        default="fedbn",
+        help="fedbn: BatchNorm stays on each site (default); fedavg: BatchNorm averaged too",
+    )
+    parser.add_argument(
+        "--weighting",
+        choices=("uniform", "examples"),
+        default="uniform",
+        help="average sites equally (paper, default) or by their training cases",
+    )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--spacing", type=triple_argument(float), default=(1.5, 1.5, 2.0), help="resampling spacing in mm (default 1.5,1.5,2)")
-    parser.add_argument("--patch", type=triple_argument(int), default=(128, 128, 32), help="training patch in voxels (default 128,128,32)")
+    parser.add_argument(
+        "--spacing",
+        type=triple_argument(float),
+        default=(1.5, 1.5, 2.0),
+        help="resampling spacing in mm (default 1.5,1.5,2)",
+    )
+    parser.add_argument(
+        "--patch",
+        type=triple_argument(int),
+        default=(128, 128, 32),
+        help="training patch in voxels (default 128,128,32)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--samples-per-case", type=int, default=8)
-    parser.add_argument("--channels", type=lambda t: tuple(int(c) for c in t.split(",")), default=(16, 32, 64, 128, 256),
-                        help="UNet channels per level (default 16,32,64,128,256)")
-    parser.add_argument("--no-share-final-batchnorm", dest="share_final_batchnorm", action="store_false",
-                        help="FedBN: never send a site's BatchNorm, not even once at the end (bundles then default to adapt)")
+    parser.add_argument(
+        "--channels",
+        type=lambda t: tuple(int(c) for c in t.split(",")),
+        default=(16, 32, 64, 128, 256),
+        help="UNet channels per level (default 16,32,64,128,256)",
+    )
+    parser.add_argument(
+        "--no-share-final-batchnorm",
+        dest="share_final_batchnorm",
+        action="store_false",
+        help="FedBN: never send a site's BatchNorm, not even once at the end (bundles then default to adapt)",
+    )
 
 
 def _configs(args: argparse.Namespace):
@@ -120,12 +156,19 @@ def _configs(args: argparse.Namespace):
 
     try:
         network = NetworkConfig(channels=tuple(args.channels), strides=(2,) * (len(args.channels) - 1))
-        training = TrainingConfig(patch_size=tuple(args.patch), batch_size=args.batch_size, samples_per_case=args.samples_per_case, seed=args.seed)
+        training = TrainingConfig(
+            patch_size=tuple(args.patch),
+            batch_size=args.batch_size,
+            samples_per_case=args.samples_per_case,
+            seed=args.seed,
+        )
         preprocessing = Preprocessing(spacing=tuple(args.spacing))
     except ValueError as error:
         raise SegVizInputError(None, str(error)) from None
     if args.rounds < 1 or args.local_epochs < 1:
-        raise SegVizInputError(None, f"--rounds and --local-epochs must be >= 1, got {args.rounds} and {args.local_epochs}")
+        raise SegVizInputError(
+            None, f"--rounds and --local-epochs must be >= 1, got {args.rounds} and {args.local_epochs}"
+        )
     return network, training, preprocessing
 
 
@@ -137,11 +180,15 @@ def _tls_group(parser: argparse.ArgumentParser, cert_flag: str, cert_help: str) 
 
 def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``segviz federation`` and its subcommands on ``subparsers``."""
-    federation = subparsers.add_parser("federation", help="federated training with Flower: simulate, or a real federation (superlink, join, run)")
+    federation = subparsers.add_parser(
+        "federation", help="federated training with Flower: simulate, or a real federation (superlink, join, run)"
+    )
     sub = federation.add_subparsers(dest="federation_command", required=True, metavar="SUBCOMMAND")
 
     p = sub.add_parser("simulate", help="a whole federation on this machine (Flower's simulation engine)")
-    p.add_argument("--site", action="append", required=True, type=Path, help="site folder (repeat: one virtual site each)")
+    p.add_argument(
+        "--site", action="append", required=True, type=Path, help="site folder (repeat: one virtual site each)"
+    )
     p.add_argument("--out", required=True, type=Path, help="folder for round-NNN.segviz and model.segviz")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     _add_training(p)
@@ -151,9 +198,14 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p = sub.add_parser("superlink", help="coordinator: start the Flower SuperLink (TLS by default) and keep it running")
     p.add_argument("--address", default="0.0.0.0:9093", help="HOST:PORT to listen on (default 0.0.0.0:9093)")
     _tls_group(p, "--tls-dir", "folder with ca.crt, server.crt, server.key (from `segviz federation certs`)")
-    p.add_argument("--state-dir", type=Path, default=None, help="folder for the SuperLink's log and state (default: temporary)")
-    p.add_argument("--require-node-auth", action="store_true",
-                   help="only sites whose public key was registered (`segviz federation register`) may join")
+    p.add_argument(
+        "--state-dir", type=Path, default=None, help="folder for the SuperLink's log and state (default: temporary)"
+    )
+    p.add_argument(
+        "--require-node-auth",
+        action="store_true",
+        help="only sites whose public key was registered (`segviz federation register`) may join",
+    )
     add_progress_argument(p)
     p.set_defaults(func=_cmd_superlink)
 
@@ -161,38 +213,71 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--superlink", required=True, help="coordinator HOST:PORT")
     p.add_argument("--site", required=True, type=Path, help="the site folder (site.json, images/, labels/)")
     _tls_group(p, "--root-cert", "the federation's ca.crt (from the coordinator)")
-    p.add_argument("--auth-key", type=Path, default=None, help="this site's private key, when the SuperLink requires node authentication")
-    p.add_argument("--connect-timeout", type=float, default=30.0, help="give up after this many seconds without a connection (default 30)")
+    p.add_argument(
+        "--auth-key",
+        type=Path,
+        default=None,
+        help="this site's private key, when the SuperLink requires node authentication",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        help="give up after this many seconds without a connection (default 30)",
+    )
     p.add_argument("--once", action="store_true", help="leave after taking part in one complete run")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     add_progress_argument(p)
     p.set_defaults(func=_cmd_join)
 
-    p = sub.add_parser("run", help="coordinator: start a federated run on the SuperLink and follow it; bundles land in --out")
+    p = sub.add_parser(
+        "run", help="coordinator: start a federated run on the SuperLink and follow it; bundles land in --out"
+    )
     p.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's HOST:PORT (default 127.0.0.1:9093)")
-    p.add_argument("--out", required=True, type=Path, help="folder on the coordinator for round-NNN.segviz, model.segviz, progress.jsonl")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="folder on the coordinator for round-NNN.segviz, model.segviz, progress.jsonl",
+    )
     _tls_group(p, "--root-cert", "the federation's ca.crt")
     p.add_argument("--min-clients", type=int, default=2, help="sites needed for a round (default 2)")
-    p.add_argument("--wait-timeout", type=float, default=600, help="seconds to wait for --min-clients sites (default 600)")
-    p.add_argument("--round-timeout", type=float, default=3600, help="seconds to wait for a round's replies (default 3600)")
+    p.add_argument(
+        "--wait-timeout", type=float, default=600, help="seconds to wait for --min-clients sites (default 600)"
+    )
+    p.add_argument(
+        "--round-timeout", type=float, default=3600, help="seconds to wait for a round's replies (default 3600)"
+    )
     p.add_argument("--timeout", type=float, default=None, help="give up following the run after this many seconds")
     _add_training(p)
     add_progress_argument(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("certs", help="write the federation's TLS files: ca.crt (for sites), server.crt, server.key (coordinator)")
+    p = sub.add_parser(
+        "certs", help="write the federation's TLS files: ca.crt (for sites), server.crt, server.key (coordinator)"
+    )
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--host", action="append", default=[], help="extra DNS name or IP of the coordinator (repeat); localhost and 127.0.0.1 are always in")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="extra DNS name or IP of the coordinator (repeat); localhost and 127.0.0.1 are always in",
+    )
     p.add_argument("--days", type=int, default=365)
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=_cmd_certs)
 
-    p = sub.add_parser("node-key", help="site: write an authentication key pair (node.key stays here, node.pub goes to the coordinator)")
+    p = sub.add_parser(
+        "node-key",
+        help="site: write an authentication key pair (node.key stays here, node.pub goes to the coordinator)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_node_key)
 
-    p = sub.add_parser("register", help="coordinator: allow a site's public key on a SuperLink started with --require-node-auth")
+    p = sub.add_parser(
+        "register", help="coordinator: allow a site's public key on a SuperLink started with --require-node-auth"
+    )
     p.add_argument("--superlink", default="127.0.0.1:9093")
     p.add_argument("--public-key", required=True, type=Path)
     p.add_argument("--root-cert", required=True, type=Path, help="the federation's ca.crt")
@@ -208,9 +293,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     reporter = FederationProgress(args.progress, args.rounds)
     try:
         path = run_federated_simulation(
-            args.site, args.out, rounds=args.rounds, local_epochs=args.local_epochs, strategy=args.strategy,
-            weighting=args.weighting, lr=args.lr, preprocessing=preprocessing, training_config=training, reporter=reporter,
-            seed=args.seed, network_config=network, share_final_batchnorm=args.share_final_batchnorm, device=args.device,
+            args.site,
+            args.out,
+            rounds=args.rounds,
+            local_epochs=args.local_epochs,
+            strategy=args.strategy,
+            weighting=args.weighting,
+            lr=args.lr,
+            preprocessing=preprocessing,
+            training_config=training,
+            reporter=reporter,
+            seed=args.seed,
+            network_config=network,
+            share_final_batchnorm=args.share_final_batchnorm,
+            device=args.device,
         )
     finally:
         reporter.close()
@@ -220,15 +316,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_superlink(args: argparse.Namespace) -> int:
-    from .deployment import start_superlink
+    from .superlink import start_superlink
 
     reporter = ProgressReporter(args.progress)
     with _terminate_as_interrupt():
-        process = start_superlink(args.address, tls_dir=args.tls_dir, insecure=args.insecure, state_dir=args.state_dir,
-                                  node_auth=args.require_node_auth)
+        process = start_superlink(
+            args.address,
+            tls_dir=args.tls_dir,
+            insecure=args.insecure,
+            state_dir=args.state_dir,
+            node_auth=args.require_node_auth,
+        )
         try:
-            reporter.emit("stage", stage="superlink", message=f"SuperLink listening on {args.address} (TLS {'off' if args.insecure else 'on'}"
-                          f"{', node authentication on' if args.require_node_auth else ''}); log: {process.log_path}; Ctrl-C stops it")
+            reporter.emit(
+                "stage",
+                stage="superlink",
+                message=f"SuperLink listening on {args.address} (TLS {'off' if args.insecure else 'on'}"
+                f"{', node authentication on' if args.require_node_auth else ''}); log: {process.log_path}; Ctrl-C stops it",
+            )
             while process.alive():
                 time.sleep(0.5)
             raise SegVizError(f"the SuperLink stopped (exit code {process.process.returncode}):\n{process.log_tail()}")
@@ -240,13 +345,22 @@ def _cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
-    from .deployment import join_federation
+    from .site_node import join_federation
 
     reporter = FederationProgress(args.progress)
     with _terminate_as_interrupt():
         try:
-            return join_federation(args.superlink, args.site, root_cert=args.root_cert, insecure=args.insecure, auth_key=args.auth_key,
-                                   connect_timeout=args.connect_timeout, reporter=reporter, once=args.once, device=args.device)
+            return join_federation(
+                args.superlink,
+                args.site,
+                root_cert=args.root_cert,
+                insecure=args.insecure,
+                auth_key=args.auth_key,
+                connect_timeout=args.connect_timeout,
+                reporter=reporter,
+                once=args.once,
+                device=args.device,
+            )
         except KeyboardInterrupt:
             reporter.emit("stage", stage="leave", message="left the federation")
             return 0
@@ -255,14 +369,23 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .deployment import follow_run, start_run
+    from .runs import follow_run, start_run
     from .task import FederationSettings
 
     network, training, preprocessing = _configs(args)
     settings = FederationSettings(
-        rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr, strategy=args.strategy, weighting=args.weighting,
-        min_clients=args.min_clients, round_timeout=args.round_timeout, wait_timeout=args.wait_timeout,
-        share_final_batchnorm=args.share_final_batchnorm, seed=args.seed, network=network, training=training.to_dict(),
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        strategy=args.strategy,
+        weighting=args.weighting,
+        min_clients=args.min_clients,
+        round_timeout=args.round_timeout,
+        wait_timeout=args.wait_timeout,
+        share_final_batchnorm=args.share_final_batchnorm,
+        seed=args.seed,
+        network=network,
+        training=training.to_dict(),
         preprocessing=preprocessing,
     )
     run_config = settings.to_run_config()
@@ -274,11 +397,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     reporter = FederationProgress(args.progress, args.rounds)
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="segviz-run-") as work:
         try:
-            run_id = start_run(args.superlink, out, run_config, root_cert=args.root_cert, insecure=args.insecure, work_dir=work)
-            reporter.emit("stage", stage="run", message=f"run {run_id} started on {args.superlink}; waiting for {args.min_clients} sites")
-            path = follow_run(out, reporter, run_id=run_id, flwr_home=Path(work) / "flwr-home", timeout=args.timeout, offset=offset)
+            run_id = start_run(
+                args.superlink, out, run_config, root_cert=args.root_cert, insecure=args.insecure, work_dir=work
+            )
+            reporter.emit(
+                "stage",
+                stage="run",
+                message=f"run {run_id} started on {args.superlink}; waiting for {args.min_clients} sites",
+            )
+            path = follow_run(
+                out, reporter, run_id=run_id, flwr_home=Path(work) / "flwr-home", timeout=args.timeout, offset=offset
+            )
         except KeyboardInterrupt:
-            reporter.emit("stage", stage="run", message="stopped following the run (it goes on at the SuperLink; `flwr stop` ends it)")
+            reporter.emit(
+                "stage",
+                stage="run",
+                message="stopped following the run (it goes on at the SuperLink; `flwr stop` ends it)",
+            )
             return 130
         finally:
             reporter.close()
@@ -291,9 +426,11 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     from .certs import write_certificates
 
     paths = write_certificates(args.out, hosts=args.host, days=args.days, force=args.force)
-    print(f"wrote {', '.join(str(p) for p in paths.values())}\n"
-          f"coordinator: segviz federation superlink --tls-dir {args.out}\n"
-          f"sites get {paths['ca.crt']} and join with --root-cert ca.crt (server.key stays on the coordinator)")
+    print(
+        f"wrote {', '.join(str(p) for p in paths.values())}\n"
+        f"coordinator: segviz federation superlink --tls-dir {args.out}\n"
+        f"sites get {paths['ca.crt']} and join with --root-cert ca.crt (server.key stays on the coordinator)"
+    )
     return 0
 
 
@@ -301,12 +438,14 @@ def _cmd_node_key(args: argparse.Namespace) -> int:
     from .certs import write_node_key_pair
 
     private, public = write_node_key_pair(args.out, force=args.force)
-    print(f"wrote {private} (keep it on this site) and {public} (send it to the coordinator for `segviz federation register`)")
+    print(
+        f"wrote {private} (keep it on this site) and {public} (send it to the coordinator for `segviz federation register`)"
+    )
     return 0
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from .deployment import register_node
+    from .runs import register_node
 
     node_id = register_node(args.superlink, args.public_key, args.root_cert, name=args.name)
     print(f"registered {args.public_key} as SuperNode {node_id}")

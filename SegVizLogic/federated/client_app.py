@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -27,7 +27,15 @@ from ..errors import SegVizInputError
 from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
 
-__all__ = ["app", "make_client_app", "handle_train", "site_dir_from_context", "run_site_round", "EVENTS_FILE", "WORKER_FILE"]
+__all__ = [
+    "EVENTS_FILE",
+    "WORKER_FILE",
+    "app",
+    "handle_train",
+    "make_client_app",
+    "run_site_round",
+    "site_dir_from_context",
+]
 
 EVENTS_FILE = "events.jsonl"
 WORKER_FILE = "worker.json"
@@ -41,7 +49,9 @@ def site_dir_from_context(context: Context) -> Path:
     """
     site_dir = context.node_config.get("site-dir")
     if not site_dir:
-        raise SegVizInputError(None, "this SuperNode has no site folder: start it with `segviz federation join --site DIR`")
+        raise SegVizInputError(
+            None, "this SuperNode has no site folder: start it with `segviz federation join --site DIR`"
+        )
     return Path(str(site_dir))
 
 
@@ -69,7 +79,9 @@ def _event_reporter(events: Path | None) -> Iterator[ProgressReporter | None]:
         yield _EventFileReporter(stream)
 
 
-def run_site_round(site_dir: Path, groups: dict, config: dict, state: RecordDict | None, events: Path | None, device: str) -> dict:
+def run_site_round(
+    site_dir: Path, groups: dict, config: dict, state: RecordDict | None, events: Path | None, device: str
+) -> dict:
     """Train one round in this process (what the site worker runs, and the fallback).
 
     Returns:
@@ -79,8 +91,13 @@ def run_site_round(site_dir: Path, groups: dict, config: dict, state: RecordDict
 
     with _event_reporter(events) as reporter:
         result = train_client_round(site_dir, groups, config, state=state, reporter=reporter, device=device)
-    return {"site": result.site, "organs": list(result.organs), "partition": result.partition, "metrics": result.metrics,
-            "final_batchnorm": result.final_batchnorm}
+    return {
+        "site": result.site,
+        "organs": list(result.organs),
+        "partition": result.partition,
+        "metrics": result.metrics,
+        "final_batchnorm": result.final_batchnorm,
+    }
 
 
 def _worker_address(site_dir: Path) -> dict | None:
@@ -103,8 +120,16 @@ def _train(site_dir: Path, groups: dict, config: dict, context: Context, events:
             connection = None  # a stale worker file: train here
         if connection is not None:
             with connection:
-                connection.send({"site_dir": str(site_dir), "groups": groups, "config": config, "state": context.state,
-                                 "events": str(events), "device": device})
+                connection.send(
+                    {
+                        "site_dir": str(site_dir),
+                        "groups": groups,
+                        "config": config,
+                        "state": context.state,
+                        "events": str(events),
+                        "device": device,
+                    }
+                )
                 status, payload = connection.recv()
             if status != "ok":
                 raise RuntimeError(payload)
@@ -125,7 +150,9 @@ def _scrub(text: str, site_dir: Path) -> str:
     return scrub_paths(text, site_dir)
 
 
-def handle_train(message: Message, context: Context, site_dir: Path, events: Path | None = None, device: str | None = None) -> Message:
+def handle_train(
+    message: Message, context: Context, site_dir: Path, events: Path | None = None, device: str | None = None
+) -> Message:
     """Answer one train message: train the site and reply with what may leave it.
 
     Args:
@@ -146,7 +173,7 @@ def handle_train(message: Message, context: Context, site_dir: Path, events: Pat
     groups = {name: {k: v.numpy() for k, v in record.items()} for name, record in message.content.array_records.items()}
     try:
         result = _train(site_dir, groups, config, context, events, device)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001
         with _event_reporter(events) as reporter:
             if reporter:
                 reporter.emit("error", message=f"round {server_round}: {error}")
@@ -163,8 +190,12 @@ def handle_train(message: Message, context: Context, site_dir: Path, events: Pat
     with _event_reporter(events) as reporter:
         if reporter:
             reporter.emit("update_sent", round=server_round, num_examples=int(metrics["num-examples"]))
-            reporter.emit("round_finished", round=server_round, rounds=rounds,
-                          metrics={k: v for k, v in metrics.items() if k == "loss" or k.startswith("dice-")})
+            reporter.emit(
+                "round_finished",
+                round=server_round,
+                rounds=rounds,
+                metrics={k: v for k, v in metrics.items() if k == "loss" or k.startswith("dice-")},
+            )
             if server_round >= rounds:
                 reporter.emit("run_finished", rounds=rounds, outputs={})
     return Message(content=content, reply_to=message)

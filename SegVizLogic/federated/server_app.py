@@ -38,7 +38,7 @@ from ..progress import ProgressReporter
 from .strategy import SegVizStrategy, SiteUpdate, batchnorm_variants, round_metrics
 from .task import FederationSettings, load_partition_into_model, new_lineage
 
-__all__ = ["app", "make_server_app", "run_federation", "PROGRESS_FILE", "round_bundle_name", "FINAL_BUNDLE"]
+__all__ = ["FINAL_BUNDLE", "PROGRESS_FILE", "app", "make_server_app", "round_bundle_name", "run_federation"]
 
 PROGRESS_FILE = "progress.jsonl"
 FINAL_BUNDLE = "model.segviz"
@@ -67,7 +67,9 @@ def _wait_for_clients(grid: Grid, settings: FederationSettings, reporter: Progre
         if connected >= settings.min_clients:
             return
         if time.monotonic() > deadline:
-            raise SegVizError(f"only {connected} of {settings.min_clients} sites connected within {settings.wait_timeout:.0f} s")
+            raise SegVizError(
+                f"only {connected} of {settings.min_clients} sites connected within {settings.wait_timeout:.0f} s"
+            )
         if time.monotonic() - last_report > 10:
             reporter.emit("waiting", message=f"{connected} of {settings.min_clients} sites connected")
             last_report = time.monotonic()
@@ -105,12 +107,20 @@ def run_federation(
 class _Federation:
     """One run of the ServerApp: the global model, the strategy and the history of rounds."""
 
-    def __init__(self, grid: Grid, settings: FederationSettings, reporter: ProgressReporter,
-                 on_round: Callable[[int, list[Message], dict], None] | None, mode: str) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        settings: FederationSettings,
+        reporter: ProgressReporter,
+        on_round: Callable[[int, list[Message], dict], None] | None,
+        mode: str,
+    ) -> None:
         from ..training import seed_everything
 
         if not settings.out_dir:
-            raise SegVizError("the run has no out-dir: pass --run-config \"out-dir='/path'\" or use `segviz federation run --out`")
+            raise SegVizError(
+                "the run has no out-dir: pass --run-config \"out-dir='/path'\" or use `segviz federation run --out`"
+            )
         self.grid, self.settings, self.reporter, self.on_round, self.mode = grid, settings, reporter, on_round, mode
         self.out_dir = Path(settings.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,8 +151,14 @@ class _Federation:
         finally:
             self.writer.close()
         rounds = self.settings.rounds
-        self.reporter.emit("run_finished", rounds=rounds, outputs={
-            "model": str(self.final_path), **{f"round_{r}": str(self.out_dir / round_bundle_name(r)) for r in range(1, rounds + 1)}})
+        self.reporter.emit(
+            "run_finished",
+            rounds=rounds,
+            outputs={
+                "model": str(self.final_path),
+                **{f"round_{r}": str(self.out_dir / round_bundle_name(r)) for r in range(1, rounds + 1)},
+            },
+        )
         return self.final_path
 
     def _round(self, server_round: int) -> None:
@@ -159,7 +175,9 @@ class _Federation:
         updates: list[SiteUpdate] = strategy.last_updates
         if len(updates) < settings.min_clients:
             problems = "; ".join(strategy.last_errors) or f"{len(replies)} of {len(messages)} sites replied in time"
-            raise SegVizError(f"round {server_round}: only {len(updates)} usable replies, {settings.min_clients} needed ({problems})")
+            raise SegVizError(
+                f"round {server_round}: only {len(updates)} usable replies, {settings.min_clients} needed ({problems})"
+            )
         for update in updates:
             self.sites[update.site] = list(update.organs)
             self.reporter.emit("update_sent", round=server_round, site=update.site, num_examples=update.num_examples)
@@ -167,10 +185,15 @@ class _Federation:
             self.on_round(server_round, replies, strategy.current)
 
         metrics = round_metrics(updates)
-        metrics.update(round=server_round, errors=strategy.last_errors,
-                       bytes={"to_each_site": _record_bytes(messages[0].content) if messages else 0,
-                              "from_site": {_update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()}},
-                       seconds={"wire_and_clients": round(wire_seconds, 3), "aggregate": round(aggregate_seconds, 3)})
+        metrics.update(
+            round=server_round,
+            errors=strategy.last_errors,
+            bytes={
+                "to_each_site": _record_bytes(messages[0].content) if messages else 0,
+                "from_site": {_update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()},
+            },
+            seconds={"wire_and_clients": round(wire_seconds, 3), "aggregate": round(aggregate_seconds, 3)},
+        )
         self.history.append(metrics)
 
         bundle_start = time.perf_counter()
@@ -189,9 +212,13 @@ class _Federation:
         load_partition_into_model(self.model, strategy.current)
         # A round's own bundle holds its time up to writing; later bundles hold the full time.
         metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
-        bundle_args = dict(provenance=self._provenance(server_round, bool(variants)), batchnorm_variants=variants,
-                           default_batchnorm=default, training={**settings.training, "local_epochs": settings.local_epochs, "lr": settings.lr},
-                           force=True)
+        bundle_args = {
+            "provenance": self._provenance(server_round, bool(variants)),
+            "batchnorm_variants": variants,
+            "default_batchnorm": default,
+            "training": {**settings.training, "local_epochs": settings.local_epochs, "lr": settings.lr},
+            "force": True,
+        }
         path = self.out_dir / round_bundle_name(server_round)
         if final:
             self.final_path = self._save(self.final_path, self.model, {"rounds": self.history}, bundle_args)
@@ -199,11 +226,19 @@ class _Federation:
         else:
             # Written while the sites train the next round: compressing tens of MB of weights
             # takes seconds that need not hold up the federation.
-            self.writer.submit(self._save, path, copy.deepcopy(self.model), {"rounds": copy.deepcopy(self.history)}, bundle_args)
+            self.writer.submit(
+                self._save, path, copy.deepcopy(self.model), {"rounds": copy.deepcopy(self.history)}, bundle_args
+            )
         metrics["seconds"]["bundle"] = round(time.perf_counter() - bundle_start, 3)
         metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
         self.writer.check()
-        self.reporter.emit("round_finished", round=server_round, rounds=settings.rounds, metrics=_flat_metrics(metrics), bundle=str(path))
+        self.reporter.emit(
+            "round_finished",
+            round=server_round,
+            rounds=settings.rounds,
+            metrics=_flat_metrics(metrics),
+            bundle=str(path),
+        )
 
     def _save(self, path: Path, model, metrics: dict, bundle_args: dict) -> Path:
         from ..bundle import save_bundle
@@ -225,8 +260,10 @@ class _Federation:
             "organs_per_site": dict(sorted(self.sites.items())),
             "share_final_batchnorm": settings.share_final_batchnorm,
             "batchnorm_source": (
-                "averaged by FedAvg every round" if settings.strategy == "fedavg"
-                else "shared once by each site with its final-round reply" if shared_batchnorm
+                "averaged by FedAvg every round"
+                if settings.strategy == "fedavg"
+                else "shared once by each site with its final-round reply"
+                if shared_batchnorm
                 else "initial (FedBN keeps BatchNorm on site); re-estimate at inference (adapt)"
             ),
             "lineage": self.lineage,
@@ -281,9 +318,12 @@ def _flower_version() -> str:
     return version
 
 
-def make_server_app(settings: FederationSettings, reporter: ProgressReporter | None = None,
-                    on_round: Callable[[int, list[Message], dict], None] | None = None,
-                    result: dict | None = None) -> ServerApp:
+def make_server_app(
+    settings: FederationSettings,
+    reporter: ProgressReporter | None = None,
+    on_round: Callable[[int, list[Message], dict], None] | None = None,
+    result: dict | None = None,
+) -> ServerApp:
     """A ServerApp with its settings bound in Python (simulation: the run config is empty there).
 
     Args:
@@ -315,7 +355,7 @@ def main(grid: Grid, context: Context) -> None:
     stream = None
     if settings.out_dir:
         Path(settings.out_dir).mkdir(parents=True, exist_ok=True)
-        stream = open(Path(settings.out_dir) / PROGRESS_FILE, "a", encoding="utf-8")
+        stream = open(Path(settings.out_dir) / PROGRESS_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed by stop()/finally
     reporter = ProgressReporter("json", stream=stream) if stream else ProgressReporter("none")
     try:
         run_federation(grid, settings, reporter, mode="deployment")

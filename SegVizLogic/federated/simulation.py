@@ -96,10 +96,20 @@ def run_federated_simulation(
     preprocessing = preprocessing or Preprocessing()
     training_config = training_config or TrainingConfig()
     settings = FederationSettings(
-        rounds=rounds, local_epochs=local_epochs, lr=lr, strategy=strategy, weighting=weighting,
-        min_clients=len(site_dirs), out_dir=str(Path(out_dir).resolve()), share_final_batchnorm=share_final_batchnorm,
-        default_batchnorm=default_batchnorm, seed=seed, network=network_config or NetworkConfig(),
-        training=training_config.to_dict(), preprocessing=preprocessing, wait_timeout=120,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        lr=lr,
+        strategy=strategy,
+        weighting=weighting,
+        min_clients=len(site_dirs),
+        out_dir=str(Path(out_dir).resolve()),
+        share_final_batchnorm=share_final_batchnorm,
+        default_batchnorm=default_batchnorm,
+        seed=seed,
+        network=network_config or NetworkConfig(),
+        training=training_config.to_dict(),
+        preprocessing=preprocessing,
+        wait_timeout=120,
     )
     # Validate and preprocess every site here, once: a bad folder fails before Ray starts,
     # and the virtual clients then read the cache.
@@ -136,7 +146,13 @@ def run_federated_simulation(
 
     started_ray = not ray.is_initialized()
     try:
-        run_simulation(server_app=server, client_app=client, num_supernodes=len(site_dirs), backend_name="ray", backend_config=backend_config)
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=len(site_dirs),
+            backend_name="ray",
+            backend_config=backend_config,
+        )
     except SegVizError:
         raise
     except Exception as error:

@@ -34,19 +34,19 @@ from ..organs import ORGAN_NAMES
 from . import FINAL_BATCHNORM_RECORD
 
 __all__ = [
+    "FINAL_BATCHNORM_RECORD",
     "STRATEGIES",
     "WEIGHTINGS",
     "Partition",
+    "SegVizStrategy",
     "SiteUpdate",
-    "reply_weights",
-    "weighted_average",
     "aggregate_updates",
     "batchnorm_variants",
-    "round_metrics",
     "groups_sent_to_clients",
+    "reply_weights",
+    "round_metrics",
     "update_from_content",
-    "FINAL_BATCHNORM_RECORD",
-    "SegVizStrategy",
+    "weighted_average",
 ]
 
 STRATEGIES = ("fedbn", "fedavg")
@@ -121,7 +121,9 @@ def weighted_average(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequen
         ValueError: the dicts do not hold the same keys and shapes.
     """
     if len(arrays) != len(weights) or not arrays:
-        raise ValueError(f"need one weight per dict and at least one dict, got {len(arrays)} dicts and {len(weights)} weights")
+        raise ValueError(
+            f"need one weight per dict and at least one dict, got {len(arrays)} dicts and {len(weights)} weights"
+        )
     keys = list(arrays[0])
     for other in arrays[1:]:
         if set(other) != set(keys):
@@ -136,7 +138,9 @@ def weighted_average(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequen
             if array.shape != first.shape:
                 raise ValueError(f"tensor {key} has shape {array.shape} in one reply and {first.shape} in another")
             total += float(weight) * array.astype(np.float64)
-        out[key] = np.rint(total).astype(first.dtype) if np.issubdtype(first.dtype, np.integer) else total.astype(first.dtype)
+        out[key] = (
+            np.rint(total).astype(first.dtype) if np.issubdtype(first.dtype, np.integer) else total.astype(first.dtype)
+        )
     return out
 
 
@@ -181,7 +185,7 @@ def aggregate_updates(
                 if group not in update.partition:
                     raise ValueError(f"site {update.site!r} sent no {group!r} tensors")
         elif group.startswith(HEAD_PREFIX):
-            organ = group[len(HEAD_PREFIX):]
+            organ = group[len(HEAD_PREFIX) :]
             # Only the sites that annotate the organ taught its head anything.
             contributors = [u for u in updates if organ in u.organs and group in u.partition]
         else:
@@ -231,7 +235,11 @@ def round_metrics(updates: Iterable[SiteUpdate]) -> dict:
     sites = {u.site: {k: float(v) for k, v in u.metrics.items()} for u in updates}
     dice: dict[str, float] = {}
     for organ in ORGAN_NAMES:
-        values = [float(u.metrics[f"dice-{organ}"]) for u in updates if f"dice-{organ}" in u.metrics and np.isfinite(u.metrics[f"dice-{organ}"])]
+        values = [
+            float(u.metrics[f"dice-{organ}"])
+            for u in updates
+            if f"dice-{organ}" in u.metrics and np.isfinite(u.metrics[f"dice-{organ}"])
+        ]
         if values:
             dice[organ] = float(np.mean(values))
     losses = [float(u.metrics["loss"]) for u in updates if "loss" in u.metrics]
@@ -283,7 +291,9 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         """Log the strategy's settings."""
         _flwr_log(INFO, "\tSegViz %s, weighting %s, min clients %d", self.strategy, self.weighting, self.min_clients)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         """One train message per connected node with the global groups and ``config``.
 
         ``arrays`` is ignored: the global model is the partition in :attr:`current`
@@ -298,7 +308,9 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         content["config"] = config
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id) for node_id in node_ids]
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate valid replies into :attr:`current`; keep them in :attr:`last_updates`."""
         updates, errors = [], []
         for reply in replies:
@@ -318,7 +330,9 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         flat_arrays = {k: v for arrays in self.current.values() for k, v in arrays.items()}
         return _arrays_to_record(flat_arrays), MetricRecord(flat)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
         """No separate evaluation round: validation Dice comes with each training reply."""
         return []
 
@@ -327,13 +341,13 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         return None
 
 
-def _arrays_to_record(arrays: Mapping[str, np.ndarray]) -> "ArrayRecord":
+def _arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     from flwr.app import Array
 
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def update_from_content(content: "RecordDict") -> SiteUpdate:
+def update_from_content(content: RecordDict) -> SiteUpdate:
     """Parse a client's reply content into a :class:`SiteUpdate`.
 
     Raises:

@@ -25,16 +25,16 @@ from .strategy import STRATEGIES, WEIGHTINGS, Partition
 
 __all__ = [
     "APP_CONFIG_DEFAULTS",
-    "FederationSettings",
-    "ClientRoundResult",
     "LOCAL_STATE_DIR",
-    "local_state_dir",
+    "ClientRoundResult",
+    "FederationSettings",
     "load_local_batchnorm",
-    "save_local_batchnorm",
     "load_partition_into_model",
-    "train_client_round",
-    "scrub_paths",
+    "local_state_dir",
     "new_lineage",
+    "save_local_batchnorm",
+    "scrub_paths",
+    "train_client_round",
 ]
 
 # Mirrors [tool.flwr.app.config] in pyproject.toml (a test keeps them equal): the deployment
@@ -128,7 +128,7 @@ class FederationSettings:
             raise ValueError(f"lr must be > 0 and min-clients >= 1, got {self.lr} and {self.min_clients}")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationSettings":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationSettings:
         """Settings from a Flower run config (``[tool.flwr.app.config]`` plus overrides)."""
         cfg = {**APP_CONFIG_DEFAULTS, **dict(run_config)}
         return cls(
@@ -146,7 +146,9 @@ class FederationSettings:
             seed=int(cfg["seed"]),
             network=NetworkConfig.from_dict(_json_or_empty(cfg["network-config"])),
             training=_json_or_empty(cfg["training-config"]),
-            preprocessing=Preprocessing.from_dict(_json_or_empty(cfg["preprocessing"])) if cfg["preprocessing"] else Preprocessing(),
+            preprocessing=Preprocessing.from_dict(_json_or_empty(cfg["preprocessing"]))
+            if cfg["preprocessing"]
+            else Preprocessing(),
             resume_from=str(cfg["resume-from"]),
         )
 
@@ -209,12 +211,16 @@ def save_local_batchnorm(site_dir: str | Path, batchnorm: Mapping[str, np.ndarra
     np.savez(tmp, **{k: np.asarray(v) for k, v in batchnorm.items()})
     os.replace(tmp, folder / "batchnorm.npz")
     tmp_info = folder / f".state-{os.getpid()}.json"
-    tmp_info.write_text(json.dumps({**info, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2))
+    tmp_info.write_text(
+        json.dumps({**info, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
+    )
     os.replace(tmp_info, folder / "state.json")
     return folder / "batchnorm.npz"
 
 
-def load_local_batchnorm(site_dir: str | Path, lineage: str, network: NetworkConfig) -> tuple[dict[str, np.ndarray], dict] | None:
+def load_local_batchnorm(
+    site_dir: str | Path, lineage: str, network: NetworkConfig
+) -> tuple[dict[str, np.ndarray], dict] | None:
     """A site's saved BatchNorm if it belongs to this model lineage and network, else ``None``.
 
     BatchNorm statistics describe the features of one model's body; reusing those of an
@@ -250,7 +256,9 @@ def load_partition_into_model(model: torch.nn.Module, groups: Mapping[str, Mappi
             if state[key].dim() == 0 and value.size == 1:
                 value = value.reshape(())  # Flower ships 0-d tensors (num_batches_tracked) as (1,)
             if tuple(state[key].shape) != tuple(value.shape):
-                raise ValueError(f"tensor {key} has shape {np.shape(value)}, the network expects {tuple(state[key].shape)}")
+                raise ValueError(
+                    f"tensor {key} has shape {np.shape(value)}, the network expects {tuple(state[key].shape)}"
+                )
             state[key] = torch.as_tensor(np.array(value)).to(state[key].dtype)
     model.load_state_dict(state)
 
@@ -309,13 +317,17 @@ def train_client_round(
 
     coordinator = str(config.get("segviz-version", __version__))
     if coordinator.split(".")[:2] != __version__.split(".")[:2]:
-        raise ValueError(f"the coordinator runs SegViz {coordinator} and this site SegViz {__version__}: install the same version")
+        raise ValueError(
+            f"the coordinator runs SegViz {coordinator} and this site SegViz {__version__}: install the same version"
+        )
     server_round = int(config["server-round"])
     rounds = int(config["num-server-rounds"])
     strategy = str(config["strategy"])
     lineage = str(config["lineage"])
     network = NetworkConfig.from_dict(_json_or_empty(config["network-config"]))
-    preprocessing = Preprocessing.from_dict(_json_or_empty(config["preprocessing"])) if config["preprocessing"] else Preprocessing()
+    preprocessing = (
+        Preprocessing.from_dict(_json_or_empty(config["preprocessing"])) if config["preprocessing"] else Preprocessing()
+    )
     training = TrainingConfig.from_dict(_json_or_empty(config["training-config"]))
     # A new patch order every round, reproducible from the run's seed.
     training = replace(training, seed=int(config.get("seed", 0)) * 1000 + training.seed + server_round)
@@ -346,15 +358,31 @@ def train_client_round(
     start = time.perf_counter()
     # One cosine learning-rate schedule over the whole run: round r of R covers ((r-1)/R, r/R).
     server_round, rounds = int(config.get("server-round", 1)), max(int(config.get("num-server-rounds", 1)), 1)
-    result = train_site(model, data, int(config["local-epochs"]), float(config["lr"]), resolve_device(device), reporter=reporter,
-                        config=training, lr_span=((server_round - 1) / rounds, min(server_round, rounds) / rounds))
+    result = train_site(
+        model,
+        data,
+        int(config["local-epochs"]),
+        float(config["lr"]),
+        resolve_device(device),
+        reporter=reporter,
+        config=training,
+        lr_span=((server_round - 1) / rounds, min(server_round, rounds) / rounds),
+    )
     seconds = time.perf_counter() - start
 
     groups = partition_state(model)
     batchnorm = groups.get(PARTITION_BATCHNORM, {})
-    info = {"lineage": lineage, "round": server_round, "rounds": rounds, "strategy": strategy, "network": _network_fingerprint(network)}
+    info = {
+        "lineage": lineage,
+        "round": server_round,
+        "rounds": rounds,
+        "strategy": strategy,
+        "network": _network_fingerprint(network),
+    }
     if state is not None:
-        state[_STATE_BATCHNORM] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in batchnorm.items()})
+        state[_STATE_BATCHNORM] = ArrayRecord(
+            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in batchnorm.items()}
+        )
         state[_STATE_INFO] = ConfigRecord({k: v for k, v in info.items()})
     save_local_batchnorm(site_dir, batchnorm, info)
 
@@ -363,7 +391,11 @@ def train_client_round(
     reply.update({HEAD_PREFIX + o: groups[HEAD_PREFIX + o] for o in organs})
     if strategy == "fedavg":
         reply[PARTITION_BATCHNORM] = batchnorm
-    final_batchnorm = batchnorm if (strategy == "fedbn" and server_round >= rounds and bool(config["share-final-batchnorm"])) else None
+    final_batchnorm = (
+        batchnorm
+        if (strategy == "fedbn" and server_round >= rounds and bool(config["share-final-batchnorm"]))
+        else None
+    )
 
     metrics = {
         "num-examples": int(result.num_examples),
@@ -373,7 +405,9 @@ def train_client_round(
         "batchnorm-restored": {"initial": 0, "context": 1, "disk": 2}[restored],
     }
     metrics.update({f"dice-{organ}": float(value) for organ, value in result.val_dice.items()})
-    return ClientRoundResult(site=data.name, organs=organs, partition=reply, metrics=metrics, final_batchnorm=final_batchnorm)
+    return ClientRoundResult(
+        site=data.name, organs=organs, partition=reply, metrics=metrics, final_batchnorm=final_batchnorm
+    )
 
 
 def new_lineage() -> str:

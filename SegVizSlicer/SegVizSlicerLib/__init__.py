@@ -7,4 +7,4 @@ numpy, so the pytest suite can exercise it. ``SegVizSlicer.py`` is the thin GUI 
 
 from __future__ import annotations
 
-__all__ = ["panel_state", "job", "volume_nodes", "segment_import", "site_export", "dependencies"]
+__all__ = ["dependencies", "job", "panel_state", "segment_import", "site_export", "volume_nodes"]

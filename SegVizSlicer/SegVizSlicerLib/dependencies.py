@@ -14,10 +14,24 @@ __all__ = ["FEATURE_MODULES", "missing_modules", "requirements_for"]
 
 # import name -> requirement name in Resources/requirements.txt
 FEATURE_MODULES = {
-    "infer": {"torch": "torch", "monai": "monai", "SimpleITK": "SimpleITK", "nibabel": "nibabel", "scipy": "scipy",
-              "rich": "rich"},
-    "federation": {"torch": "torch", "monai": "monai", "flwr": "flwr", "SimpleITK": "SimpleITK",
-                   "nibabel": "nibabel", "scipy": "scipy", "cryptography": "cryptography", "rich": "rich"},
+    "infer": {
+        "torch": "torch",
+        "monai": "monai",
+        "SimpleITK": "SimpleITK",
+        "nibabel": "nibabel",
+        "scipy": "scipy",
+        "rich": "rich",
+    },
+    "federation": {
+        "torch": "torch",
+        "monai": "monai",
+        "flwr": "flwr",
+        "SimpleITK": "SimpleITK",
+        "nibabel": "nibabel",
+        "scipy": "scipy",
+        "cryptography": "cryptography",
+        "rich": "rich",
+    },
 }
 
 

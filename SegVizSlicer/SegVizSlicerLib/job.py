@@ -17,8 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from SegVizLogic.errors import SegVizError
 from SegVizLogic.progress import parse_progress_line
@@ -26,14 +27,14 @@ from SegVizLogic.progress import parse_progress_line
 from .panel_state import FederationState, FederationStatus, InferenceState, InferenceStatus
 
 __all__ = [
-    "ProcessJob",
     "FederationJob",
     "InferenceJob",
-    "python_executable",
-    "segviz_command",
+    "ProcessJob",
     "infer_command",
     "join_command",
     "model_info",
+    "python_executable",
+    "segviz_command",
 ]
 
 # The SegVizLogic package bundled with the module sits next to SegVizSlicer.py; the child gets it on
@@ -79,20 +80,44 @@ def segviz_command(python: str | None = None) -> list[str]:
     return [python or python_executable(), "-c", _LAUNCHER]
 
 
-def infer_command(model: str | Path, input_path: str | Path, output: str | Path, device: str = "auto",
-                  stats: str | Path | None = None, python: str | None = None) -> list[str]:
+def infer_command(
+    model: str | Path,
+    input_path: str | Path,
+    output: str | Path,
+    device: str = "auto",
+    stats: str | Path | None = None,
+    python: str | None = None,
+) -> list[str]:
     """argv of ``segviz infer ... --progress json --force``."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    argv = segviz_command(python) + ["infer", "--model", str(model), "--input", str(input_path),
-                                     "--output", str(output), "--device", device, "--progress", "json", "--force"]
+    argv = segviz_command(python) + [
+        "infer",
+        "--model",
+        str(model),
+        "--input",
+        str(input_path),
+        "--output",
+        str(output),
+        "--device",
+        device,
+        "--progress",
+        "json",
+        "--force",
+    ]
     if stats is not None:
         argv += ["--stats", str(stats)]
     return argv
 
 
-def join_command(superlink: str, site_dir: str | Path, root_cert: str | Path | None = None,
-                 insecure: bool = False, once: bool = True, python: str | None = None) -> list[str]:
+def join_command(
+    superlink: str,
+    site_dir: str | Path,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+    once: bool = True,
+    python: str | None = None,
+) -> list[str]:
     """argv of ``segviz federation join ... [--once] --progress json``.
 
     ``once`` (the panel's "Join round"): the SuperNode leaves by itself after one complete run,
@@ -127,8 +152,14 @@ def model_info(model: str | Path, timeout: float = 60.0, python: str | None = No
     if not model.is_file():
         raise SegVizError(f"{model}: no such model bundle")
     try:
-        done = subprocess.run(segviz_command(python) + ["model-info", str(model), "--json"], capture_output=True,
-                              text=True, timeout=timeout, env=child_environment())
+        done = subprocess.run(
+            segviz_command(python) + ["model-info", str(model), "--json"],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=timeout,
+            env=child_environment(),
+        )
     except subprocess.TimeoutExpired:
         raise SegVizError(f"{model}: reading the bundle took longer than {timeout:.0f} s") from None
     if done.returncode != 0:
@@ -203,9 +234,19 @@ class ProcessJob:
         else:
             kwargs["start_new_session"] = True
         try:
-            self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                            encoding="utf-8", errors="replace", bufsize=1, **kwargs)
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                **kwargs,
+            )
         except OSError as exc:
             raise SegVizError(f"cannot start {self.argv[0]}: {exc.strerror or exc}") from None
         for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
@@ -254,7 +295,7 @@ class ProcessJob:
         if self.process is None:
             return
         if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True)
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
             return
         try:
             os.killpg(self.process.pid, sig)
@@ -320,8 +361,14 @@ class FederationJob(_StatusJob):
     #: ``--once`` leaves by itself ~15 s after its last reply).
     finish_grace = 120.0
 
-    def __init__(self, argv: Sequence[str], superlink: str, connect_timeout: float | None = 120.0,
-                 cwd: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        superlink: str,
+        connect_timeout: float | None = 120.0,
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(argv, cwd=cwd, env=env)
         self.superlink = superlink
         self.connect_timeout = connect_timeout
@@ -344,11 +391,17 @@ class FederationJob(_StatusJob):
     def poll(self) -> FederationStatus:
         """Read new output, move the state, enforce the connect timeout. Non-blocking."""
         self._feed()
-        if (self.status.state == FederationState.JOINING and not self.status.connected
-                and self.connect_timeout is not None and self.process.running
-                and time.monotonic() - self._started_at > self.connect_timeout):
-            self.status.fail(f"could not reach the SuperLink at {self.superlink} within {self.connect_timeout:.0f} s: "
-                             "check the address, the port and the firewall")
+        if (
+            self.status.state == FederationState.JOINING
+            and not self.status.connected
+            and self.connect_timeout is not None
+            and self.process.running
+            and time.monotonic() - self._started_at > self.connect_timeout
+        ):
+            self.status.fail(
+                f"could not reach the SuperLink at {self.superlink} within {self.connect_timeout:.0f} s: "
+                "check the address, the port and the firewall"
+            )
         if self.status.run_finished and self.status.active and self.process.running:
             # Killing the SuperNode at once would drop its last reply; give it time to leave itself.
             if self._run_finished_at is None:
@@ -377,8 +430,14 @@ class InferenceJob(_StatusJob):
     output (``output_ready``) and called ``status.finish``.
     """
 
-    def __init__(self, argv: Sequence[str], output: str | Path, stats: str | Path | None = None,
-                 cwd: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        output: str | Path,
+        stats: str | Path | None = None,
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(argv, cwd=cwd, env=env)
         self.output = Path(output)
         self.stats = None if stats is None else Path(stats)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-__all__ = ["FederationState", "InferenceState", "FederationStatus", "InferenceStatus", "StateError"]
+__all__ = ["FederationState", "FederationStatus", "InferenceState", "InferenceStatus", "StateError"]
 
 _LOG_LINES = 500
 # "error: ..." (segviz) or "segviz: error: ..." (argparse usage errors).

@@ -25,19 +25,19 @@ from SegVizLogic.organs import ANATOMICAL_STRUCTURE, KIDNEY_SIDE_MODIFIERS, ORGA
 from .volume_nodes import volume_node_from_image
 
 __all__ = [
-    "TERMINOLOGY_CONTEXT",
     "ANATOMIC_CONTEXT",
+    "TERMINOLOGY_CONTEXT",
     "SegmentSpec",
-    "terminology_entry",
-    "organ_of_terminology",
-    "split_kidney_by_side",
     "body_midline_ras_x",
-    "segment_terminology",
-    "import_label_map",
-    "segment_voxel_counts",
-    "organ_volume_table",
-    "show_in_3d",
     "ensure_conversion_rules",
+    "import_label_map",
+    "organ_of_terminology",
+    "organ_volume_table",
+    "segment_terminology",
+    "segment_voxel_counts",
+    "show_in_3d",
+    "split_kidney_by_side",
+    "terminology_entry",
 ]
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -70,15 +70,17 @@ def terminology_entry(organ: Organ, side: str | None = None) -> str:
     if side is not None and side not in KIDNEY_SIDE_MODIFIERS:
         raise ValueError(f"side must be 'left', 'right' or None, got {side!r}")
     modifier = "^^" if side is None else "^".join(KIDNEY_SIDE_MODIFIERS[side])
-    return "~".join([
-        TERMINOLOGY_CONTEXT,
-        "^".join(ANATOMICAL_STRUCTURE),
-        f"SCT^{organ.snomed_code}^{organ.snomed_meaning}",
-        modifier,
-        ANATOMIC_CONTEXT,
-        "^^",
-        "^^",
-    ])
+    return "~".join(
+        [
+            TERMINOLOGY_CONTEXT,
+            "^".join(ANATOMICAL_STRUCTURE),
+            f"SCT^{organ.snomed_code}^{organ.snomed_meaning}",
+            modifier,
+            ANATOMIC_CONTEXT,
+            "^^",
+            "^^",
+        ]
+    )
 
 
 def organ_of_terminology(entry: str) -> tuple[Organ | None, str | None]:
@@ -167,9 +169,15 @@ def ensure_conversion_rules() -> None:
             factory.RegisterConverterRule(getattr(slicer, rule)())
 
 
-def import_label_map(scene, label_map: sitk.Image | str | Path, name: str = "SegViz organs",
-                     segmentation_node=None, reference_volume_node=None, split_kidney: bool = False,
-                     midline_ras_x: float | None = None):
+def import_label_map(
+    scene,
+    label_map: sitk.Image | str | Path,
+    name: str = "SegViz organs",
+    segmentation_node=None,
+    reference_volume_node=None,
+    split_kidney: bool = False,
+    midline_ras_x: float | None = None,
+):
     """Load a SegViz label map (1 liver, 2 spleen, 3 pancreas, 4 kidney) as a segmentation node.
 
     One segment per organ present, named, coloured and terminology-tagged from
@@ -237,7 +245,9 @@ def import_label_map(scene, label_map: sitk.Image | str | Path, name: str = "Seg
             segmentation_node.GetSegmentation().RemoveAllSegments()
         if reference_volume_node is not None:
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap_node, segmentation_node):
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap_node, segmentation_node
+        ):
             raise RuntimeError("Slicer could not import the label map as segments")
     finally:
         scene.RemoveNode(labelmap_node)
@@ -283,7 +293,9 @@ def segment_voxel_counts(segmentation_node) -> dict[str, tuple[int, float]]:
     for i in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(i)
         image = slicer.vtkOrientedImageData()
-        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, image)
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, image
+        )
         scalars = image.GetPointData().GetScalars()
         # Segments share labelmap layers: a segment is the voxels holding its own label value.
         label_value = segmentation.GetNthSegment(i).GetLabelValue()

@@ -24,17 +24,17 @@ from SegVizLogic.errors import SegVizInputError
 from SegVizLogic.organs import ORGAN_NAMES, organ_by_name, parse_organ_list
 
 from .segment_import import organ_of_terminology, segment_terminology
-from .volume_nodes import array_from_volume_node, image_from_volume_node, ijk_to_ras_array
+from .volume_nodes import array_from_volume_node, ijk_to_ras_array, image_from_volume_node
 
 __all__ = [
     "Case",
-    "safe_file_stem",
-    "organ_of_segment_name",
-    "match_segments",
     "annotated_organs",
-    "cases_from_scene",
     "case_label_array",
+    "cases_from_scene",
     "export_site",
+    "match_segments",
+    "organ_of_segment_name",
+    "safe_file_stem",
 ]
 
 _SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt"}
@@ -104,8 +104,10 @@ def annotated_organs(cases: list[Case]) -> tuple[str, ...]:
 def cases_from_scene(scene) -> list[Case]:
     """Pair every segmentation node in ``scene`` with its CT: the segmentation's reference
     geometry volume, else the only scalar volume in the scene. Unpaired segmentations are skipped."""
-    volumes = [scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-               for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    volumes = [
+        scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))
+    ]
     volumes = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode")]
     cases = []
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
@@ -142,9 +144,12 @@ def case_label_array(case: Case, organs: tuple[str, ...]) -> np.ndarray:
         scene.AddNode(labelmap)
         try:
             ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                case.segmentation_node, ids, labelmap, volume)
+                case.segmentation_node, ids, labelmap, volume
+            )
             if not ok or labelmap.GetImageData() is None:
-                raise SegVizInputError(case.name, f"could not export the {organ_name} segments in the volume's geometry")
+                raise SegVizInputError(
+                    case.name, f"could not export the {organ_name} segments in the volume's geometry"
+                )
             mask = array_from_volume_node(labelmap)
             if mask.shape != shape or not np.allclose(ijk_to_ras_array(labelmap), ijk_to_ras_array(volume), atol=1e-4):
                 raise SegVizInputError(case.name, f"the {organ_name} segments did not land on the volume's voxel grid")
@@ -154,8 +159,9 @@ def case_label_array(case: Case, organs: tuple[str, ...]) -> np.ndarray:
     return labels
 
 
-def export_site(cases: list[Case], site_dir: str | Path, site_name: str,
-                organs: tuple[str, ...] | list[str] | None = None) -> Path:
+def export_site(
+    cases: list[Case], site_dir: str | Path, site_name: str, organs: tuple[str, ...] | list[str] | None = None
+) -> Path:
     """Write the cases to a SegViz site folder and return the path of its ``site.json``.
 
     Args:
@@ -172,8 +178,11 @@ def export_site(cases: list[Case], site_dir: str | Path, site_name: str,
         raise SegVizInputError(None, "no case to export: add at least one volume with its segmentation")
     organs = annotated_organs(cases) if organs is None else tuple(organs)
     if not organs:
-        raise SegVizInputError(None, "no annotated organ: tick the organs this site annotated "
-                                     f"(segments named or coded as {', '.join(ORGAN_NAMES)})")
+        raise SegVizInputError(
+            None,
+            "no annotated organ: tick the organs this site annotated "
+            f"(segments named or coded as {', '.join(ORGAN_NAMES)})",
+        )
     organs = parse_organ_list(list(organs))
     if not site_name.strip():
         raise SegVizInputError(None, "the site needs a name")
@@ -182,8 +191,11 @@ def export_site(cases: list[Case], site_dir: str | Path, site_name: str,
     for case in cases:
         missing = [o for o in organs if o not in case.segment_organs.values()]
         if missing:
-            raise SegVizInputError(case.name, f"has no {' or '.join(missing)} segment, but the site is marked as "
-                                              f"annotating it: add the segment (even empty) or untick {', '.join(missing)}")
+            raise SegVizInputError(
+                case.name,
+                f"has no {' or '.join(missing)} segment, but the site is marked as "
+                f"annotating it: add the segment (even empty) or untick {', '.join(missing)}",
+            )
     names = [case.name for case in cases]
     if len(set(names)) != len(names):
         raise SegVizInputError(None, f"two cases share a name: {sorted(n for n in names if names.count(n) > 1)}")

@@ -16,13 +16,13 @@ from vtk.util import numpy_support
 
 __all__ = [
     "LPS_TO_RAS",
-    "ijk_to_ras_from_image",
-    "geometry_from_ijk_to_ras",
-    "volume_node_from_image",
-    "image_from_volume_node",
-    "write_volume_node",
     "array_from_volume_node",
+    "geometry_from_ijk_to_ras",
     "ijk_to_ras_array",
+    "ijk_to_ras_from_image",
+    "image_from_volume_node",
+    "volume_node_from_image",
+    "write_volume_node",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -100,7 +100,9 @@ def array_from_volume_node(node) -> np.ndarray:
     if image_data is None or image_data.GetPointData().GetScalars() is None:
         raise ValueError(f"volume {node.GetName()!r} has no image data")
     if image_data.GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"volume {node.GetName()!r} has {image_data.GetNumberOfScalarComponents()} components; expected a scalar volume")
+        raise ValueError(
+            f"volume {node.GetName()!r} has {image_data.GetNumberOfScalarComponents()} components; expected a scalar volume"
+        )
     dims = image_data.GetDimensions()
     array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
     return array.reshape(dims[2], dims[1], dims[0]).copy()

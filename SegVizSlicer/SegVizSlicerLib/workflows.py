@@ -14,11 +14,12 @@ from .segment_import import import_label_map, organ_volume_table, show_in_3d
 from .site_export import Case, export_site, safe_file_stem
 from .volume_nodes import write_volume_node
 
-__all__ = ["start_inference", "load_inference_result", "site_folder", "start_join"]
+__all__ = ["load_inference_result", "site_folder", "start_inference", "start_join"]
 
 
-def start_inference(volume_node, model_path: str | Path, work_dir: str | Path, device: str = "auto",
-                    python: str | None = None) -> InferenceJob:
+def start_inference(
+    volume_node, model_path: str | Path, work_dir: str | Path, device: str = "auto", python: str | None = None
+) -> InferenceJob:
     """Write ``volume_node`` to ``work_dir/inference/<volume>-<time>/input.nii.gz`` and start
     ``segviz infer`` on it. Returns the running job; poll it until ``output_ready``."""
     model_path = Path(model_path)
@@ -28,14 +29,24 @@ def start_inference(volume_node, model_path: str | Path, work_dir: str | Path, d
     input_path = write_volume_node(volume_node, run_dir / "input.nii.gz")
     output = run_dir / "organs.nii.gz"
     stats = run_dir / "stats.json"
-    job = InferenceJob(infer_command(model_path, input_path, output, device, stats, python=python),
-                       output=output, stats=stats, cwd=run_dir)
+    job = InferenceJob(
+        infer_command(model_path, input_path, output, device, stats, python=python),
+        output=output,
+        stats=stats,
+        cwd=run_dir,
+    )
     job.start()
     return job
 
 
-def load_inference_result(job: InferenceJob, volume_node, segmentation_node=None, split_kidney: bool = False,
-                          show_3d: bool = True, table_node=None):
+def load_inference_result(
+    job: InferenceJob,
+    volume_node,
+    segmentation_node=None,
+    split_kidney: bool = False,
+    show_3d: bool = True,
+    table_node=None,
+):
     """Load a finished job's label map as organ segments on ``volume_node``; fill the volume table.
 
     Returns:
@@ -48,8 +59,13 @@ def load_inference_result(job: InferenceJob, volume_node, segmentation_node=None
         raise RuntimeError(f"no result to load: {job.status.message or 'inference has not finished'}")
     scene = volume_node.GetScene()
     segmentation_node = import_label_map(
-        scene, job.output, name=f"{volume_node.GetName()} organs", segmentation_node=segmentation_node,
-        reference_volume_node=volume_node, split_kidney=split_kidney)
+        scene,
+        job.output,
+        name=f"{volume_node.GetName()} organs",
+        segmentation_node=segmentation_node,
+        reference_volume_node=volume_node,
+        split_kidney=split_kidney,
+    )
     if show_3d:
         show_in_3d(segmentation_node)
     table_node = organ_volume_table(segmentation_node, table_node)
@@ -62,9 +78,17 @@ def site_folder(work_dir: str | Path, site_name: str) -> Path:
     return Path(work_dir) / "sites" / safe_file_stem(site_name)
 
 
-def start_join(cases: list[Case], organs: list[str] | tuple[str, ...], site_name: str, work_dir: str | Path,
-               superlink: str, root_cert: str | Path | None = None, insecure: bool = False,
-               connect_timeout: float | None = 120.0, python: str | None = None) -> FederationJob:
+def start_join(
+    cases: list[Case],
+    organs: list[str] | tuple[str, ...],
+    site_name: str,
+    work_dir: str | Path,
+    superlink: str,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+    connect_timeout: float | None = 120.0,
+    python: str | None = None,
+) -> FederationJob:
     """Export the cases to the site folder, then start ``segviz federation join`` for it.
 
     Raises:
@@ -75,7 +99,11 @@ def start_join(cases: list[Case], organs: list[str] | tuple[str, ...], site_name
     del argv_check
     site_dir = site_folder(work_dir, site_name)
     export_site(cases, site_dir, site_name, organs)
-    job = FederationJob(join_command(superlink, site_dir, root_cert, insecure, python=python),
-                        superlink=superlink.strip(), connect_timeout=connect_timeout, cwd=site_dir)
+    job = FederationJob(
+        join_command(superlink, site_dir, root_cert, insecure, python=python),
+        superlink=superlink.strip(),
+        connect_timeout=connect_timeout,
+        cwd=site_dir,
+    )
     job.start()
     return job

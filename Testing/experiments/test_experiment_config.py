@@ -46,8 +46,19 @@ TEST_CASE_WEIGHTING = [{"data": {"phantom": {}}, "federation": {"weighting": "vo
 TEST_CASE_PHANTOM_KEY = [{"data": {"phantom": {"sizes": "full"}}}, "phantom keys"]
 
 
-@pytest.mark.parametrize("data, message", [TEST_CASE_UNKNOWN_TOP, TEST_CASE_BOTH, TEST_CASE_NO_EXTERNAL, TEST_CASE_BAD_ARM,
-                                           TEST_CASE_LABEL_MODE, TEST_CASE_PATCH, TEST_CASE_WEIGHTING, TEST_CASE_PHANTOM_KEY])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        TEST_CASE_UNKNOWN_TOP,
+        TEST_CASE_BOTH,
+        TEST_CASE_NO_EXTERNAL,
+        TEST_CASE_BAD_ARM,
+        TEST_CASE_LABEL_MODE,
+        TEST_CASE_PATCH,
+        TEST_CASE_WEIGHTING,
+        TEST_CASE_PHANTOM_KEY,
+    ],
+)
 def test_invalid_configs_name_the_problem(data, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         config_from_dict(data)
@@ -61,8 +72,15 @@ def test_load_config_names_the_file(tmp_path):
 
 
 def test_table_has_a_row_per_arm_with_p_values():
-    summary = {arm: {"liver": {"dice": {"mean": 0.5, "std": 0.1, "median": 0.5, "n": 6}}} for arm in ("local", "fedbn", "fedbn[bn=adapt]")}
-    results = {"summary": summary, "rows": table_rows(summary), "wilcoxon_vs_fedbn": {"local": {"liver": {"p": 0.03125}}, "fedbn[bn=adapt]": {"liver": {"p": None}}}}
+    summary = {
+        arm: {"liver": {"dice": {"mean": 0.5, "std": 0.1, "median": 0.5, "n": 6}}}
+        for arm in ("local", "fedbn", "fedbn[bn=adapt]")
+    }
+    results = {
+        "summary": summary,
+        "rows": table_rows(summary),
+        "wilcoxon_vs_fedbn": {"local": {"liver": {"p": 0.03125}}, "fedbn[bn=adapt]": {"liver": {"p": None}}},
+    }
     table = dice_table(results, ("liver",))
     assert results["rows"] == ["local", "fedbn", "fedbn[bn=adapt]"]
     assert "| local | 0.500 ± 0.100 (p=0.031*) | 0.500 |" in table

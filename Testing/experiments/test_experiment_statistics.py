@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from SegVizLogic.experiments.statistics import (MIN_PAIRS, WILCOXON_KWARGS, compare_to_reference, describe, paired_values,
-                                                paired_wilcoxon, summarize)
+from SegVizLogic.experiments.statistics import (
+    MIN_PAIRS,
+    WILCOXON_KWARGS,
+    compare_to_reference,
+    describe,
+    paired_values,
+    paired_wilcoxon,
+    summarize,
+)
 
 # [a, b, expected p is None, reason contains]
 TEST_CASE_IDENTICAL = [[0.8, 0.7, 0.9, 0.6, 0.5, 0.4, 0.3], [0.8, 0.7, 0.9, 0.6, 0.5, 0.4, 0.3], True, "identical"]
@@ -18,7 +25,9 @@ TEST_CASE_EMPTY = [[], [], True, "no paired"]
 TEST_CASE_ZEROS_LEAVE_FEW = [[0.5] * 5 + [0.9, 0.8, 0.7], [0.5] * 5 + [0.1, 0.2, 0.3], True, "3 non-zero"]
 
 
-@pytest.mark.parametrize("a, b, none, reason", [TEST_CASE_IDENTICAL, TEST_CASE_FEW, TEST_CASE_EMPTY, TEST_CASE_ZEROS_LEAVE_FEW])
+@pytest.mark.parametrize(
+    "a, b, none, reason", [TEST_CASE_IDENTICAL, TEST_CASE_FEW, TEST_CASE_EMPTY, TEST_CASE_ZEROS_LEAVE_FEW]
+)
 def test_no_p_value_with_reason(a, b, none, reason):
     out = paired_wilcoxon(a, b)
     assert (out["p"] is None) == none
@@ -68,9 +77,29 @@ def _records():
     rows = []
     for seed in (0, 1):
         for case in ("c1", "c2", "c3", "c4"):
-            rows.append({"arm": "fedbn", "seed": seed, "case": case, "organ": "liver", "dice": 0.9 - 0.01 * seed, "hd95_mm": 3.0})
-            rows.append({"arm": "local", "seed": seed, "case": case, "organ": "liver", "dice": 0.7 + 0.02 * int(case[1]), "hd95_mm": None})
-    rows.append({"arm": "local", "seed": 2, "case": "c1", "organ": "liver", "dice": 0.1, "hd95_mm": None})  # no fedbn partner
+            rows.append(
+                {
+                    "arm": "fedbn",
+                    "seed": seed,
+                    "case": case,
+                    "organ": "liver",
+                    "dice": 0.9 - 0.01 * seed,
+                    "hd95_mm": 3.0,
+                }
+            )
+            rows.append(
+                {
+                    "arm": "local",
+                    "seed": seed,
+                    "case": case,
+                    "organ": "liver",
+                    "dice": 0.7 + 0.02 * int(case[1]),
+                    "hd95_mm": None,
+                }
+            )
+    rows.append(
+        {"arm": "local", "seed": 2, "case": "c1", "organ": "liver", "dice": 0.1, "hd95_mm": None}
+    )  # no fedbn partner
     return rows
 
 

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from SegVizLogic.cli import build_parser
 from SegVizLogic.errors import SegVizInputError
 from SegVizLogic.federated.certs import write_certificates, write_node_key_pair
-from SegVizLogic.federated.deployment import parse_host_port
+from SegVizLogic.federated.processes import parse_host_port
 
 TEST_ADDRESSES = [
     ["127.0.0.1:9093", ("127.0.0.1", 9093)],
@@ -30,13 +30,31 @@ def test_parse_host_port_rejects_garbage():
 
 def test_federation_commands_parse():
     parser = build_parser()
-    args = parser.parse_args(["federation", "simulate", "--site", "a", "--site", "b", "--out", "o", "--rounds", "2",
-                              "--strategy", "fedavg", "--progress", "json"])
+    args = parser.parse_args(
+        [
+            "federation",
+            "simulate",
+            "--site",
+            "a",
+            "--site",
+            "b",
+            "--out",
+            "o",
+            "--rounds",
+            "2",
+            "--strategy",
+            "fedavg",
+            "--progress",
+            "json",
+        ]
+    )
     assert [str(s) for s in args.site] == ["a", "b"] and args.strategy == "fedavg" and args.share_final_batchnorm
     args = parser.parse_args(["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure"])
     assert args.insecure and args.root_cert is None and args.connect_timeout == 30
     with pytest.raises(SystemExit):  # TLS and --insecure are exclusive
-        parser.parse_args(["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure", "--root-cert", "ca.crt"])
+        parser.parse_args(
+            ["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure", "--root-cert", "ca.crt"]
+        )
     args = parser.parse_args(["federation", "run", "--out", "o", "--no-share-final-batchnorm"])
     assert not args.share_final_batchnorm and args.superlink == "127.0.0.1:9093"
 

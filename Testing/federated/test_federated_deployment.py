@@ -10,16 +10,19 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import TINY_NETWORK
 
 from SegVizLogic.bundle import load_bundle
 from SegVizLogic.errors import SegVizError
 from SegVizLogic.federated.certs import write_certificates, write_node_key_pair
-from SegVizLogic.federated.deployment import free_port, join_federation, register_node, stage_app, start_superlink
+from SegVizLogic.federated.processes import free_port
+from SegVizLogic.federated.runs import register_node, stage_app
+from SegVizLogic.federated.site_node import join_federation
+from SegVizLogic.federated.superlink import start_superlink
 from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS
 from SegVizLogic.progress import ProgressReporter, parse_progress_line
 
@@ -28,8 +31,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _segviz(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "SegVizLogic.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "SegVizLogic.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -54,7 +63,10 @@ def _events(text: str) -> list[dict]:
 def test_app_config_in_pyproject_matches_the_code():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert config["config"] == APP_CONFIG_DEFAULTS
-    assert config["components"] == {"serverapp": "SegVizLogic.federated.server_app:app", "clientapp": "SegVizLogic.federated.client_app:app"}
+    assert config["components"] == {
+        "serverapp": "SegVizLogic.federated.server_app:app",
+        "clientapp": "SegVizLogic.federated.client_app:app",
+    }
 
 
 def test_staged_app_is_a_valid_flower_app(tmp_path):
@@ -73,7 +85,18 @@ def test_real_federation_with_tls(make_sites, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
     out = tmp_path / "out"
-    link = _segviz("federation", "superlink", "--address", address, "--tls-dir", str(tls), "--state-dir", str(tmp_path / "link"), "--progress", "json")
+    link = _segviz(
+        "federation",
+        "superlink",
+        "--address",
+        address,
+        "--tls-dir",
+        str(tls),
+        "--state-dir",
+        str(tmp_path / "link"),
+        "--progress",
+        "json",
+    )
     joins = []
     try:
         deadline = time.monotonic() + 60
@@ -81,14 +104,64 @@ def test_real_federation_with_tls(make_sites, tmp_path):
             assert link.poll() is None, link.stderr.read()
             assert time.monotonic() < deadline, "the SuperLink did not start"
             time.sleep(0.3)
-        joins = [_segviz("federation", "join", "--superlink", address, "--site", str(s), "--root-cert", str(tls / "ca.crt"),
-                         "--progress", "json", "--device", "cpu") for s in sites]
+        joins = [
+            _segviz(
+                "federation",
+                "join",
+                "--superlink",
+                address,
+                "--site",
+                str(s),
+                "--root-cert",
+                str(tls / "ca.crt"),
+                "--progress",
+                "json",
+                "--device",
+                "cpu",
+            )
+            for s in sites
+        ]
         run = subprocess.run(
-            [sys.executable, "-m", "SegVizLogic.cli", "federation", "run", "--superlink", address, "--root-cert", str(tls / "ca.crt"),
-             "--out", str(out), "--rounds", "2", "--local-epochs", "1", "--min-clients", "3", "--wait-timeout", "120",
-             "--channels", ",".join(map(str, TINY_NETWORK.channels)), "--patch", "32,32,16", "--batch-size", "2",
-             "--samples-per-case", "2", "--spacing", "6", "--progress", "json", "--timeout", "400"],
-            capture_output=True, text=True, timeout=480, env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
+            [
+                sys.executable,
+                "-m",
+                "SegVizLogic.cli",
+                "federation",
+                "run",
+                "--superlink",
+                address,
+                "--root-cert",
+                str(tls / "ca.crt"),
+                "--out",
+                str(out),
+                "--rounds",
+                "2",
+                "--local-epochs",
+                "1",
+                "--min-clients",
+                "3",
+                "--wait-timeout",
+                "120",
+                "--channels",
+                ",".join(map(str, TINY_NETWORK.channels)),
+                "--patch",
+                "32,32,16",
+                "--batch-size",
+                "2",
+                "--samples-per-case",
+                "2",
+                "--spacing",
+                "6",
+                "--progress",
+                "json",
+                "--timeout",
+                "400",
+            ],
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=480,
+            env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         events = _events(run.stdout)
@@ -121,9 +194,28 @@ def test_join_fails_clearly_when_the_superlink_is_unreachable(make_sites):
     (site,) = make_sites(["site-liver"])
     port = free_port()
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "SegVizLogic.cli", "federation", "join", "--superlink", f"127.0.0.1:{port}",
-                           "--site", str(site), "--insecure", "--connect-timeout", "3", "--progress", "json"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "SegVizLogic.cli",
+            "federation",
+            "join",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--site",
+            str(site),
+            "--insecure",
+            "--connect-timeout",
+            "3",
+            "--progress",
+            "json",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert time.monotonic() - started < 45
     errors = [e for e in _events(done.stdout) if e["event"] == "error"]
@@ -153,7 +245,9 @@ def test_join_gives_up_on_a_port_that_is_not_a_superlink(make_sites):
     started = time.monotonic()
     try:
         with pytest.raises(SegVizError, match="SuperNode for site-spleen"):
-            join_federation(f"127.0.0.1:{port}", site, insecure=True, connect_timeout=8, reporter=ProgressReporter("none"))
+            join_federation(
+                f"127.0.0.1:{port}", site, insecure=True, connect_timeout=8, reporter=ProgressReporter("none")
+            )
     finally:
         stop.set()
         thread.join()
@@ -182,8 +276,18 @@ def test_unknown_node_is_refused_with_node_authentication(make_sites, tmp_path):
                 if event == "connected":
                     stop.set()
 
-        assert join_federation(address, liver, root_cert=tls["ca.crt"], auth_key=known_key, connect_timeout=20,
-                               reporter=Recorder("none"), stop=stop) == 0
+        assert (
+            join_federation(
+                address,
+                liver,
+                root_cert=tls["ca.crt"],
+                auth_key=known_key,
+                connect_timeout=20,
+                reporter=Recorder("none"),
+                stop=stop,
+            )
+            == 0
+        )
         assert "connected" in seen
         with pytest.raises(SegVizError, match="CERTIFICATE_VERIFY_FAILED"):
             other = write_certificates(tmp_path / "other")
@@ -196,22 +300,28 @@ def test_unknown_node_is_refused_with_node_authentication(make_sites, tmp_path):
 def test_failure_reason_is_flowers_explanation_not_the_shutdown_chatter(tmp_path):
     """On a slow machine the web server's shutdown lines land after Flower's exit-code paragraph;
     the reason must still name the cause, on one line, from this start's part of the log only."""
-    from SegVizLogic.federated.deployment import FlowerProcess
+    from SegVizLogic.federated.processes import FlowerProcess
 
     log = tmp_path / "supernode.log"
     log.write_text("ERROR :     Exit Code: 999\nan earlier run's failure\n")
     since = log.stat().st_size
-    script = ("printf 'INFO :      Starting Flower SuperNode\\n"
-              "\\033[91mERROR \\033[0m:     SSL/TLS handshake error detected.\\n"
-              "ERROR :     Exit Code: 305\\nFailed to initialize the connection to the SuperLink.\\n"
-              "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\\n\\n"
-              "For more information, visit: <https://flower.ai/docs/305.html>\\n"
-              "INFO:     Shutting down\\nINFO:     Finished server process [1]\\n'")
+    script = (
+        "printf 'INFO :      Starting Flower SuperNode\\n"
+        "\\033[91mERROR \\033[0m:     SSL/TLS handshake error detected.\\n"
+        "ERROR :     Exit Code: 305\\nFailed to initialize the connection to the SuperLink.\\n"
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\\n\\n"
+        "For more information, visit: <https://flower.ai/docs/305.html>\\n"
+        "INFO:     Shutting down\\nINFO:     Finished server process [1]\\n'"
+    )
     process = FlowerProcess("SuperNode test", ["sh", "-c", script], log, env=os.environ)
     reason = process.failure_reason(since, settle=10)
     assert "\n" not in reason
-    assert reason == ("SSL/TLS handshake error detected.; Exit Code: 305; Failed to initialize the connection to the SuperLink.; "
-                      "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed; "
-                      "For more information, visit: <https://flower.ai/docs/305.html>")
-    quiet = FlowerProcess("SuperNode quiet", ["sh", "-c", "printf 'one\\ntwo\\nthree\\nfour\\n'"], tmp_path / "quiet.log", env=os.environ)
+    assert reason == (
+        "SSL/TLS handshake error detected.; Exit Code: 305; Failed to initialize the connection to the SuperLink.; "
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed; "
+        "For more information, visit: <https://flower.ai/docs/305.html>"
+    )
+    quiet = FlowerProcess(
+        "SuperNode quiet", ["sh", "-c", "printf 'one\\ntwo\\nthree\\nfour\\n'"], tmp_path / "quiet.log", env=os.environ
+    )
     assert quiet.failure_reason(0, settle=10) == "two; three; four"

@@ -35,8 +35,12 @@ def recording_mod(folder: str):
                 "configs": {name: dict(rec) for name, rec in content.config_records.items()},
             }
 
-        record = {"partition": int(str(site)), "round": int(message.content.config_records["config"]["server-round"]),
-                  "received": summary(message.content), "sent": summary(reply.content)}
+        record = {
+            "partition": int(str(site)),
+            "round": int(message.content.config_records["config"]["server-round"]),
+            "received": summary(message.content),
+            "sent": summary(reply.content),
+        }
         path = Path(folder) / f"{record['partition']}-{record['round']}.pkl"
         path.write_bytes(pickle.dumps(record))
         return reply
@@ -58,10 +62,21 @@ def _run(sites, out, strategy, tmp_path):
     lines = tmp_path / f"progress-{strategy}.jsonl"
     with open(lines, "w") as stream:
         path = run_federated_simulation(
-            sites, out, rounds=2, local_epochs=1, strategy=strategy, weighting="examples", lr=1e-2,
-            preprocessing=TINY_PREPROCESSING, training_config=tiny_training(), network_config=TINY_NETWORK,
-            reporter=ProgressReporter("json", stream=stream), seed=0, device="cpu",
-            client_mods=[recording_mod(str(records))], on_round=on_round,
+            sites,
+            out,
+            rounds=2,
+            local_epochs=1,
+            strategy=strategy,
+            weighting="examples",
+            lr=1e-2,
+            preprocessing=TINY_PREPROCESSING,
+            training_config=tiny_training(),
+            network_config=TINY_NETWORK,
+            reporter=ProgressReporter("json", stream=stream),
+            seed=0,
+            device="cpu",
+            client_mods=[recording_mod(str(records))],
+            on_round=on_round,
         )
     events = [e for e in map(parse_progress_line, lines.read_text().splitlines()) if e]
     sent = {(r["partition"], r["round"]): r for r in (pickle.loads(p.read_bytes()) for p in records.glob("*.pkl"))}
@@ -94,15 +109,17 @@ def _weighted(updates, group):
 
 
 def test_fedbn_shared_is_the_weighted_average_of_the_replies(fedbn):
-    _, path, rounds, sent, events = fedbn
-    for server_round, record in rounds.items():
+    _, _path, rounds, sent, _events = fedbn
+    for record in rounds.values():
         assert len(record["updates"]) == 3
         expected = _weighted(record["updates"], "shared")
         for key, value in record["global"]["shared"].items():
             np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-7)
     # the replies the server aggregated are exactly what the clients sent
     for update in rounds[2]["updates"]:
-        partition = next(p for (p, r), rec in sent.items() if r == 2 and rec["sent"]["configs"]["site"]["name"] == update.site)
+        partition = next(
+            p for (p, r), rec in sent.items() if r == 2 and rec["sent"]["configs"]["site"]["name"] == update.site
+        )
         for key, value in update.partition["shared"].items():
             np.testing.assert_array_equal(value, sent[(partition, 2)]["sent"]["arrays"]["shared"][key])
 
@@ -113,20 +130,26 @@ def test_fedbn_heads_change_only_where_their_organ_was_trained(fedbn):
     bundle = load_bundle(path)
     for key, value in initial["head:pancreas"].items():
         # nobody annotates the pancreas: its head is the (seeded) initial one, in every round
-        np.testing.assert_array_equal(rounds[1]["global"]["head:pancreas"][key], rounds[2]["global"]["head:pancreas"][key])
+        np.testing.assert_array_equal(
+            rounds[1]["global"]["head:pancreas"][key], rounds[2]["global"]["head:pancreas"][key]
+        )
         np.testing.assert_array_equal(bundle.state[key], rounds[2]["global"]["head:pancreas"][key])
-    for server_round, record in rounds.items():
+    for record in rounds.values():
         for update in record["updates"]:
             (organ,) = update.organs
             assert set(update.partition) == {"shared", f"head:{organ}"}  # FedBN: no batchnorm, own head only
             for key, value in update.partition[f"head:{organ}"].items():
                 np.testing.assert_array_equal(record["global"][f"head:{organ}"][key], value)
-    changed = [k for k in initial["head:liver"] if not np.array_equal(rounds[2]["global"]["head:liver"][k], rounds[1]["global"]["head:liver"][k])]
+    changed = [
+        k
+        for k in initial["head:liver"]
+        if not np.array_equal(rounds[2]["global"]["head:liver"][k], rounds[1]["global"]["head:liver"][k])
+    ]
     assert changed, "the liver head did not train"
 
 
 def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
-    sites, path, rounds, sent, _ = fedbn
+    sites, path, _rounds, sent, _ = fedbn
     by_site = {}
     for (partition, server_round), record in sent.items():
         assert "batchnorm" not in record["received"]["arrays"], "FedBN must not send BatchNorm to clients"
@@ -146,11 +169,25 @@ def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
         # one step per round: 2 batches tracked means round 2 continued round 1's BatchNorm
         assert int(np.asarray(bn[count_key]).reshape(())) == 2
     bundle = load_bundle(path)
-    assert set(bundle.batchnorm_variants) == {"averaged", "organ:liver", "organ:spleen", "organ:kidney",
-                                              "site:site-liver", "site:site-spleen", "site:site-kidney"}
+    assert set(bundle.batchnorm_variants) == {
+        "averaged",
+        "organ:liver",
+        "organ:spleen",
+        "organ:kidney",
+        "site:site-liver",
+        "site:site-spleen",
+        "site:site-kidney",
+    }
     assert bundle.default_batchnorm == "adapt"  # FedBN default at a new site, chosen by measurement (docs/RESULTS.md)
-    np.testing.assert_allclose(bundle.batchnorm_variants["site:site-spleen"][mean_key], np.asarray(by_site["site-spleen"][mean_key]).reshape(bundle.batchnorm_variants["site:site-spleen"][mean_key].shape))
-    np.testing.assert_allclose(bundle.batchnorm_variants["averaged"][mean_key], np.mean(values, axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        bundle.batchnorm_variants["site:site-spleen"][mean_key],
+        np.asarray(by_site["site-spleen"][mean_key]).reshape(
+            bundle.batchnorm_variants["site:site-spleen"][mean_key].shape
+        ),
+    )
+    np.testing.assert_allclose(
+        bundle.batchnorm_variants["averaged"][mean_key], np.mean(values, axis=0), rtol=1e-5, atol=1e-7
+    )
     # across runs: the site keeps its BatchNorm and round info on disk
     for site in sites:
         state = json.loads((site / ".segviz" / "federated" / "state.json").read_text())
@@ -161,7 +198,7 @@ def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
 
 
 def test_fedbn_bundles_and_progress(fedbn):
-    _, path, rounds, _, events = fedbn
+    _, path, _rounds, _, events = fedbn
     out = path.parent
     assert (out / "round-001.segviz").is_file() and (out / "round-002.segviz").is_file() and path.name == "model.segviz"
     bundle = load_bundle(path)
@@ -186,15 +223,23 @@ def test_fedbn_bundles_and_progress(fedbn):
 
 def test_fedavg_makes_batchnorm_equal_everywhere(fedavg):
     _, path, rounds, sent, _ = fedavg
-    for server_round, record in rounds.items():
+    for record in rounds.values():
         expected = _weighted(record["updates"], "batchnorm")
         for key, value in record["global"]["batchnorm"].items():
-            np.testing.assert_allclose(value.astype(np.float64), expected[key] if value.dtype.kind == "f" else np.rint(expected[key]), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(
+                value.astype(np.float64),
+                expected[key] if value.dtype.kind == "f" else np.rint(expected[key]),
+                rtol=1e-5,
+                atol=1e-7,
+            )
     received = [rec["received"]["arrays"]["batchnorm"] for (p, r), rec in sent.items() if r == 2]
     assert len(received) == 3
     for bn in received:
         for key, value in bn.items():
-            np.testing.assert_array_equal(np.asarray(value).reshape(rounds[1]["global"]["batchnorm"][key].shape), rounds[1]["global"]["batchnorm"][key])
+            np.testing.assert_array_equal(
+                np.asarray(value).reshape(rounds[1]["global"]["batchnorm"][key].shape),
+                rounds[1]["global"]["batchnorm"][key],
+            )
     bundle = load_bundle(path)
     assert bundle.provenance["strategy"] == "fedavg" and bundle.default_batchnorm == "model"
     for key, value in rounds[2]["global"]["batchnorm"].items():

@@ -20,8 +20,15 @@ TINY = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, body_
 
 
 def _perturbed(partition, rng, scale=1.0):
-    return {g: {k: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype.kind == "f" else v + rng.integers(1, 5)
-                for k, v in arrays.items()} for g, arrays in partition.items()}
+    return {
+        g: {
+            k: (v + scale * rng.standard_normal(v.shape)).astype(v.dtype)
+            if v.dtype.kind == "f"
+            else v + rng.integers(1, 5)
+            for k, v in arrays.items()
+        }
+        for g, arrays in partition.items()
+    }
 
 
 @pytest.fixture
@@ -32,8 +39,16 @@ def setup():
     updates = []
     for name, organs, n in specs:
         full = _perturbed(current, rng)
-        sent = {"shared": full["shared"], "batchnorm": full["batchnorm"], **{f"head:{o}": full[f"head:{o}"] for o in organs}}
-        updates.append(SiteUpdate(name, organs, n, sent, {"loss": float(n), **{f"dice-{o}": 0.5 for o in organs}}, full["batchnorm"]))
+        sent = {
+            "shared": full["shared"],
+            "batchnorm": full["batchnorm"],
+            **{f"head:{o}": full[f"head:{o}"] for o in organs},
+        }
+        updates.append(
+            SiteUpdate(
+                name, organs, n, sent, {"loss": float(n), **{f"dice-{o}": 0.5 for o in organs}}, full["batchnorm"]
+            )
+        )
     return current, updates
 
 
@@ -57,7 +72,9 @@ def test_reply_weights_rejects_bad_input():
 
 
 def test_weighted_average_keeps_dtypes_and_checks_keys():
-    out = weighted_average([{"w": np.float32([1, 2]), "n": np.int64(3)}, {"w": np.float32([3, 4]), "n": np.int64(6)}], [0.5, 0.5])
+    out = weighted_average(
+        [{"w": np.float32([1, 2]), "n": np.int64(3)}, {"w": np.float32([3, 4]), "n": np.int64(6)}], [0.5, 0.5]
+    )
     assert out["w"].dtype == np.float32 and out["n"].dtype == np.int64
     np.testing.assert_allclose(out["w"], [2, 3])
     assert int(out["n"]) == 4  # 4.5 rounds to even
@@ -105,7 +122,7 @@ def test_a_head_sent_by_a_site_that_does_not_annotate_the_organ_is_ignored(setup
     intruder = updates[2]
     intruder.partition["head:liver"] = {k: v + 100 for k, v in current["head:liver"].items()}
     result = aggregate_updates(current, updates, "fedbn", "uniform")
-    for key, value in result["head:liver"].items():
+    for value in result["head:liver"].values():
         assert np.all(np.abs(value) < 50)
 
 
@@ -129,7 +146,9 @@ def test_batchnorm_variants(setup):
     variants = batchnorm_variants(updates, "uniform")
     assert set(variants) == {"averaged", "organ:liver", "organ:spleen", "organ:kidney", "site:a", "site:b", "site:c"}
     key = next(k for k, v in updates[0].batchnorm.items() if v.dtype.kind == "f")
-    np.testing.assert_allclose(variants["organ:liver"][key], (updates[0].batchnorm[key] + updates[1].batchnorm[key]) / 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        variants["organ:liver"][key], (updates[0].batchnorm[key] + updates[1].batchnorm[key]) / 2, rtol=1e-5
+    )
     np.testing.assert_array_equal(variants["organ:spleen"][key], updates[1].batchnorm[key])
     np.testing.assert_array_equal(variants["site:c"][key], updates[2].batchnorm[key])
     assert batchnorm_variants([SiteUpdate("x", ("liver",), 1, {}, {}, None)]) == {}

@@ -7,13 +7,25 @@ import numpy as np
 import pytest
 from conftest import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
 
-from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS, FederationSettings, load_local_batchnorm, scrub_paths, train_client_round
+from SegVizLogic.federated.task import (
+    APP_CONFIG_DEFAULTS,
+    FederationSettings,
+    load_local_batchnorm,
+    scrub_paths,
+    train_client_round,
+)
 from SegVizLogic.network import build_network, partition_state
 
 
 def _config(server_round, rounds=2, lineage="L1", strategy="fedbn"):
-    settings = FederationSettings(rounds=rounds, local_epochs=1, strategy=strategy, network=TINY_NETWORK,
-                                  training=tiny_training().to_dict(), preprocessing=TINY_PREPROCESSING)
+    settings = FederationSettings(
+        rounds=rounds,
+        local_epochs=1,
+        strategy=strategy,
+        network=TINY_NETWORK,
+        training=tiny_training().to_dict(),
+        preprocessing=TINY_PREPROCESSING,
+    )
     return settings.client_config(server_round, lineage)
 
 
@@ -56,8 +68,15 @@ def test_fedavg_reply_carries_batchnorm_and_no_final_copy(make_sites):
 
 
 def test_settings_round_trip_through_the_run_config():
-    settings = FederationSettings(rounds=4, strategy="fedavg", weighting="examples", network=TINY_NETWORK,
-                                  training=tiny_training().to_dict(), preprocessing=TINY_PREPROCESSING, out_dir="/x")
+    settings = FederationSettings(
+        rounds=4,
+        strategy="fedavg",
+        weighting="examples",
+        network=TINY_NETWORK,
+        training=tiny_training().to_dict(),
+        preprocessing=TINY_PREPROCESSING,
+        out_dir="/x",
+    )
     config = settings.to_run_config()
     assert set(config) == set(APP_CONFIG_DEFAULTS)
     assert FederationSettings.from_run_config(config) == settings

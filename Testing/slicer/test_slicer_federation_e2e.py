@@ -18,25 +18,53 @@ slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 pytest.importorskip("flwr")
 
-from SegVizLogic.organs import organ_by_name  # noqa: E402
-from SegVizSlicerLib import workflows  # noqa: E402
-from SegVizSlicerLib.job import ProcessJob, child_environment, model_info, segviz_command  # noqa: E402
-from SegVizSlicerLib.panel_state import FederationState, InferenceState  # noqa: E402
-from SegVizSlicerLib.segment_import import import_label_map  # noqa: E402
-from SegVizSlicerLib.site_export import Case  # noqa: E402
-from SegVizSlicerLib.volume_nodes import volume_node_from_image  # noqa: E402
+from SegVizSlicerLib import workflows
+from SegVizSlicerLib.job import ProcessJob, child_environment, model_info, segviz_command
+from SegVizSlicerLib.panel_state import FederationState, InferenceState
+from SegVizSlicerLib.segment_import import import_label_map
+from SegVizSlicerLib.site_export import Case
+from SegVizSlicerLib.volume_nodes import volume_node_from_image
+
+from SegVizLogic.organs import organ_by_name
 
 pytestmark = pytest.mark.slow
 
 SITES = ("site-liver", "site-kidney")
-TINY = ["--rounds", "1", "--local-epochs", "1", "--patch", "32,32,16", "--channels", "4,8,16", "--batch-size", "1",
-        "--samples-per-case", "1", "--spacing", "6,6,6", "--min-clients", "2", "--wait-timeout", "300",
-        "--round-timeout", "600", "--timeout", "900"]
+TINY = [
+    "--rounds",
+    "1",
+    "--local-epochs",
+    "1",
+    "--patch",
+    "32,32,16",
+    "--channels",
+    "4,8,16",
+    "--batch-size",
+    "1",
+    "--samples-per-case",
+    "1",
+    "--spacing",
+    "6,6,6",
+    "--min-clients",
+    "2",
+    "--wait-timeout",
+    "300",
+    "--round-timeout",
+    "600",
+    "--timeout",
+    "900",
+]
 
 
 def _cli_has(*words: str, option: str) -> bool:
-    done = subprocess.run(segviz_command(sys.executable) + [*words, "--help"], capture_output=True, text=True,
-                          env=child_environment(), timeout=120)
+    done = subprocess.run(
+        segviz_command(sys.executable) + [*words, "--help"],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=child_environment(),
+        timeout=120,
+    )
     return done.returncode == 0 and option in done.stdout
 
 
@@ -79,24 +107,57 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
     superlink_address = f"127.0.0.1:{port}"
     jobs, processes = [], []
     try:
-        superlink = ProcessJob(segviz_command(sys.executable) + ["federation", "superlink", "--address", superlink_address,
-                                                                 "--insecure", "--state-dir", str(tmp_path / "superlink"),
-                                                                 "--progress", "json"])
+        superlink = ProcessJob(
+            segviz_command(sys.executable)
+            + [
+                "federation",
+                "superlink",
+                "--address",
+                superlink_address,
+                "--insecure",
+                "--state-dir",
+                str(tmp_path / "superlink"),
+                "--progress",
+                "json",
+            ]
+        )
         superlink.start()
         processes.append(superlink)
         for site in SITES:
             cases, organs = _load_site_into_scene(scene, tmp_path / "phantom" / site)
-            jobs.append(workflows.start_join(cases, organs, site, tmp_path / "work", superlink_address,
-                                             insecure=True, connect_timeout=240, python=sys.executable))
+            jobs.append(
+                workflows.start_join(
+                    cases,
+                    organs,
+                    site,
+                    tmp_path / "work",
+                    superlink_address,
+                    insecure=True,
+                    connect_timeout=240,
+                    python=sys.executable,
+                )
+            )
         # `federation run` does not wait for the SuperLink to listen; the sites' "connected" says it does.
         deadline = time.monotonic() + 240
         while not all(job.poll().connected for job in jobs) and time.monotonic() < deadline:
             superlink.poll()
             assert all(job.status.active for job in jobs), [job.status.message for job in jobs]
             time.sleep(0.2)
-        run = ProcessJob(segviz_command(sys.executable) + ["federation", "run", "--superlink", superlink_address,
-                                                           "--insecure", "--out", str(tmp_path / "run"), *TINY,
-                                                           "--progress", "json"])
+        run = ProcessJob(
+            segviz_command(sys.executable)
+            + [
+                "federation",
+                "run",
+                "--superlink",
+                superlink_address,
+                "--insecure",
+                "--out",
+                str(tmp_path / "run"),
+                *TINY,
+                "--progress",
+                "json",
+            ]
+        )
         run.start()
         processes.append(run)
 
@@ -112,7 +173,11 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
             time.sleep(0.2)
         for job in jobs:
             status = job.status
-            assert status.state == FederationState.FINISHED, (status.message, status.log[-15:], job.process.stderr_tail[-10:])
+            assert status.state == FederationState.FINISHED, (
+                status.message,
+                status.log[-15:],
+                job.process.stderr_tail[-10:],
+            )
             assert status.connected and status.round == 1
             assert any(line.startswith("update_sent") for line in status.log), status.log[-15:]
         assert run.returncode == 0, (run_output[-10:], run.stderr_tail[-15:])

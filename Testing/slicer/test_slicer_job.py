@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-from SegVizLogic.errors import SegVizError
 from SegVizSlicerLib.job import (
     FederationJob,
     InferenceJob,
@@ -26,6 +24,8 @@ from SegVizSlicerLib.job import (
     segviz_command,
 )
 from SegVizSlicerLib.panel_state import FederationState, InferenceState
+
+from SegVizLogic.errors import SegVizError
 
 
 def _python(code: str) -> list[str]:
@@ -39,7 +39,9 @@ def _poll_until(job, done, timeout=30.0):
         if done(status):
             return status
         time.sleep(0.05)
-    raise AssertionError(f"timed out; last state {job.status.state}, message {job.status.message!r}, log {job.status.log[-5:]}")
+    raise AssertionError(
+        f"timed out; last state {job.status.state}, message {job.status.message!r}, log {job.status.log[-5:]}"
+    )
 
 
 def _gone(pid: int) -> bool:
@@ -247,11 +249,36 @@ def test_inference_job_success_cancel_and_missing_output(tmp_path):
 def test_commands_are_what_the_cli_contract_says(tmp_path):
     argv = infer_command("m.segviz", "in.nii.gz", "out.nii.gz", "cuda", "s.json", python="py")
     assert argv[:2] == ["py", "-c"]
-    assert argv[3:] == ["infer", "--model", "m.segviz", "--input", "in.nii.gz", "--output", "out.nii.gz",
-                        "--device", "cuda", "--progress", "json", "--force", "--stats", "s.json"]
+    assert argv[3:] == [
+        "infer",
+        "--model",
+        "m.segviz",
+        "--input",
+        "in.nii.gz",
+        "--output",
+        "out.nii.gz",
+        "--device",
+        "cuda",
+        "--progress",
+        "json",
+        "--force",
+        "--stats",
+        "s.json",
+    ]
     argv = join_command("host:9092", tmp_path, root_cert="ca.pem", python="py")
-    assert argv[3:] == ["federation", "join", "--superlink", "host:9092", "--site", str(tmp_path),
-                        "--root-cert", "ca.pem", "--once", "--progress", "json"]
+    assert argv[3:] == [
+        "federation",
+        "join",
+        "--superlink",
+        "host:9092",
+        "--site",
+        str(tmp_path),
+        "--root-cert",
+        "ca.pem",
+        "--once",
+        "--progress",
+        "json",
+    ]
     assert "--once" not in join_command("host:9092", tmp_path, insecure=True, once=False)
     assert "--insecure" in join_command("host:9092", tmp_path, insecure=True)
     with pytest.raises(ValueError, match="root certificate"):
@@ -268,8 +295,14 @@ def test_commands_are_what_the_cli_contract_says(tmp_path):
 def _cli_has(*words: str, option: str = "--") -> bool:
     """The CLI has the sub-command ``words`` (its help names ``option``; a placeholder parser that
     swallows unknown words would still exit 0 on --help)."""
-    done = subprocess.run(segviz_command(sys.executable) + [*words, "--help"], capture_output=True, text=True,
-                          env=child_environment(), timeout=120)
+    done = subprocess.run(
+        segviz_command(sys.executable) + [*words, "--help"],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=child_environment(),
+        timeout=120,
+    )
     return done.returncode == 0 and option in done.stdout
 
 
@@ -286,8 +319,10 @@ def test_real_cli_infer_with_a_damaged_bundle_fails_with_its_message(tmp_path):
     model.write_bytes(b"not a bundle")
     volume = tmp_path / "ct.nii.gz"
     volume.write_bytes(b"")
-    job = InferenceJob(infer_command(model, volume, tmp_path / "out.nii.gz", "cpu", python=sys.executable),
-                       output=tmp_path / "out.nii.gz")
+    job = InferenceJob(
+        infer_command(model, volume, tmp_path / "out.nii.gz", "cpu", python=sys.executable),
+        output=tmp_path / "out.nii.gz",
+    )
     job.start()
     status = _poll_until(job, lambda s: not s.active, timeout=120)
     assert status.state == InferenceState.FAILED
@@ -324,11 +359,14 @@ def test_real_cli_join_to_an_unreachable_superlink_ends_in_failed(tmp_path, tota
     sitk.WriteImage(liver, str(site / "labels" / "case.nii.gz"))
     (site / "site.json").write_text(json.dumps({"name": "site-a", "organs": ["liver"], "labels": {"1": "liver"}}))
     superlink = f"127.0.0.1:{_free_port()}"
-    job = FederationJob(join_command(superlink, site, insecure=True, python=sys.executable), superlink=superlink,
-                        connect_timeout=120.0)
+    job = FederationJob(
+        join_command(superlink, site, insecure=True, python=sys.executable), superlink=superlink, connect_timeout=120.0
+    )
     job.start()
     status = _poll_until(job, lambda s: not s.active, timeout=240)
     assert status.state == FederationState.FAILED, status.log[-10:]
-    assert superlink in status.message or "connect" in status.message.lower() or "reach" in status.message.lower(), status.message
+    assert superlink in status.message or "connect" in status.message.lower() or "reach" in status.message.lower(), (
+        status.message
+    )
     assert "no cases" not in status.message
     _poll_until(job, lambda s: job.process.returncode is not None, timeout=30)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from SegVizSlicerLib.panel_state import (
     FederationState,
     FederationStatus,
@@ -16,10 +15,22 @@ from SegVizSlicerLib.panel_state import (
 FED_CASES = [
     ([], None, FederationState.JOINING),
     ([{"event": "connected", "superlink": "h:1"}], None, FederationState.JOINING),
-    ([{"event": "connected", "superlink": "h:1"}, {"event": "round_started", "round": 1, "rounds": 3}], None, FederationState.TRAINING),
+    (
+        [{"event": "connected", "superlink": "h:1"}, {"event": "round_started", "round": 1, "rounds": 3}],
+        None,
+        FederationState.TRAINING,
+    ),
     # After run_finished the SuperNode still sends its last reply: finished only once it has exited.
-    ([{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}], None, FederationState.TRAINING),
-    ([{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}], 0, FederationState.FINISHED),
+    (
+        [{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}],
+        None,
+        FederationState.TRAINING,
+    ),
+    (
+        [{"event": "round_started", "round": 3, "rounds": 3}, {"event": "run_finished", "rounds": 3, "outputs": {}}],
+        0,
+        FederationState.FINISHED,
+    ),
     ([{"event": "error", "message": "SuperLink refused the certificate"}], None, FederationState.FAILED),
     ([{"event": "round_started", "round": 1, "rounds": 3}], 1, FederationState.FAILED),
     ([{"event": "round_started", "round": 1, "rounds": 3}], 0, FederationState.FINISHED),
@@ -44,7 +55,14 @@ def test_federation_round_epoch_and_dice_are_shown():
     assert status.connected and "10.0.0.1:9092" in status.message
     status.apply_event({"event": "round_started", "round": 2, "rounds": 5})
     status.apply_event({"event": "epoch", "epoch": 1, "epochs": 2, "loss": 0.75})
-    status.apply_event({"event": "round_finished", "round": 2, "rounds": 5, "metrics": {"dice_liver": 0.91, "dice_kidney": 0.8, "loss": 0.3}})
+    status.apply_event(
+        {
+            "event": "round_finished",
+            "round": 2,
+            "rounds": 5,
+            "metrics": {"dice_liver": 0.91, "dice_kidney": 0.8, "loss": 0.3},
+        }
+    )
     assert (status.round, status.rounds, status.epoch, status.epochs, status.loss) == (2, 5, 1, 2, 0.75)
     assert status.global_dice == {"liver": 0.91, "kidney": 0.8}
     status.apply_event({"event": "round_finished", "round": 3, "rounds": 5, "metrics": {"dice": {"spleen": 0.7}}})

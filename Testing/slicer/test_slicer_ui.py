@@ -47,7 +47,9 @@ def _parameter_fields(source: str) -> dict[str, str]:
     tree = ast.parse(source)
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "SegVizSlicerParameterNode":
-            return {stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body if isinstance(stmt, ast.AnnAssign)}
+            return {
+                stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body if isinstance(stmt, ast.AnnAssign)
+            }
     raise AssertionError("no SegVizSlicerParameterNode")
 
 
@@ -77,7 +79,7 @@ def test_parameter_node_fields_and_gui_bindings_agree(ui_tree, module_source):
 
 
 def test_device_choices_match_the_combo_items(ui_tree, module_source):
-    choice = re.search(r'device: Annotated\[str, Choice\((\[.*?\])\)\]', module_source)
+    choice = re.search(r"device: Annotated\[str, Choice\((\[.*?\])\)\]", module_source)
     combo = next(w for w in ui_tree.iter("widget") if w.get("name") == "deviceComboBox")
     items = [item.find("property/string").text for item in combo.findall("item")]
     assert ast.literal_eval(choice.group(1)) == items == ["auto", "cpu", "cuda"]
@@ -85,8 +87,11 @@ def test_device_choices_match_the_combo_items(ui_tree, module_source):
 
 def test_mrml_combos_get_the_scene(ui_tree):
     combos = {n for n, cls in _widgets(ui_tree).items() if cls == "qMRMLNodeComboBox"}
-    connected = {c.findtext("receiver") for c in ui_tree.iter("connection")
-                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    connected = {
+        c.findtext("receiver")
+        for c in ui_tree.iter("connection")
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+    }
     assert combos and combos == connected
 
 
@@ -104,10 +109,16 @@ def test_module_source_compiles_and_has_the_four_classes(module_source):
     assert "ScriptedLoadableModuleLogic" in classes["SegVizSlicerLogic"]
     assert "ScriptedLoadableModuleTest" in classes["SegVizSlicerTest"]
     # Heavy dependencies are never imported at module import time.
-    top_imports = {a.name.split(".")[0] for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-                   for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])}
+    top_imports = {
+        a.name.split(".")[0]
+        for n in tree.body
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in (n.names if isinstance(n, ast.Import) else [ast.alias(n.module or "")])
+    }
     assert not top_imports & {"torch", "monai", "flwr"}
-    assert "pip_install" not in "".join(ast.unparse(n) for n in tree.body if not isinstance(n, (ast.ClassDef, ast.FunctionDef)))
+    assert "pip_install" not in "".join(
+        ast.unparse(n) for n in tree.body if not isinstance(n, (ast.ClassDef, ast.FunctionDef))
+    )
 
 
 def test_headless_library_imports_no_qt():
@@ -127,22 +138,51 @@ def test_s4ext_has_every_field():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition(" ")
             fields[key] = value.strip()
-    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
-                "category", "iconurl", "status", "description", "screenshoturls", "enabled"):
+    for key in (
+        "scm",
+        "scmurl",
+        "scmrevision",
+        "depends",
+        "build_subdirectory",
+        "homepage",
+        "contributors",
+        "category",
+        "iconurl",
+        "status",
+        "description",
+        "screenshoturls",
+        "enabled",
+    ):
         assert fields.get(key), key
     assert fields["category"] == "Segmentation" and fields["depends"] == "NA"
 
 
 def test_cmake_lists_name_files_that_exist():
     top = (REPO / "CMakeLists.txt").read_text()
-    for word in ("cmake_minimum_required", "project(SegVizSlicer)", 'EXTENSION_CATEGORY "Segmentation"', "EXTENSION_DEPENDS",
-                 "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(SegVizSlicer)",
-                 "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+    for word in (
+        "cmake_minimum_required",
+        "project(SegVizSlicer)",
+        'EXTENSION_CATEGORY "Segmentation"',
+        "EXTENSION_DEPENDS",
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(SegVizSlicer)",
+        "Slicer_EXTENSION_GENERATE_CONFIG",
+        "Slicer_EXTENSION_CPACK",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+    ):
         assert word in top, word
     module = (REPO / "SegVizSlicer" / "CMakeLists.txt").read_text()
-    assert "slicerMacroBuildScriptedModule" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+    assert (
+        "slicerMacroBuildScriptedModule" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+    )
     assert "SegVizLogic/*.py" in module
-    for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui", "Resources/requirements.txt"):
+    for resource in (
+        "Resources/Icons/${MODULE_NAME}.png",
+        "Resources/UI/${MODULE_NAME}.ui",
+        "Resources/requirements.txt",
+    ):
         assert resource in module
         assert (REPO / resource.replace("${MODULE_NAME}", "SegVizSlicer")).is_file()
     assert (REPO / "SegVizSlicer" / "Testing" / "CMakeLists.txt").is_file()

@@ -1,0 +1,289 @@
+"""One site in a real federation: its Flower SuperNode, the warm site worker that trains for it,
+and ``segviz federation join``, which starts both and relays the site's progress.
+
+A SuperNode that cannot reach its SuperLink retries forever without a word (Flower issue
+6250). :func:`join_federation` therefore probes the address first and then watches the
+SuperNode's log for its node id, and gives up with a clear message after ``connect_timeout``
+seconds, stopping the SuperNode's whole process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from ..errors import SegVizError, SegVizInputError
+from ..progress import ProgressReporter, parse_progress_line, read_new_lines, relay_event
+from .processes import (
+    FlowerProcess,
+    flower_environment,
+    flower_executable,
+    format_address,
+    free_port,
+    parse_host_port,
+    wait_for_port,
+)
+from .task import local_state_dir
+
+__all__ = ["SiteWorker", "join_federation", "start_supernode"]
+
+
+_CONNECTED_MARK = "SuperNode ID:"
+_RECEIVED_MARK = "Received successfully"
+_SENT_MARK = "Sent successfully"
+_FATAL_MARKS = (
+    "Failed to initialize the connection",
+    "Exit Code:",
+    "Traceback (most recent call last)",
+    "Unable to parse",
+)
+
+
+def _tls_args_client(root_cert: str | Path | None, insecure: bool) -> list[str]:
+    if insecure:
+        return ["--insecure"]
+    if root_cert is None:
+        raise SegVizInputError(
+            None, "TLS is the default: pass --root-cert ca.crt (from the coordinator) or ask for --insecure"
+        )
+    if not Path(root_cert).is_file():
+        raise SegVizInputError(root_cert, "root certificate not found")
+    return ["--root-certificates", str(Path(root_cert).resolve())]
+
+
+def start_supernode(
+    superlink: str,
+    site_dir: str | Path,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+    auth_key: str | Path | None = None,
+    runtime_port: int | None = None,
+    log_path: str | Path | None = None,
+    device: str | None = None,
+) -> FlowerProcess:
+    """Start ``flower-supernode`` for one site (``--node-config site-dir=...``).
+
+    Each SuperNode also serves a local Runtime API for its ClientApp processes; several sites
+    on one machine need different ``runtime_port`` values (a free one by default).
+    """
+    site = Path(site_dir).resolve()
+    state = local_state_dir(site)
+    state.mkdir(parents=True, exist_ok=True)
+    node_config = f'site-dir="{site}"' + (f' device="{device}"' if device else "")
+    command = [
+        flower_executable("flower-supernode"),
+        "--superlink",
+        superlink,
+        *_tls_args_client(root_cert, insecure),
+        "--node-config",
+        node_config,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port or free_port()),
+    ]
+    if auth_key is not None:
+        if not Path(auth_key).is_file():
+            raise SegVizInputError(
+                auth_key, "SuperNode private key not found (create one with `segviz federation node-key`)"
+            )
+        command += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
+    return FlowerProcess(
+        f"SuperNode {site.name}",
+        command,
+        log_path or state / "supernode.log",
+        flower_environment(state / "flwr-home"),
+        cwd=state,
+    )
+
+
+class SiteWorker:
+    """A warm training process for one site, serving its ClientApp processes.
+
+    Flower starts a fresh ``flwr-clientapp`` process for each message; this worker (a thread
+    of ``segviz federation join``) has torch and MONAI imported already, so a round does not
+    pay seconds of imports. It listens on 127.0.0.1 with a random port and a random key, both
+    in ``<site>/.segviz/federated/worker.json`` (mode 0600); only processes that can read the
+    site's folder can use it. One round at a time.
+    """
+
+    def __init__(self, site_dir: str | Path) -> None:
+        from multiprocessing.connection import Listener
+
+        from .client_app import WORKER_FILE, run_site_round  # noqa: F401 - imports torch now, not per round
+        from .task import train_client_round  # noqa: F401
+
+        self.site_dir = Path(site_dir).resolve()
+        self._key = os.urandom(32)
+        self._listener = Listener(("127.0.0.1", 0), authkey=self._key)
+        self.file = local_state_dir(self.site_dir) / WORKER_FILE
+        fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"port": self._listener.address[1], "authkey": self._key.hex(), "pid": os.getpid()}, handle)
+        self._thread = threading.Thread(target=self._serve, name=f"segviz-worker-{self.site_dir.name}", daemon=True)
+        self._closed = threading.Event()
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from .client_app import run_site_round
+
+        while not self._closed.is_set():
+            try:
+                connection = self._listener.accept()
+            except (OSError, EOFError):
+                if self._closed.is_set():
+                    return
+                continue  # a client with the wrong key, or gone: keep serving
+            with connection:
+                try:
+                    request = connection.recv()
+                    if Path(request["site_dir"]).resolve() != self.site_dir:
+                        raise ValueError("the worker serves another site")
+                    state = request["state"]
+                    result = run_site_round(
+                        self.site_dir,
+                        request["groups"],
+                        request["config"],
+                        state,
+                        Path(request["events"]),
+                        request["device"],
+                    )
+                    result["state"] = state
+                    connection.send(("ok", result))
+                except Exception as error:  # noqa: BLE001 - reported to the ClientApp, which fails the round
+                    try:
+                        connection.send(("error", f"{type(error).__name__}: {error}"))
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        """Stop serving and remove the worker file."""
+        self._closed.set()
+        self.file.unlink(missing_ok=True)
+        self._listener.close()
+
+
+def join_federation(
+    superlink: str,
+    site_dir: str | Path,
+    root_cert: str | Path | None = None,
+    insecure: bool = False,
+    auth_key: str | Path | None = None,
+    connect_timeout: float = 30.0,
+    reporter: ProgressReporter | None = None,
+    once: bool = False,
+    device: str | None = None,
+    stop: threading.Event | None = None,
+    linger: float = 15.0,
+    warm: bool = True,
+) -> int:
+    """Join a federation as one site: validate the site, start its SuperNode, relay progress.
+
+    This is what Slicer's "Join round" starts. Progress events: ``connected``, ``waiting``,
+    ``round_started``, ``epoch``, ``update_sent``, ``round_finished``, ``run_finished``.
+
+    Args:
+        superlink: the coordinator's ``HOST:PORT``.
+        site_dir: the site folder (validated before anything starts).
+        root_cert: the federation's ``ca.crt``; or ``insecure``.
+        auth_key: this site's private key when the SuperLink requires SuperNode authentication.
+        connect_timeout: seconds to reach the SuperLink and be accepted by it.
+        reporter: progress.
+        once: leave after taking part in one complete run.
+        device: training device (``auto``/``cpu``/``cuda``).
+        stop: set it to leave (tests, GUIs).
+        linger: with ``once``, seconds to stay connected after the final reply was sent.
+        warm: train in a warm :class:`SiteWorker` of this process instead of paying torch's
+            imports in every ClientApp process.
+
+    Returns:
+        0 when the node left normally.
+
+    Raises:
+        SegVizInputError: the site folder is not usable.
+        SegVizError: the SuperLink is unreachable or refused the node, or the node failed.
+    """
+    from ..site import validate_site
+
+    reporter = reporter or ProgressReporter("none")
+    stop = stop or threading.Event()
+    site = validate_site(site_dir)
+    host, port = parse_host_port(superlink)
+    address = format_address(host, port)
+    reporter.emit(
+        "stage", stage="connect", message=f"site {site.name} ({', '.join(site.organs)}): connecting to {address}"
+    )
+    started = time.monotonic()
+    error = wait_for_port(host, port, connect_timeout, alive=lambda: not stop.is_set())
+    if error is not None:
+        raise SegVizError(
+            f"cannot reach the SuperLink at {address} within {connect_timeout:.0f} s ({error}); "
+            "check the address, that `segviz federation superlink` runs there and that the port is open"
+        )
+    events = local_state_dir(site_dir) / "events.jsonl"
+    events.parent.mkdir(parents=True, exist_ok=True)
+    offset = events.stat().st_size if events.exists() else 0
+    worker = SiteWorker(site_dir) if warm else None
+    try:
+        process = start_supernode(address, site_dir, root_cert, insecure, auth_key, device=device)
+    except BaseException:
+        if worker:
+            worker.close()
+        raise
+    log_offset = process.log_path.stat().st_size if process.log_path.exists() else 0
+    try:
+        deadline = started + connect_timeout
+        while True:
+            text = process.log_text()[log_offset:]
+            if _CONNECTED_MARK in text:
+                break
+            if (
+                not process.alive()
+                or any(mark in text for mark in _FATAL_MARKS)
+                or time.monotonic() > deadline
+                or stop.is_set()
+            ):
+                failed = not process.alive() or any(m in text for m in _FATAL_MARKS)
+                why = "refused or failed" if failed else f"did not connect within {connect_timeout:.0f} s"
+                reason = process.failure_reason(log_offset, settle=3.0 if failed else 0.0)
+                raise SegVizError(
+                    f"the SuperNode for {site.name} {why} (SuperLink {address}; TLS {'off' if insecure else 'on'}"
+                    f"{', node authentication key given' if auth_key else ''}): {reason} (log: {process.log_path})"
+                )
+            time.sleep(0.2)
+        reporter.emit("connected", superlink=address)
+        reporter.emit("waiting", message="connected; waiting for the coordinator to start a round")
+        leaving, sent_at = False, None
+        while not stop.is_set():
+            lines, offset = read_new_lines(events, offset)
+            for line in lines:
+                event = parse_progress_line(line)
+                if event is None:
+                    continue
+                relay_event(event, reporter)
+                if event["event"] == "run_finished" and once:
+                    leaving = True
+                elif event["event"] == "round_finished":
+                    reporter.emit("waiting", message="update sent; waiting for the next round")
+            if leaving and sent_at is None:
+                text = process.log_text()[log_offset:]
+                if text.count(_SENT_MARK) >= text.count(_RECEIVED_MARK):
+                    sent_at = time.monotonic()
+            if sent_at is not None and time.monotonic() - sent_at >= linger:
+                # Leaving unregisters the node, and the SuperLink then drops replies the
+                # ServerApp has not pulled yet (it polls every 3 s): linger a little first.
+                return 0
+            if not process.alive():
+                raise SegVizError(
+                    f"the SuperNode for {site.name} stopped (exit code {process.process.returncode}): "
+                    f"{process.failure_reason(log_offset)} (log: {process.log_path})"
+                )
+            stop.wait(0.5)
+        return 0
+    finally:
+        process.stop()
+        if worker:
+            worker.close()
