@@ -30,30 +30,27 @@ import numpy as np
 import torch
 
 from . import __version__
+from .bundle_manifest import (
+    BUNDLE_FORMAT,
+    FORMAT_NAME,
+    MANIFEST_MEMBER,
+    WEIGHTS_MEMBER,
+    batchnorm_choices,
+    organ_schema,
+    read_manifest_from_archive,
+    variant_member,
+)
 from .errors import BundleError, SegVizInputError
 from .network import PARTITION_BATCHNORM, MultiOrganUNet, NetworkConfig, build_network, partition_state
-from .organs import ORGANS
 from .preprocessing import Preprocessing
 
 __all__ = ["BUNDLE_FORMAT", "ModelBundle", "batchnorm_variant_names", "load_bundle", "save_bundle"]
-
-BUNDLE_FORMAT = 1
-_MANIFEST = "manifest.json"
-_WEIGHTS = "weights.npz"
-
-
-def _schema() -> list[dict]:
-    return [{"label": o.label, "name": o.name, "snomed": o.snomed_code} for o in ORGANS]
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
     return buffer.getvalue()
-
-
-def _variant_file(name: str) -> str:
-    return "batchnorm/" + name.replace(":", "__") + ".npz"
 
 
 def batchnorm_variant_names(organs: tuple[str, ...], sites: tuple[str, ...] = ()) -> list[str]:
@@ -113,14 +110,14 @@ def save_bundle(
     if default_batchnorm == "per-organ" and not all(f"organ:{o}" in variants for o in model.config.organs):
         raise ValueError("default_batchnorm 'per-organ' needs an organ:<organ> variant for every organ")
 
-    files = {_WEIGHTS: _npz_bytes(state)}
-    files.update({_variant_file(name): _npz_bytes(arrays) for name, arrays in variants.items()})
+    files = {WEIGHTS_MEMBER: _npz_bytes(state)}
+    files.update({variant_member(name): _npz_bytes(arrays) for name, arrays in variants.items()})
     manifest = {
-        "format": "segviz-model",
+        "format": FORMAT_NAME,
         "format_version": BUNDLE_FORMAT,
         "segviz_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "organ_schema": _schema(),
+        "organ_schema": organ_schema(),
         "network": model.config.to_dict(),
         "preprocessing": preprocessing.to_dict(),
         "training": dict(training or {}),
@@ -138,7 +135,7 @@ def save_bundle(
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".segviz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(_MANIFEST, json.dumps(manifest, indent=2, default=_json_default))
+            archive.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2, default=_json_default))
             for name, data in files.items():
                 archive.writestr(name, data)
         os.replace(tmp, path)
@@ -200,10 +197,7 @@ class ModelBundle:
 
     def batchnorm_choices(self) -> list[str]:
         """Every valid value for ``build_model(batchnorm=...)``."""
-        choices = ["model", "adapt", *sorted(self.batchnorm_variants)]
-        if all(f"organ:{o}" in self.batchnorm_variants for o in self.organs):
-            choices.insert(1, "per-organ")
-        return choices
+        return batchnorm_choices(self.manifest)
 
     def build_model(self, batchnorm: str | None = None) -> MultiOrganUNet:
         """The network with the bundle's weights and the chosen BatchNorm variant.
@@ -249,29 +243,14 @@ def load_bundle(path: str | Path) -> ModelBundle:
             bad = archive.testzip()
             if bad is not None:
                 raise BundleError(path, f"is damaged: {bad} fails its CRC check")
-            try:
-                manifest = json.loads(archive.read(_MANIFEST))
-            except KeyError:
-                raise BundleError(path, "is not a SegViz model bundle (no manifest.json)") from None
-            if manifest.get("format") != "segviz-model":
-                raise BundleError(path, "is not a SegViz model bundle (manifest format is not segviz-model)")
-            version = manifest.get("format_version")
-            if not isinstance(version, int) or version > BUNDLE_FORMAT:
-                raise BundleError(
-                    path,
-                    f"is incompatible: bundle format {version} is newer than this SegViz reads ({BUNDLE_FORMAT}); update SegViz",
-                )
-            if manifest.get("organ_schema") != _schema():
-                raise BundleError(
-                    path, "is incompatible: its organ schema (label values/codes) differs from this SegViz's"
-                )
+            manifest = read_manifest_from_archive(archive, path)
             checksums = manifest.get("sha256", {})
-            if _WEIGHTS not in checksums:
+            if WEIGHTS_MEMBER not in checksums:
                 raise BundleError(path, "is damaged: manifest lists no checksum for weights.npz")
             try:
-                state = _read_npz(archive, _WEIGHTS, checksums[_WEIGHTS], path)
+                state = _read_npz(archive, WEIGHTS_MEMBER, checksums[WEIGHTS_MEMBER], path)
                 variants = {
-                    name: _read_npz(archive, _variant_file(name), checksums[_variant_file(name)], path)
+                    name: _read_npz(archive, variant_member(name), checksums[variant_member(name)], path)
                     for name in manifest.get("batchnorm_variants", [])
                 }
             except KeyError as error:

@@ -344,22 +344,23 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_model_info(args) -> int:
-    from .bundle import load_bundle
+    from .bundle_manifest import batchnorm_choices, read_manifest
 
-    bundle = load_bundle(args.model)
-    prov = bundle.provenance
+    # The manifest alone describes a bundle: no torch, no weights read.
+    manifest = read_manifest(args.model)
+    prov = manifest.get("provenance", {})
     info = {
         "path": str(args.model),
-        "organs": list(bundle.organs),
+        "organs": list(manifest.get("network", {}).get("organs", [])),
         "strategy": prov.get("strategy", "local"),
         "rounds": prov.get("rounds"),
         "sites": prov.get("sites", []),
-        "created": bundle.manifest.get("created"),
-        "segviz_version": bundle.manifest.get("segviz_version"),
-        "spacing_mm": list(bundle.preprocessing.spacing),
-        "default_batchnorm": bundle.default_batchnorm,
-        "batchnorm_choices": bundle.batchnorm_choices(),
-        "metrics": bundle.metrics.get("final", {}),
+        "created": manifest.get("created"),
+        "segviz_version": manifest.get("segviz_version"),
+        "spacing_mm": list(manifest.get("preprocessing", {}).get("spacing", [])),
+        "default_batchnorm": manifest.get("default_batchnorm", "model"),
+        "batchnorm_choices": batchnorm_choices(manifest),
+        "metrics": manifest.get("metrics", {}).get("final", {}),
     }
     if args.json:
         print(json.dumps(info, indent=2))
