@@ -1,11 +1,11 @@
-"""Render Resources/UI/SegVizSlicer.ui to docs/slicer_panel.png without Slicer (a documentation tool).
+"""Render Resources/UI/SegVizSlicer.ui to docs/slicer_panel_drawing.png without Slicer (a documentation tool).
 
 Slicer's ctk/qMRML widgets are swapped for the nearest plain Qt widgets (ctkCollapsibleButton ->
 QGroupBox, qMRMLNodeComboBox -> QComboBox with a sample node, ctkPathLineEdit -> QLineEdit) and the
 panel is filled with the state it shows mid-way through a federated round, so a reader sees the
 layout. Needs PySide6 (``pip install PySide6-Essentials``; not a SegViz dependency)::
 
-    QT_QPA_PLATFORM=offscreen python docs/render_panel.py [--out docs/slicer_panel.png]
+    QT_QPA_PLATFORM=offscreen python docs/render_panel.py [--out docs/slicer_panel_drawing.png]
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def fill_sample_state(panel, QtWidgets) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "slicer_panel.png")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "slicer_panel_drawing.png")
     parser.add_argument("--width", type=int, default=470)
     args = parser.parse_args(argv)
 

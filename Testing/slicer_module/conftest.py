@@ -1,4 +1,10 @@
-"""Fixtures of the Slicer-module tests: the module's headless library on sys.path, real CT data."""
+"""Fixtures of the Slicer-module tests: the module's headless library on sys.path, real CT data.
+
+This folder is deliberately not called ``slicer``: slicer-core's ``slicer`` package extends its
+path over every ``slicer`` folder on ``sys.path`` and imports what it finds there, so a test
+folder of that name would be imported as part of Slicer (and would satisfy an import guard
+without slicer-core installed).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,6 @@ REAL_DATA = REPO / ".." / "shared" / "data" / "real"
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
-# TotalSegmentator ("fast", kidney split) label values of the example case -> SegViz organ.
-TOTALSEG_VALUES = {"liver": 5, "spleen": 1, "pancreas": 7, "kidney_left": 3, "kidney_right": 2}
-
 
 @pytest.fixture(scope="session")
 def totalseg_example() -> tuple[Path, Path]:
@@ -26,3 +29,14 @@ def totalseg_example() -> tuple[Path, Path]:
     if not (ct.is_file() and labels.is_file()):
         pytest.skip(f"real CT example not found under {folder}")
     return ct, labels
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """A tiny real bundle built by the `segviz` CLI in children (what SegVizSlicerTest builds)."""
+    from slicer_core_guard import require_mrml
+
+    require_mrml()
+    from SegVizSlicerLib.small_model import build_small_model
+
+    return build_small_model(tmp_path_factory.mktemp("small-model"), python=sys.executable)
