@@ -236,8 +236,10 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPoll)
-        self._closeGuard = _CloseGuard(self)
-        slicer.util.mainWindow().installEventFilter(self._closeGuard)
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is not None:  # none when Slicer runs without its main window (tests)
+            self._closeGuard = _CloseGuard(self)
+            mainWindow.installEventFilter(self._closeGuard)
 
         self.initializeParameterNode()
         self.onModelPathChanged(self.ui.modelPathLineEdit.currentPath)
@@ -249,9 +251,9 @@ class SegVizSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The module is reloaded or Slicer is ending: end every child process tree."""
         if self._timer:
             self._timer.stop()
-        if self._closeGuard is not None:
+        if self._closeGuard is not None and slicer.util.mainWindow() is not None:
             slicer.util.mainWindow().removeEventFilter(self._closeGuard)
-            self._closeGuard = None
+        self._closeGuard = None
         if self.logic:
             self.logic.stopAll()
         self.removeObservers()

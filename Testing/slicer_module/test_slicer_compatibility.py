@@ -185,3 +185,18 @@ def test_the_module_imports_only_inside_slicer():
     module = importlib.import_module("SegVizSlicer")
     assert module.UNSUPPORTED is None
     assert issubclass(module.SegVizSlicerLogic, module.ScriptedLoadableModuleTest.__mro__[-1])
+
+
+def test_the_mrml_guard_skips_when_slicer_is_only_a_folder(monkeypatch, tmp_path):
+    """A folder named ``slicer`` imports as a namespace package; the guard looks for real MRML."""
+    import importlib
+
+    from slicer_core_guard import require_mrml
+
+    (tmp_path / "slicer").mkdir()
+    monkeypatch.delitem(sys.modules, "slicer", raising=False)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    namespace = importlib.import_module("slicer")
+    assert not hasattr(namespace, "vtkMRMLScene")
+    with pytest.raises(pytest.skip.Exception, match="not the slicer-core MRML wheel"):
+        require_mrml()
