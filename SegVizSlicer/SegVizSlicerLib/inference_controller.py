@@ -286,12 +286,19 @@ class InferenceController:
                 dialog = f"Applying the SegViz model failed:\n{status.message}"
         else:
             text = status.message
-        if not status.active:
+        # A failed or cancelled child may take a moment to exit: keep ticking (and keep its files)
+        # until it has, so nothing is left running or half-written.
+        process = getattr(job, "process", None)
+        running = bool(process is not None and process.running)
+        if not status.active and not running:
             self.cleanup()
-        return InferencePoll(status.active, text, progress, dialog, result)
+        return InferencePoll(status.active or running, text, progress, dialog, result)
 
     def cleanup(self) -> None:
         """Remove the finished job's temporary folder (never a volume's own file)."""
+        process = getattr(self.job, "process", None)
+        if process is not None and process.running:
+            return
         if self.request is not None and (self.job is None or not self.job.status.active):
             shutil.rmtree(self.request.input.work_dir, ignore_errors=True)
 
