@@ -1,11 +1,11 @@
-"""Render Resources/UI/SegVizSlicer.ui to docs/slicer_panel.png without Slicer (a documentation tool).
+"""Render Resources/UI/SegVizSlicer.ui to docs/slicer_panel_drawing.png without Slicer (a documentation tool).
 
 Slicer's ctk/qMRML widgets are swapped for the nearest plain Qt widgets (ctkCollapsibleButton ->
 QGroupBox, qMRMLNodeComboBox -> QComboBox with a sample node, ctkPathLineEdit -> QLineEdit) and the
 panel is filled with the state it shows mid-way through a federated round, so a reader sees the
 layout. Needs PySide6 (``pip install PySide6-Essentials``; not a SegViz dependency)::
 
-    QT_QPA_PLATFORM=offscreen python docs/render_panel.py [--out docs/slicer_panel.png]
+    QT_QPA_PLATFORM=offscreen python docs/render_panel.py [--out docs/slicer_panel_drawing.png]
 """
 
 from __future__ import annotations
@@ -43,16 +43,18 @@ DROPPED = {
 
 SAMPLE_TEXT = {
     "modelPathLineEdit": "~/SegViz/models/segviz-fedbn-round10.segviz",
-    "rootCertPathLineEdit": "~/SegViz/certificates/ca.crt",
-    "workFolderPathLineEdit": "~/SegViz",
+    "siteFolderPathLineEdit": "~/SegViz/sites/site-a",
+    "rootCertPathLineEdit": "~/SegViz/federation/ca.crt",
+    "trustFilePathLineEdit": "~/SegViz/federation/federation-trust.yaml",
+    "nodeKeyPathLineEdit": "~/SegViz/federation/node.key",
     "siteNameLineEdit": "site-a",
-    "superlinkLineEdit": "fl.hospital-network.example:9092",
+    "superlinkLineEdit": "fl.hospital-network.example:9093",
 }
 SAMPLE_COMBO = {
     "inputVolumeSelector": "Abdomen CT 0042",
     "outputSegmentationSelector": "Abdomen CT 0042 organs",
-    "caseVolumeSelector": "Case 0007 CT",
-    "caseSegmentationSelector": "Case 0007 segmentation",
+    "caseVolumeSelector": "Abdomen CT 0042",
+    "caseSegmentationSelector": "Abdomen CT 0042 organs",
 }
 
 
@@ -89,10 +91,14 @@ def fill_sample_state(panel, QtWidgets) -> None:
         combo.addItem(text)
     find("modelInfoLabel").setText(
         "Organs: liver, spleen, pancreas, kidney\n"
-        "Trained by: site-a, site-b, site-c, site-d (fedbn, 10 rounds)\nCreated: 2026-11-20"
+        "Trained by: site-a, site-b, site-c, site-d (fedbn, 10 federated rounds)\nCreated: 2026-11-20\n"
+        "Validation Dice: liver 0.91, spleen 0.87, pancreas 0.58, kidney 0.89"
     )
+    find("modelSignatureLabel").setText("signed by the federation's coordinator")
+    find("unsupportedLabel").hide()
     find("splitKidneyCheckBox").setChecked(True)
     find("applyButton").setEnabled(True)
+    find("reviewButton").setEnabled(True)
     find("applyProgressBar").setValue(100)
     find("applyStatusLabel").setText("5 organ segments loaded")
     volumes = find("organVolumesTable")
@@ -111,9 +117,9 @@ def fill_sample_state(panel, QtWidgets) -> None:
     volumes.horizontalHeader().setStretchLastSection(True)
     cases = find("casesTable")
     case_rows = [
-        ("Case 0003 CT", "Case 0003 segmentation", "liver, kidney"),
-        ("Case 0005 CT", "Case 0005 segmentation", "liver, kidney"),
-        ("Case 0007 CT", "Case 0007 segmentation", "liver"),
+        ("Abdomen_CT_0003", "liver, kidney"),
+        ("Abdomen_CT_0005", "liver, kidney"),
+        ("Abdomen_CT_0007", "liver (kidney absent)"),
     ]
     cases.setRowCount(len(case_rows))
     for r, row in enumerate(case_rows):
@@ -126,23 +132,25 @@ def fill_sample_state(panel, QtWidgets) -> None:
     join = find("joinButton")
     join.setEnabled(True)
     join.setText("Leave")
-    find("federationStateLabel").setText("Training")
+    find("federationStateLabel").setText("Connected, training")
     find("roundLabel").setText("Round 3 of 10")
-    find("epochLabel").setText("Epoch 1/2, loss 0.4172")
+    find("epochLabel").setText("Local epoch 1 of 2, loss 0.4172")
+    find("roundTimeLabel").setText("2 min 10 s so far")
     find("globalDiceLabel").setText("liver 0.912, spleen 0.874, pancreas 0.583, kidney 0.887")
     bar = find("federationProgressBar")
     bar.setRange(0, 10)
     bar.setValue(3)
     bar.setFormat("%v / %m rounds")
     find("federationLogTextEdit").setPlainText(
-        "Joining the federation at fl.hospital-network.example:9092…\nconnected superlink=fl.hospital-network.example:9092\nround_started round=3 rounds=10\nepoch epoch=1 epochs=2 loss=0.4172"
+        "Joining the federation at fl.hospital-network.example:9093…\nconnected superlink=fl.hospital-network.example:9093\nround_started round=3 rounds=10\nepoch epoch=1 epochs=2 loss=0.4172"
     )
     find("dependenciesStatusLabel").setText("All Python packages SegViz needs are installed.")
+    find("dependenciesCollapsibleButton").setVisible(True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "slicer_panel.png")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "slicer_panel_drawing.png")
     parser.add_argument("--width", type=int, default=470)
     args = parser.parse_args(argv)
 

@@ -7,4 +7,20 @@ numpy, so the pytest suite can exercise it. ``SegVizSlicer.py`` is the thin GUI 
 
 from __future__ import annotations
 
-__all__ = ["dependencies", "job", "panel_state", "segment_import", "site_export", "volume_nodes"]
+__all__ = [
+    "compatibility",
+    "dependencies",
+    "federation_controller",
+    "inference_controller",
+    "job",
+    "logic",
+    "model_summary",
+    "panel_settings",
+    "panel_state",
+    "resources",
+    "segment_import",
+    "site_export",
+    "terminology",
+    "volume_nodes",
+    "workflows",
+]

@@ -1,18 +1,18 @@
 """Run ``segviz`` commands as child processes and follow their JSON-lines progress, non-blocking.
 
-Slicer never trains or infers in its own process: the widget starts a job, then calls
-``job.poll()`` from a ``qt.QTimer``; tests call ``poll()`` in a loop. Each child runs in its own
-process group (session), so Cancel/Leave ends the child *and* everything it started
-(a Flower SuperNode spawns its own ClientApp processes).
+Slicer never trains or infers in its own process: the panel starts a job, then calls
+``job.poll()`` from a ``qt.QTimer``; tests call ``poll()`` in a loop. Stopping is graceful first
+and forceful after a grace period, for the whole process *tree*: ``segviz federation join``
+starts its Flower SuperNode in a session of its own (as Flower does), so a process group is not
+enough. The tree is followed with ``psutil`` while the child runs, so the SuperNode is found and
+ended even when ``join`` itself died first.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -24,15 +24,16 @@ from typing import Any
 from SegVizLogic.errors import SegVizError
 from SegVizLogic.progress import parse_progress_line
 
+from .compatibility import child_process_options, graceful_stop_signal
 from .panel_state import FederationState, FederationStatus, InferenceState, InferenceStatus
 
 __all__ = [
     "FederationJob",
     "InferenceJob",
     "ProcessJob",
+    "child_environment",
     "infer_command",
     "join_command",
-    "model_info",
     "python_executable",
     "segviz_command",
 ]
@@ -41,10 +42,12 @@ __all__ = [
 # PYTHONPATH so the CLI it runs is the same code as the panel (also when `segviz` is not pip-installed).
 _LAUNCHER = "import sys; from SegVizLogic.cli import main; sys.exit(main())"
 _STDERR_TAIL = 40
+_TREE_REFRESH_S = 1.0
 
 
 def python_executable() -> str:
-    """The Python to run the CLI with: Slicer's ``PythonSlicer`` launcher inside Slicer, else ours."""
+    """The Python to run the CLI with: Slicer's ``PythonSlicer`` launcher inside Slicer (on PATH
+    there, as ``slicer.util.pip_install`` finds it), else this interpreter."""
     inside_slicer = "slicer" in sys.modules and hasattr(sys.modules["slicer"], "app")
     if inside_slicer:
         launcher = shutil.which("PythonSlicer")
@@ -70,6 +73,7 @@ def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
         env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("PYTHONIOENCODING", "utf-8")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     if extra:
         env.update(extra)
     return env
@@ -86,9 +90,14 @@ def infer_command(
     output: str | Path,
     device: str = "auto",
     stats: str | Path | None = None,
+    series_uid: str | None = None,
     python: str | None = None,
 ) -> list[str]:
-    """argv of ``segviz infer ... --progress json --force``."""
+    """argv of ``segviz infer ... --progress json --force``.
+
+    Args:
+        series_uid: the DICOM series to read when ``input_path`` is a DICOM folder.
+    """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     argv = segviz_command(python) + [
@@ -105,6 +114,8 @@ def infer_command(
         "json",
         "--force",
     ]
+    if series_uid:
+        argv += ["--series", series_uid]
     if stats is not None:
         argv += ["--stats", str(stats)]
     return argv
@@ -115,74 +126,56 @@ def join_command(
     site_dir: str | Path,
     root_cert: str | Path | None = None,
     insecure: bool = False,
+    trust: str | Path | None = None,
+    auth_key: str | Path | None = None,
+    share_final_batchnorm: bool | None = None,
     once: bool = True,
     python: str | None = None,
 ) -> list[str]:
-    """argv of ``segviz federation join ... [--once] --progress json``.
+    """argv of ``segviz federation join`` as the panel starts it.
 
-    ``once`` (the panel's "Join round"): the SuperNode leaves by itself after one complete run,
-    once its last reply has been collected.
+    Args:
+        superlink: the coordinator's ``HOST:PORT``.
+        site_dir: the site folder.
+        root_cert: the federation's ``ca.crt`` (TLS); or ``insecure`` for a test federation.
+        trust: the federation's trusted-entities file (``federation-trust.yaml``), so this site
+            runs only the SegViz app the coordinator signed.
+        auth_key: this site's SuperNode authentication key (``node.key``).
+        share_final_batchnorm: the site's consent to send its BatchNorm once, with the final
+            reply (``--share-final-batchnorm``) or not (``--no-share-final-batchnorm``); None
+            leaves the flag out (the CLI's default).
+        once: leave by itself after one complete run (the panel's "Join round").
+        python: the interpreter (default :func:`python_executable`).
 
     Raises:
-        ValueError: neither a root certificate nor ``insecure``, or a malformed address.
+        ValueError: a malformed address, neither a certificate nor ``insecure``, or both.
     """
     superlink = superlink.strip()
     host, _, port = superlink.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"SuperLink address must be HOST:PORT, got {superlink!r}")
     argv = segviz_command(python) + ["federation", "join", "--superlink", superlink, "--site", str(site_dir)]
+    if root_cert and insecure:
+        raise ValueError("give either the federation's root certificate or 'insecure', not both")
     if root_cert:
         argv += ["--root-cert", str(root_cert)]
     elif insecure:
         argv += ["--insecure"]
     else:
-        raise ValueError("give the federation's root certificate, or tick 'insecure' for a test federation")
+        raise ValueError("give the federation's root certificate (ca.crt), or tick 'insecure' for a test federation")
+    if trust:
+        argv += ["--trust", str(trust)]
+    if auth_key:
+        argv += ["--auth-key", str(auth_key)]
+    if share_final_batchnorm is not None:
+        argv.append("--share-final-batchnorm" if share_final_batchnorm else "--no-share-final-batchnorm")
     if once:
         argv.append("--once")
     return argv + ["--progress", "json"]
 
 
-def model_info(model: str | Path, timeout: float = 60.0, python: str | None = None) -> dict[str, Any]:
-    """Bundle metadata from ``segviz model-info MODEL --json`` (organs, rounds, sites, created...).
-
-    Raises:
-        SegVizError: the file is missing, the CLI refuses it, or prints no JSON.
-    """
-    model = Path(model)
-    if not model.is_file():
-        raise SegVizError(f"{model}: no such model bundle")
-    try:
-        done = subprocess.run(
-            segviz_command(python) + ["model-info", str(model), "--json"],
-            capture_output=True,
-            check=False,
-            text=True,
-            timeout=timeout,
-            env=child_environment(),
-        )
-    except subprocess.TimeoutExpired:
-        raise SegVizError(f"{model}: reading the bundle took longer than {timeout:.0f} s") from None
-    if done.returncode != 0:
-        raise SegVizError(_exit_reason(done.stderr) or f"segviz model-info exited with code {done.returncode}")
-    try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise SegVizError(f"{model}: segviz model-info printed no JSON") from None
-
-
-def _exit_reason(stderr: str) -> str:
-    from .panel_state import _ERROR_LINE
-
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        match = _ERROR_LINE.match(line)
-        if match:
-            return match.group("message").strip()
-    return lines[-1] if lines else ""
-
-
 class ProcessJob:
-    """A child process in its own process group whose output is read without blocking.
+    """A child process whose output is read without blocking, stopped with its whole tree.
 
     Args:
         argv: the command.
@@ -211,6 +204,8 @@ class ProcessJob:
         self._lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self._readers: list[threading.Thread] = []
         self._kill_deadline: float | None = None
+        self._tree: dict[int, Any] = {}  # pid -> psutil.Process: every descendant seen while running
+        self._tree_seen_at = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -220,19 +215,19 @@ class ProcessJob:
     def running(self) -> bool:
         return self.process is not None and self.returncode is None
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for and the child has not exited yet."""
+        return self.running and self._kill_deadline is not None
+
     def start(self) -> None:
-        """Start the child (its own session/process group) and its two reader threads.
+        """Start the child (its own session / process group, no console window) and its readers.
 
         Raises:
             SegVizError: the program cannot be started.
         """
         if self.running:
             raise RuntimeError("job already running")
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True
         try:
             self.process = subprocess.Popen(
                 self.argv,
@@ -245,7 +240,7 @@ class ProcessJob:
                 encoding="utf-8",
                 errors="replace",
                 bufsize=1,
-                **kwargs,
+                **child_process_options(),
             )
         except OSError as exc:
             raise SegVizError(f"cannot start {self.argv[0]}: {exc.strerror or exc}") from None
@@ -261,6 +256,24 @@ class ProcessJob:
         except (ValueError, OSError):
             pass
 
+    def _follow_tree(self, force: bool = False) -> None:
+        """Remember every descendant of the running child (they outlive it when it is killed)."""
+        import psutil
+
+        if self.process is None or (not force and time.monotonic() - self._tree_seen_at < _TREE_REFRESH_S):
+            return
+        self._tree_seen_at = time.monotonic()
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                self._tree.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+
+    def descendants(self) -> list[int]:
+        """Process ids of the child's descendants that still run (as far as they were seen)."""
+        self._follow_tree(force=True)
+        return [pid for pid, proc in self._tree.items() if _alive(proc)]
+
     def poll(self) -> list[tuple[str, str]]:
         """Return the ``(stream, line)`` pairs read since the last call; notice the child's exit.
 
@@ -270,12 +283,14 @@ class ProcessJob:
             return []
         if self.returncode is None:
             code = self.process.poll()
-            if code is None and self._kill_deadline is not None and time.monotonic() > self._kill_deadline:
-                self._signal_group(signal.SIGKILL if os.name != "nt" else None)
-                self._kill_deadline = float("inf")  # sent; stays set so stop() does not start over
-            if code is not None:
-                # The child is gone: end whatever it left behind in its group, then drain its pipes.
-                self._signal_group(signal.SIGKILL if os.name != "nt" else None)
+            if code is None:
+                self._follow_tree()
+                if self._kill_deadline is not None and time.monotonic() > self._kill_deadline:
+                    self._kill_tree()
+                    self._kill_deadline = float("inf")  # done; stays set so stop() does not start over
+            else:
+                # The child is gone: whatever it left behind (an orphaned SuperNode) goes too.
+                self._end_survivors()
                 for reader in self._readers:
                     reader.join(timeout=2.0)
                 self.returncode = code
@@ -291,36 +306,82 @@ class ProcessJob:
             lines.append(item)
         return lines
 
-    def _signal_group(self, sig) -> None:
-        if self.process is None:
-            return
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], capture_output=True, check=False)
-            return
+    def _ask_to_stop(self) -> bool:
+        """Send the graceful stop signal to the child alone; False when it cannot be delivered."""
         try:
-            os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+            self.process.send_signal(graceful_stop_signal())  # type: ignore[union-attr]
+            return True
+        except (OSError, ValueError):
+            # Windows: CTRL_BREAK_EVENT needs a console shared with the child, which a GUI Slicer
+            # may not have; then only the forceful fallback is left.
+            return False
+
+    def _kill_tree(self) -> None:
+        """Kill the child and every descendant seen (TerminateProcess on Windows, SIGKILL on POSIX)."""
+        import psutil
+
+        self._follow_tree(force=True)
+        for proc in [*self._tree.values()]:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if self.process is not None and self.process.poll() is None:
+            try:
+                self.process.kill()
+            except OSError:
+                pass
+
+    def _end_survivors(self, grace: float = 1.0) -> None:
+        import psutil
+
+        survivors = [proc for proc in self._tree.values() if _alive(proc)]
+        if not survivors:
+            return
+        for proc in survivors:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(survivors, timeout=grace)
+        for proc in still:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(still, timeout=grace)
 
     def stop(self, timeout: float = 10.0, wait: bool = False) -> None:
-        """End the whole process group: SIGTERM now, SIGKILL after ``timeout`` seconds.
+        """End the child and its tree: the graceful signal now, a kill after ``timeout`` seconds.
 
         Args:
-            timeout: grace period before SIGKILL (enforced by ``poll``, or here when ``wait``).
-            wait: block until the child has exited (for cleanup and tests; not from the GUI).
+            timeout: grace period before the kill (enforced by ``poll``, or here when ``wait``).
+            wait: block until the child has exited (application exit, tests; not from a GUI timer).
         """
         if not self.running:
             return
-        if self._kill_deadline is None:  # a repeated stop must not push the SIGKILL deadline back
-            self._signal_group(signal.SIGTERM if os.name != "nt" else None)
-            self._kill_deadline = time.monotonic() + timeout
+        if self._kill_deadline is None:  # a repeated stop must not push the deadline back
+            self._follow_tree(force=True)
+            delivered = self._ask_to_stop()
+            self._kill_deadline = time.monotonic() + (timeout if delivered else 0.0)
         if wait:
+            remaining = max(0.0, self._kill_deadline - time.monotonic())
             try:
-                self.process.wait(timeout=timeout)  # type: ignore[union-attr]
+                self.process.wait(timeout=remaining)  # type: ignore[union-attr]
             except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL if os.name != "nt" else None)
+                self._kill_tree()
                 self.process.wait(timeout=5.0)  # type: ignore[union-attr]
             self.poll()
+
+
+def _alive(proc) -> bool:
+    """A psutil process that still runs (not a zombie waiting for its parent)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class _StatusJob:

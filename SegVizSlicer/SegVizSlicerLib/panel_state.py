@@ -22,6 +22,7 @@ Terminal states accept a new start. Pure Python: no Qt, no subprocess; ``job.py`
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -89,9 +90,19 @@ class FederationStatus:
     message: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
     run_finished: bool = False
+    round_started_at: float | None = None
+    """``time.monotonic()`` when the current round started (its local training)."""
+    last_round_seconds: float | None = None
+    """How long the last finished round took, from its start here to the coordinator's result."""
     log: list[str] = field(default_factory=list)
     log_total: int = 0
     _leaving: bool = False
+
+    def round_seconds(self, now: float | None = None) -> float | None:
+        """Seconds the current round has taken so far (None between rounds)."""
+        if self.round_started_at is None:
+            return None
+        return max(0.0, (time.monotonic() if now is None else now) - self.round_started_at)
 
     @property
     def active(self) -> bool:
@@ -137,10 +148,16 @@ class FederationStatus:
             self.message = message
             self.add_log(f"error: {message}")
 
-    def apply_event(self, event: dict[str, Any]) -> None:
-        """Move the state with one progress event (see ``SegVizLogic.progress``)."""
+    def apply_event(self, event: dict[str, Any], now: float | None = None) -> None:
+        """Move the state with one progress event (see ``SegVizLogic.progress``).
+
+        Args:
+            event: the event.
+            now: ``time.monotonic()`` when it arrived (for the round timer).
+        """
         if not self.active:
             return
+        now = time.monotonic() if now is None else now
         kind = event.get("event")
         if kind == "connected":
             self.connected = True
@@ -155,6 +172,7 @@ class FederationStatus:
             self.round = int(event.get("round", self.round + 1))
             self.rounds = int(event.get("rounds", self.rounds) or 0)
             self.epoch = 0
+            self.round_started_at = now
             self.message = f"Round {self.round} of {self.rounds or '?'}: training locally"
         elif kind == "epoch":
             self.state = FederationState.TRAINING
@@ -171,6 +189,9 @@ class FederationStatus:
             dice = _dice_of(event.get("metrics") or {})
             if dice:
                 self.global_dice = dice
+            if self.round_started_at is not None:
+                self.last_round_seconds = now - self.round_started_at
+                self.round_started_at = None
             self.message = f"Round {self.round} of {self.rounds or '?'} finished"
         elif kind in ("run_finished", "done"):
             self.state = FederationState.TRAINING

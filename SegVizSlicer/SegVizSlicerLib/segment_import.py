@@ -1,15 +1,8 @@
-"""Import a SegViz label map as segments with organ names, colours and SNOMED terminology.
+"""Import a SegViz label map as segments with organ names, colours and SNOMED CT terminology.
 
-Label values and codes come from ``SegVizLogic.organs`` (the single source of truth). A segment's
-terminology is the string Slicer's Terminologies module serialises
-(``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``)::
-
-    context~category~type~typeModifier~regionContext~region~regionModifier
-
-where each coded triple is ``scheme^value^meaning``, e.g. for the liver::
-
-    Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~
-    SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^
+Label values come from ``SegVizLogic.organs`` (the single source of truth); each segment's name,
+colour and terminology entry come from SegViz's terminology file loaded through Slicer's
+Terminologies logic (:mod:`.terminology`).
 """
 
 from __future__ import annotations
@@ -20,88 +13,30 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SegVizLogic.organs import ANATOMICAL_STRUCTURE, KIDNEY_SIDE_MODIFIERS, ORGANS, Organ, organ_by_label
+from SegVizLogic.organs import ORGANS, Organ, organ_by_label
 
+from .compatibility import set_segment_terminology
+from .terminology import SegVizTerminology
 from .volume_nodes import volume_node_from_image
 
 __all__ = [
-    "ANATOMIC_CONTEXT",
-    "TERMINOLOGY_CONTEXT",
     "SegmentSpec",
     "body_midline_ras_x",
     "ensure_conversion_rules",
     "import_label_map",
-    "organ_of_terminology",
     "organ_volume_table",
-    "segment_terminology",
     "segment_voxel_counts",
     "show_in_3d",
     "split_kidney_by_side",
-    "terminology_entry",
 ]
-
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
 @dataclass(frozen=True)
 class SegmentSpec:
-    """One segment to create: the organ, an optional side (kidney split) and its name."""
+    """One segment to create: the organ and an optional side (kidney split)."""
 
     organ: Organ
     side: str | None = None
-
-    @property
-    def name(self) -> str:
-        """Segment name: the organ name, or ``"left kidney"`` / ``"right kidney"``."""
-        return self.organ.name if self.side is None else f"{self.side} {self.organ.name}"
-
-
-def terminology_entry(organ: Organ, side: str | None = None) -> str:
-    """Return the serialised Slicer terminology entry of ``organ`` (with a laterality modifier).
-
-    Args:
-        organ: the organ from ``SegVizLogic.organs``.
-        side: ``"left"``, ``"right"`` or ``None``.
-
-    Raises:
-        ValueError: ``side`` is not left/right/None.
-    """
-    if side is not None and side not in KIDNEY_SIDE_MODIFIERS:
-        raise ValueError(f"side must be 'left', 'right' or None, got {side!r}")
-    modifier = "^^" if side is None else "^".join(KIDNEY_SIDE_MODIFIERS[side])
-    return "~".join(
-        [
-            TERMINOLOGY_CONTEXT,
-            "^".join(ANATOMICAL_STRUCTURE),
-            f"SCT^{organ.snomed_code}^{organ.snomed_meaning}",
-            modifier,
-            ANATOMIC_CONTEXT,
-            "^^",
-            "^^",
-        ]
-    )
-
-
-def organ_of_terminology(entry: str) -> tuple[Organ | None, str | None]:
-    """Return ``(organ, side)`` coded by a serialised terminology entry, or ``(None, None)``.
-
-    Only the type code (and its laterality modifier) counts, so entries from any context
-    (3D Slicer General Anatomy, TotalSegmentator's own list) match.
-    """
-    parts = (entry or "").split("~")
-    if len(parts) < 3:
-        return None, None
-    type_code = parts[2].split("^")
-    if len(type_code) < 2:
-        return None, None
-    organ = next((o for o in ORGANS if o.snomed_code == type_code[1]), None)
-    side = None
-    if organ is not None and len(parts) > 3:
-        modifier = parts[3].split("^")
-        if len(modifier) > 1:
-            side = next((s for s, code in KIDNEY_SIDE_MODIFIERS.items() if code[1] == modifier[1]), None)
-    return organ, side
 
 
 def split_kidney_by_side(kidney: sitk.Image, midline_ras_x: float | None = None) -> dict[str, np.ndarray]:
@@ -177,12 +112,13 @@ def import_label_map(
     reference_volume_node=None,
     split_kidney: bool = False,
     midline_ras_x: float | None = None,
+    terminology: SegVizTerminology | None = None,
 ):
     """Load a SegViz label map (1 liver, 2 spleen, 3 pancreas, 4 kidney) as a segmentation node.
 
-    One segment per organ present, named, coloured and terminology-tagged from
-    ``SegVizLogic.organs``. With ``split_kidney`` the kidney becomes "left kidney" and
-    "right kidney" segments (laterality modifiers SCT 7771000 / 24028007).
+    One segment per organ present, named, coloured and coded by the SegViz terminology. With
+    ``split_kidney`` the kidney becomes "left kidney" and "right kidney" segments (laterality
+    modifiers SCT 7771000 / 24028007).
 
     Args:
         scene: vtkMRMLScene.
@@ -193,6 +129,7 @@ def import_label_map(
             kidney split) the body midline.
         split_kidney: split the kidney by side.
         midline_ras_x: override the midline used for the kidney split.
+        terminology: the loaded terminology (default: loaded once through Slicer's logic).
 
     Returns:
         the vtkMRMLSegmentationNode.
@@ -203,6 +140,7 @@ def import_label_map(
     import slicer
 
     ensure_conversion_rules()  # a segmentation copies the factory's rules when it is created
+    terminology = terminology or SegVizTerminology()
     labels = sitk.ReadImage(str(label_map)) if isinstance(label_map, (str, Path)) else label_map
     labels = sitk.Cast(labels, sitk.sitkUInt8)
     array = sitk.GetArrayFromImage(labels)
@@ -261,26 +199,11 @@ def import_label_map(
         segment = by_value.get(index)
         if segment is None:
             continue
-        segment.SetName(spec.name)
-        segment.SetColor(*spec.organ.colour_float)
-        _set_terminology(segment, terminology_entry(spec.organ, spec.side))
+        coded = terminology.organ(spec.organ.name, spec.side)
+        segment.SetName(coded.name)
+        segment.SetColor(*coded.colour)
+        set_segment_terminology(segment, coded.entry)
     return segmentation_node
-
-
-def _set_terminology(segment, entry: str) -> None:
-    # Slicer >= 5.7 has SetTerminology; older releases only the "TerminologyEntry" tag. Same string.
-    if hasattr(segment, "SetTerminology"):
-        segment.SetTerminology(entry)
-    else:
-        segment.SetTag("TerminologyEntry", entry)
-
-
-def segment_terminology(segment) -> str:
-    """Return a segment's serialised terminology entry ("" if none)."""
-    if hasattr(segment, "GetTerminology"):
-        return segment.GetTerminology() or ""
-    value = segment.GetTag("TerminologyEntry") if hasattr(segment, "GetTag") else ""
-    return value if isinstance(value, str) else ""
 
 
 def segment_voxel_counts(segmentation_node) -> dict[str, tuple[int, float]]:

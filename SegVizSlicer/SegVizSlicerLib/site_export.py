@@ -1,19 +1,23 @@
-"""Export the site's cases (volume + segmentation nodes) to a SegViz site folder.
+"""This site's training cases: MRML volume + segmentation nodes <-> the SegViz site folder.
 
-The folder is what ``segviz federation join --site DIR`` reads::
+The folder is what ``segviz federation join --site DIR`` reads, and it outlives Slicer sessions::
 
-    site.json               {"name": ..., "organs": [...], "labels": {"1": "liver", ...}}
-    images/<case>.nii.gz    the CT, voxel for voxel and in the volume node's geometry
-    labels/<case>.nii.gz    SegViz label values (1 liver, 2 spleen, 3 pancreas, 4 kidney)
+    site.json                   {"name": ..., "organs": [the ticked organs], "labels": {"1": "liver", ...}}
+    images/<case>.nii.gz        the CT, voxel for voxel and in the volume node's geometry
+    labels/<case>.nii.gz        SegViz label values (1 liver, 2 spleen, 3 pancreas, 4 kidney)
+    .segviz/slicer-cases.json   which organs were declared when the panel saved each case
 
-Segments are matched to organs by terminology (SNOMED type code) first, then by name
-("Liver", "kidney_left", "Right kidney", ...).
+The organ ticks are the site's declaration: a case is saved with the ticked organs only, and a
+ticked organ without a segment (or with an empty one) in a case is saved as absent, which is an
+annotation too. Segments are matched to organs by terminology (SNOMED CT type code) first, then by
+name ("Liver", "kidney_left", "Right kidney", ...).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,27 +27,39 @@ import SimpleITK as sitk
 from SegVizLogic.errors import SegVizInputError
 from SegVizLogic.organs import ORGAN_NAMES, organ_by_name, parse_organ_list
 
-from .segment_import import organ_of_terminology, segment_terminology
+from .compatibility import segment_terminology
+from .terminology import organ_of_terminology
 from .volume_nodes import array_from_volume_node, ijk_to_ras_array, image_from_volume_node
 
 __all__ = [
+    "CASE_RECORD",
     "Case",
-    "annotated_organs",
+    "SiteCase",
     "case_label_array",
     "cases_from_scene",
-    "export_site",
+    "declaration_problems",
     "match_segments",
     "organ_of_segment_name",
+    "read_declaration",
+    "remove_case",
+    "replace_question",
     "safe_file_stem",
+    "site_cases",
+    "write_case",
+    "write_declaration",
 ]
+
+CASE_RECORD = Path(".segviz") / "slicer-cases.json"
+"""Per case, the organs declared when the panel saved it (so a later tick can be checked)."""
 
 _SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt"}
 _IGNORED_WORDS = {"segment", "total", "whole", "organ"}
+_SUFFIX = ".nii.gz"
 
 
 @dataclass
 class Case:
-    """One annotated case: a CT volume node and the segmentation node drawn on it.
+    """One annotated case in the scene: a CT volume node and the segmentation node drawn on it.
 
     Args:
         volume_node: vtkMRMLScalarVolumeNode (the CT).
@@ -61,6 +77,17 @@ class Case:
             self.name = safe_file_stem(self.volume_node.GetName())
         if not self.segment_organs:
             self.segment_organs = match_segments(self.segmentation_node)
+
+
+@dataclass(frozen=True)
+class SiteCase:
+    """A case saved in the site folder."""
+
+    name: str
+    present: tuple[str, ...]
+    """Organs with at least one voxel in its label map (as recorded when saved)."""
+    declared: tuple[str, ...] | None
+    """Organs declared when the panel saved it; None for a case saved by another tool."""
 
 
 def safe_file_stem(name: str) -> str:
@@ -95,12 +122,6 @@ def match_segments(segmentation_node) -> dict[str, str]:
     return matches
 
 
-def annotated_organs(cases: list[Case]) -> tuple[str, ...]:
-    """Organs that have a matched segment in at least one case, in schema order."""
-    found = {organ for case in cases for organ in case.segment_organs.values()}
-    return tuple(n for n in ORGAN_NAMES if n in found)
-
-
 def cases_from_scene(scene) -> list[Case]:
     """Pair every segmentation node in ``scene`` with its CT: the segmentation's reference
     geometry volume, else the only scalar volume in the scene. Unpaired segmentations are skipped."""
@@ -122,6 +143,8 @@ def cases_from_scene(scene) -> list[Case]:
 
 def case_label_array(case: Case, organs: tuple[str, ...]) -> np.ndarray:
     """SegViz label map of one case as (k, j, i) uint8, in the volume node's exact grid.
+
+    Organs in ``organs`` without a segment in the case stay 0 (absent).
 
     Raises:
         SegVizInputError: Slicer cannot resample a segment into the volume's geometry.
@@ -159,66 +182,128 @@ def case_label_array(case: Case, organs: tuple[str, ...]) -> np.ndarray:
     return labels
 
 
-def export_site(
-    cases: list[Case], site_dir: str | Path, site_name: str, organs: tuple[str, ...] | list[str] | None = None
-) -> Path:
-    """Write the cases to a SegViz site folder and return the path of its ``site.json``.
+def _read_record(site_dir: Path) -> dict[str, dict]:
+    path = site_dir / CASE_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise SegVizInputError(path, f"is damaged ({error}); delete it to start the record afresh") from None
+    return record if isinstance(record, dict) else {}
+
+
+def _write_record(site_dir: Path, record: dict[str, dict]) -> None:
+    path = site_dir / CASE_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def write_case(case: Case, site_dir: str | Path, organs, replace: bool = False) -> SiteCase:
+    """Save one case (CT and SegViz label map) into the site folder.
+
+    The label map holds the declared ``organs`` only; a declared organ the case has no segment
+    for is saved as absent. Both files are written beside their destination and moved into place
+    together, so a failure leaves the folder as it was.
 
     Args:
-        cases: the annotated cases.
-        site_dir: the site folder (created; existing case files of the same names are replaced).
-        site_name: the site's name in the federation.
-        organs: the organs this site annotated (the checked boxes); by default every organ that
-            has a matched segment in some case.
+        case: the scene case.
+        site_dir: the site folder (created).
+        organs: the declared organs (the ticks).
+        replace: overwrite a case of the same name.
 
     Raises:
-        SegVizInputError: no case, no annotated organ, a case's volume under a transform.
+        SegVizInputError: no organ declared, a case of that name exists (without ``replace``),
+            the volume is under a transform, or its segments do not fit the volume's grid.
     """
-    if not cases:
-        raise SegVizInputError(None, "no case to export: add at least one volume with its segmentation")
-    organs = annotated_organs(cases) if organs is None else tuple(organs)
-    if not organs:
-        raise SegVizInputError(
-            None,
-            "no annotated organ: tick the organs this site annotated "
-            f"(segments named or coded as {', '.join(ORGAN_NAMES)})",
-        )
-    organs = parse_organ_list(list(organs))
+    organs = _declared(organs)
+    site_dir = Path(site_dir)
+    image_path = site_dir / "images" / f"{case.name}{_SUFFIX}"
+    label_path = site_dir / "labels" / f"{case.name}{_SUFFIX}"
+    if not replace and (image_path.exists() or label_path.exists()):
+        raise SegVizInputError(image_path, f"case {case.name!r} is already in the site folder")
+    if case.volume_node.GetParentTransformNode() is not None:
+        raise SegVizInputError(case.name, "the volume is under a transform: harden it first (Data module)")
+    image = image_from_volume_node(case.volume_node)
+    array = case_label_array(case, organs)
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(image)
+    present = tuple(n for n in organs if np.any(array == organ_by_name(n).label))
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=site_dir, prefix=".writing-") as staging:
+        staged_image, staged_label = Path(staging) / "image.nii.gz", Path(staging) / "label.nii.gz"
+        sitk.WriteImage(image, str(staged_image), useCompression=True)
+        sitk.WriteImage(labels, str(staged_label), useCompression=True)
+        staged_image.replace(image_path)
+        staged_label.replace(label_path)
+    record = _read_record(site_dir)
+    record[case.name] = {"declared": list(organs), "present": list(present)}
+    _write_record(site_dir, record)
+    return SiteCase(case.name, present, organs)
+
+
+def replace_question(site_dir: str | Path | None, name: str) -> str | None:
+    """The question to ask before a case of the same name in the site folder is overwritten, or
+    None when there is none (nothing is overwritten without asking)."""
+    if site_dir is None:
+        return None
+    site_dir = Path(site_dir)
+    if (site_dir / "images" / f"{name}{_SUFFIX}").exists() or (site_dir / "labels" / f"{name}{_SUFFIX}").exists():
+        return f"Case {name} is already in the site folder {site_dir}. Replace it?"
+    return None
+
+
+def site_cases(site_dir: str | Path) -> list[SiteCase]:
+    """The cases in the site folder (an image with its label map), by name."""
+    site_dir = Path(site_dir)
+    record = _read_record(site_dir) if site_dir.is_dir() else {}
+    cases = []
+    for image in sorted((site_dir / "images").glob(f"*{_SUFFIX}")) if (site_dir / "images").is_dir() else []:
+        name = image.name[: -len(_SUFFIX)]
+        if not (site_dir / "labels" / image.name).is_file():
+            continue
+        saved = record.get(name, {})
+        declared = saved.get("declared")
+        cases.append(SiteCase(name, tuple(saved.get("present", ())), tuple(declared) if declared is not None else None))
+    return cases
+
+
+def remove_case(site_dir: str | Path, name: str) -> None:
+    """Delete a case (image, label map, record) from the site folder."""
+    site_dir = Path(site_dir)
+    for sub in ("images", "labels"):
+        (site_dir / sub / f"{name}{_SUFFIX}").unlink(missing_ok=True)
+    record = _read_record(site_dir)
+    if record.pop(name, None) is not None:
+        _write_record(site_dir, record)
+
+
+def read_declaration(site_dir: str | Path) -> tuple[str, tuple[str, ...]] | None:
+    """``(site name, declared organs)`` from the folder's ``site.json``, None when it has none."""
+    path = Path(site_dir) / "site.json"
+    try:
+        description = json.loads(path.read_text())
+        return str(description["name"]), parse_organ_list(list(description["organs"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SegVizInputError(path, f"is not a readable site description ({error})") from None
+
+
+def write_declaration(site_dir: str | Path, site_name: str, organs) -> Path:
+    """Write ``site.json`` for the declared organs; returns its path.
+
+    Raises:
+        SegVizInputError: no site name or no organ.
+    """
+    organs = _declared(organs)
     if not site_name.strip():
         raise SegVizInputError(None, "the site needs a name")
-    # A ticked organ is taught as "annotated here": a case without that organ's segment would
-    # teach the model it is background. An empty segment is fine (the organ is truly absent).
-    for case in cases:
-        missing = [o for o in organs if o not in case.segment_organs.values()]
-        if missing:
-            raise SegVizInputError(
-                case.name,
-                f"has no {' or '.join(missing)} segment, but the site is marked as "
-                f"annotating it: add the segment (even empty) or untick {', '.join(missing)}",
-            )
-    names = [case.name for case in cases]
-    if len(set(names)) != len(names):
-        raise SegVizInputError(None, f"two cases share a name: {sorted(n for n in names if names.count(n) > 1)}")
-
-    site_dir = Path(site_dir)
-    (site_dir / "images").mkdir(parents=True, exist_ok=True)
-    (site_dir / "labels").mkdir(parents=True, exist_ok=True)
-    # A case removed from the panel must not train on: drop exported cases not in this export.
-    # (.segviz/, the site's own BatchNorm state, is kept across exports.)
-    for sub in ("images", "labels"):
-        for old in (site_dir / sub).glob("*.nii.gz"):
-            if old.name[: -len(".nii.gz")] not in names:
-                old.unlink()
-    for case in cases:
-        if case.volume_node.GetParentTransformNode() is not None:
-            raise SegVizInputError(case.name, "the volume is under a transform: harden it before joining")
-        image = image_from_volume_node(case.volume_node)
-        labels = sitk.GetImageFromArray(case_label_array(case, organs))
-        labels.CopyInformation(image)
-        sitk.WriteImage(image, str(site_dir / "images" / f"{case.name}.nii.gz"), useCompression=True)
-        sitk.WriteImage(labels, str(site_dir / "labels" / f"{case.name}.nii.gz"), useCompression=True)
-
-    site_json = site_dir / "site.json"
+    site_json = Path(site_dir) / "site.json"
+    site_json.parent.mkdir(parents=True, exist_ok=True)
     description = {
         "name": site_name.strip(),
         "organs": list(organs),
@@ -226,3 +311,46 @@ def export_site(
     }
     site_json.write_text(json.dumps(description, indent=2) + "\n")
     return site_json
+
+
+def declaration_problems(site_dir: str | Path, organs) -> list[str]:
+    """What stops the site from training with the declared ``organs``, one line each.
+
+    A case the panel saved while an organ now ticked was not declared holds no annotation of it,
+    yet training would read it as "absent here"; and an organ no case contains cannot be learnt.
+    """
+    try:
+        organs = _declared(organs)
+    except SegVizInputError as error:
+        return [error.problem]
+    cases = site_cases(site_dir)
+    if not cases:
+        return ["the site folder has no case yet: add annotated cases first"]
+    problems = []
+    for case in cases:
+        if case.declared is None:
+            continue
+        missing = [o for o in organs if o not in case.declared]
+        if missing:
+            problems.append(
+                f"case {case.name} was saved before {', '.join(missing)} was ticked: add it again "
+                f"with {', '.join(missing)} annotated, or remove it"
+            )
+    recorded = [c for c in cases if c.declared is not None]
+    if recorded and len(recorded) == len(cases):
+        for organ in organs:
+            if not any(organ in c.present for c in cases):
+                problems.append(f"{organ} is ticked but no case in the site folder contains it")
+    return problems
+
+
+def _declared(organs) -> tuple[str, ...]:
+    organs = tuple(organs or ())
+    if not organs:
+        raise SegVizInputError(
+            None, f"no annotated organ: tick the organs this site annotated ({', '.join(ORGAN_NAMES)})"
+        )
+    try:
+        return parse_organ_list(list(organs))
+    except ValueError as error:
+        raise SegVizInputError(None, str(error)) from None

@@ -1,5 +1,6 @@
 """Child-process control with real processes: JSON-lines progress moves the panel's state, Leave
-ends the whole process group, a crash ends in failed with its message, and the real `segviz` CLI."""
+ends the whole process tree (a SuperNode in a session of its own included), a crash ends in
+failed with its message, and the real `segviz` CLI."""
 
 from __future__ import annotations
 
@@ -20,12 +21,9 @@ from SegVizSlicerLib.job import (
     child_environment,
     infer_command,
     join_command,
-    model_info,
     segviz_command,
 )
 from SegVizSlicerLib.panel_state import FederationState, InferenceState
-
-from SegVizLogic.errors import SegVizError
 
 
 def _python(code: str) -> list[str]:
@@ -56,67 +54,75 @@ def _gone(pid: int) -> bool:
         return True
 
 
-FAKE_SUPERNODE = """
-    import json, subprocess, sys, time
+# The real layout: `segviz federation join` starts `flower-supernode` in a session of its own
+# (FlowerProcess: start_new_session=True), which starts the ClientApp in turn. BEHAVIOUR says what
+# the fake join does with SIGTERM: leave cleanly, die on the spot (orphaning its SuperNode), or
+# ignore it.
+FAKE_SUPERNODE = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"
+FAKE_JOIN = """
+    import json, signal, subprocess, sys, time
+    BEHAVIOUR = {behaviour!r}
     def emit(**e):
         print(json.dumps(e), flush=True)
-    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    supernode = subprocess.Popen([sys.executable, "-c", {supernode!r}], start_new_session=True)
+    def leave(signum, frame):
+        supernode.terminate()
+        supernode.wait()
+        emit(event="stage", stage="leave", message="left the federation")
+        sys.exit(0)
+    if BEHAVIOUR == "clean":
+        signal.signal(signal.SIGTERM, leave)
+    elif BEHAVIOUR == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print("a stray library line that is not JSON", flush=True)
     emit(event="connected", superlink="127.0.0.1:9092")
     emit(event="waiting", message="waiting for the next round")
     emit(event="round_started", round=1, rounds=3)
     emit(event="epoch", epoch=1, epochs=2, loss=0.5)
-    emit(event="grandchild", pid=grandchild.pid)
+    emit(event="supernode", pid=supernode.pid)
     time.sleep(600)
 """
 
 
-@pytest.mark.skipif(os.name == "nt", reason="process groups via POSIX sessions")
-def test_progress_moves_state_and_leave_ends_the_process_group():
-    job = FederationJob(_python(FAKE_SUPERNODE), superlink="127.0.0.1:9092", connect_timeout=None)
+def _wait_gone(pids, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
+        time.sleep(0.05)
+    return [pid for pid in pids if not _gone(pid)]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX sessions and signals")
+@pytest.mark.parametrize("behaviour", ["clean", "dies", "ignore"])
+def test_leave_ends_the_whole_tree_with_the_supernode_in_its_own_session(behaviour):
+    code = textwrap.dedent(FAKE_JOIN).format(behaviour=behaviour, supernode=FAKE_SUPERNODE)
+    job = FederationJob([sys.executable, "-c", code], superlink="127.0.0.1:9092", connect_timeout=None)
     job.start()
-    grandchild = {}
+    seen = {}
 
-    def seen_grandchild(status):
+    def seen_supernode(status):
         for line in status.log:
-            if line.startswith("grandchild"):
-                grandchild["pid"] = int(line.split("pid=")[1])
-        return "pid" in grandchild
+            if line.startswith("supernode"):
+                seen["pid"] = int(line.split("pid=")[1])
+        return "pid" in seen and len(job.process.descendants()) == 2
 
-    status = _poll_until(job, seen_grandchild)
+    status = _poll_until(job, seen_supernode)
     assert status.state == FederationState.TRAINING
     assert status.connected and (status.round, status.rounds, status.epoch, status.loss) == (1, 3, 1, 0.5)
     assert any("stray library line" in line for line in status.log)
-    assert os.getpgid(job.process.pid) == job.process.pid  # its own process group
-    assert os.getpgid(grandchild["pid"]) == job.process.pid
-    assert not _gone(grandchild["pid"])
+    supernode = seen["pid"]
+    assert os.getsid(supernode) == supernode != os.getsid(job.process.pid), "the SuperNode leads its own session"
+    tree = job.process.descendants()
+    assert supernode in tree and len(tree) == 2  # the SuperNode and its ClientApp
 
-    job.leave(timeout=5.0)
-    status = _poll_until(job, lambda s: not s.active, timeout=15)
-    assert status.state == FederationState.LEFT
-    assert _gone(job.process.pid)
-    deadline = time.monotonic() + 5
-    while not _gone(grandchild["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(grandchild["pid"]), "Leave must end the grandchild too"
-
-
-@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
-def test_leave_kills_a_child_that_ignores_sigterm():
-    code = """
-        import json, signal, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(json.dumps({"event": "connected", "superlink": "h:1"}), flush=True)
-        time.sleep(600)
-    """
-    job = FederationJob(_python(code), superlink="h:1", connect_timeout=None)
-    job.start()
-    _poll_until(job, lambda s: s.connected)
     started = time.monotonic()
-    job.leave(timeout=0.5)
-    status = _poll_until(job, lambda s: not s.active, timeout=15)
+    job.leave(timeout=3.0)
+    status = _poll_until(job, lambda s: not s.active, timeout=30)
     assert status.state == FederationState.LEFT
-    assert job.process.returncode == -9 and time.monotonic() - started < 10
+    assert _wait_gone([job.process.pid, *tree]) == [], "Leave must end join, its SuperNode and the ClientApp"
+    if behaviour == "clean":
+        assert job.process.returncode == 0 and time.monotonic() - started < 3.0, "a clean leave needs no kill"
+    if behaviour == "ignore":
+        assert job.process.returncode == -9, "the fallback kills what ignores the polite signal"
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
@@ -265,26 +271,45 @@ def test_commands_are_what_the_cli_contract_says(tmp_path):
         "--stats",
         "s.json",
     ]
-    argv = join_command("host:9092", tmp_path, root_cert="ca.pem", python="py")
+    dicom = infer_command("m.segviz", tmp_path, "o.nii.gz", series_uid="1.2.840.1", python="py")
+    assert dicom[dicom.index("--series") + 1] == "1.2.840.1" and dicom[dicom.index("--input") + 1] == str(tmp_path)
+    argv = join_command(
+        "host:9093",
+        tmp_path,
+        root_cert="ca.crt",
+        trust="federation-trust.yaml",
+        auth_key="node.key",
+        share_final_batchnorm=False,
+        python="py",
+    )
     assert argv[3:] == [
         "federation",
         "join",
         "--superlink",
-        "host:9092",
+        "host:9093",
         "--site",
         str(tmp_path),
         "--root-cert",
-        "ca.pem",
+        "ca.crt",
+        "--trust",
+        "federation-trust.yaml",
+        "--auth-key",
+        "node.key",
+        "--no-share-final-batchnorm",
         "--once",
         "--progress",
         "json",
     ]
-    assert "--once" not in join_command("host:9092", tmp_path, insecure=True, once=False)
-    assert "--insecure" in join_command("host:9092", tmp_path, insecure=True)
+    assert "--share-final-batchnorm" in join_command("h:1", tmp_path, insecure=True, share_final_batchnorm=True)
+    plain = join_command("h:1", tmp_path, insecure=True, once=False)
+    assert "--once" not in plain and not any("batchnorm" in a for a in plain) and "--insecure" in plain
     with pytest.raises(ValueError, match="root certificate"):
-        join_command("host:9092", tmp_path)
-    with pytest.raises(ValueError, match="HOST:PORT"):
-        join_command("host", tmp_path, insecure=True)
+        join_command("host:9093", tmp_path)
+    with pytest.raises(ValueError, match="not both"):
+        join_command("host:9093", tmp_path, root_cert="ca.crt", insecure=True)
+    for bad in ("host", "host:", "host:99999", ":9093"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            join_command(bad, tmp_path, insecure=True)
     with pytest.raises(ValueError, match="device"):
         infer_command("m", "i", "o", "gpu")
 
@@ -327,18 +352,6 @@ def test_real_cli_infer_with_a_damaged_bundle_fails_with_its_message(tmp_path):
     status = _poll_until(job, lambda s: not s.active, timeout=120)
     assert status.state == InferenceState.FAILED
     assert "damaged.segviz" in status.message or "bundle" in status.message.lower()
-
-
-def test_real_cli_model_info_refuses_a_damaged_bundle(tmp_path):
-    if not _cli_has("model-info"):
-        pytest.skip("segviz model-info is not available")
-    with pytest.raises(SegVizError, match="no such model bundle"):
-        model_info(tmp_path / "missing.segviz", python=sys.executable)
-    model = tmp_path / "damaged.segviz"
-    model.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SegVizError) as error:
-        model_info(model, python=sys.executable)
-    assert str(error.value)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="process groups via POSIX sessions")

@@ -1,7 +1,7 @@
 """A real federation on this machine, driven the way the panel drives it: two sites' cases are MRML
-nodes, "Join round" exports them and starts the real `segviz federation join`, a real SuperLink and
-`segviz federation run` coordinate one FedBN round, and the resulting bundle is applied to the
-real CT through the panel's apply path."""
+nodes saved into site folders, "Join round" (the FederationController) starts the real `segviz
+federation join` with the panel's options, a real SuperLink and `segviz federation run` coordinate
+one FedBN round, and the resulting bundle is applied to the real CT through the panel's Logic."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from slicer_core_guard import require_mrml
 
-slicer = pytest.importorskip("slicer")
+slicer = require_mrml()
 sitk = pytest.importorskip("SimpleITK")
 pytest.importorskip("flwr")
 
-from SegVizSlicerLib import workflows
-from SegVizSlicerLib.job import ProcessJob, child_environment, model_info, segviz_command
-from SegVizSlicerLib.panel_state import FederationState, InferenceState
+from SegVizSlicerLib.federation_controller import FederationController, JoinRequest
+from SegVizSlicerLib.job import ProcessJob, child_environment, segviz_command
+from SegVizSlicerLib.logic import SegVizSlicerLogic
+from SegVizSlicerLib.panel_state import FederationState
 from SegVizSlicerLib.segment_import import import_label_map
-from SegVizSlicerLib.site_export import Case
+from SegVizSlicerLib.site_export import Case, write_case
 from SegVizSlicerLib.volume_nodes import volume_node_from_image
 
 from SegVizLogic.organs import organ_by_name
@@ -97,14 +99,16 @@ def _load_site_into_scene(scene, site_dir: Path) -> tuple[list[Case], list[str]]
 
 
 def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path, totalseg_example):
-    if not _cli_has("federation", "join", option="--superlink") or not _cli_has("federation", "run", option="--rounds"):
-        pytest.skip("segviz federation join/run are not available")
+    if not _cli_has("federation", "join", option="--share-final-batchnorm") or not _cli_has(
+        "federation", "run", option="--rounds"
+    ):
+        pytest.skip("segviz federation join lacks the consent option --share-final-batchnorm the panel passes")
     from SegVizLogic.phantom import generate_phantom_sites
 
     generate_phantom_sites(tmp_path / "phantom", cases_per_site=2, external_cases=1)
     scene = slicer.vtkMRMLScene()
     port = _free_port()
-    superlink_address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{port}"
     jobs, processes = [], []
     try:
         superlink = ProcessJob(
@@ -113,7 +117,7 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
                 "federation",
                 "superlink",
                 "--address",
-                superlink_address,
+                address,
                 "--insecure",
                 "--state-dir",
                 str(tmp_path / "superlink"),
@@ -123,20 +127,17 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
         )
         superlink.start()
         processes.append(superlink)
+        controllers = []
         for site in SITES:
             cases, organs = _load_site_into_scene(scene, tmp_path / "phantom" / site)
-            jobs.append(
-                workflows.start_join(
-                    cases,
-                    organs,
-                    site,
-                    tmp_path / "work",
-                    superlink_address,
-                    insecure=True,
-                    connect_timeout=240,
-                    python=sys.executable,
-                )
-            )
+            site_dir = tmp_path / "work" / "sites" / site
+            for case in cases:
+                write_case(case, site_dir, organs)
+            controller = FederationController(python=sys.executable, connect_timeout=240)
+            request = JoinRequest(address, site_dir, site, tuple(organs), insecure=True, share_final_batchnorm=True)
+            assert controller.join_button(request).enabled
+            jobs.append(controller.join(request))
+            controllers.append(controller)
         # `federation run` does not wait for the SuperLink to listen; the sites' "connected" says it does.
         deadline = time.monotonic() + 240
         while not all(job.poll().connected for job in jobs) and time.monotonic() < deadline:
@@ -149,7 +150,7 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
                 "federation",
                 "run",
                 "--superlink",
-                superlink_address,
+                address,
                 "--insecure",
                 "--out",
                 str(tmp_path / "run"),
@@ -193,18 +194,12 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
 
     model = tmp_path / "run" / "model.segviz"
     assert model.is_file(), sorted(p.name for p in (tmp_path / "run").iterdir())
-    info = model_info(model, python=sys.executable)
-    assert set(SITES) <= set(info["sites"]) and info["rounds"] == 1
+    logic = SegVizSlicerLogic(scene=scene, temp_root=tmp_path / "temp", python=sys.executable)
+    summary = logic.describeModel(model)
+    assert summary.usable and "site-liver" in summary.text and "1 federated rounds" in summary.text
 
     ct_path, _ = totalseg_example
     volume = volume_node_from_image(scene, sitk.ReadImage(str(ct_path)), "example_ct")
-    job = workflows.start_inference(volume, model, tmp_path / "work", device="cpu", python=sys.executable)
-    deadline = time.monotonic() + 900
-    while job.output_ready is None and time.monotonic() < deadline:
-        job.poll()
-        time.sleep(0.2)
-    job.poll()
-    assert job.output_ready, (job.status.message, job.process.stderr_tail[-5:])
-    segmentation, table = workflows.load_inference_result(job, volume, split_kidney=True)
-    assert job.status.state == InferenceState.DONE
+    logic.startInference(volume, model, "cpu")
+    segmentation, table = logic.waitForInference(timeout=900, splitKidney=True)
     assert table.GetTable().GetNumberOfRows() == segmentation.GetSegmentation().GetNumberOfSegments()

@@ -106,7 +106,9 @@ def test_module_source_compiles_and_has_the_four_classes(module_source):
     classes = {n.name: [ast.unparse(b) for b in n.bases] for n in tree.body if isinstance(n, ast.ClassDef)}
     assert "ScriptedLoadableModule" in classes["SegVizSlicer"]
     assert "ScriptedLoadableModuleWidget" in classes["SegVizSlicerWidget"]
-    assert "ScriptedLoadableModuleLogic" in classes["SegVizSlicerLogic"]
+    # The Logic lives in SegVizSlicerLib (importable without Qt, tested headless) and is imported here.
+    assert "SegVizSlicerLogic" not in classes
+    assert "from SegVizSlicerLib.logic import SegVizSlicerLogic" in module_source
     assert "ScriptedLoadableModuleTest" in classes["SegVizSlicerTest"]
     # Heavy dependencies are never imported at module import time.
     top_imports = {
@@ -154,7 +156,8 @@ def test_s4ext_has_every_field():
         "enabled",
     ):
         assert fields.get(key), key
-    assert fields["category"] == "Segmentation" and fields["depends"] == "NA"
+    assert fields["category"] == "Segmentation" and fields["depends"] == "PyTorch"
+    assert fields["screenshoturls"].endswith("docs/slicer_panel_drawing.png")
 
 
 def test_cmake_lists_name_files_that_exist():
@@ -181,6 +184,7 @@ def test_cmake_lists_name_files_that_exist():
     for resource in (
         "Resources/Icons/${MODULE_NAME}.png",
         "Resources/UI/${MODULE_NAME}.ui",
+        "Resources/Terminology/SegmentationCategoryTypeModifier-SegViz.term.json",
         "Resources/requirements.txt",
     ):
         assert resource in module
@@ -189,11 +193,56 @@ def test_cmake_lists_name_files_that_exist():
 
 
 def test_requirements_cover_the_features():
-    from SegVizSlicerLib.dependencies import FEATURE_MODULES, requirements_for
+    from SegVizSlicerLib.dependencies import FEATURE_PACKAGES, read_requirements
 
-    path = REPO / "Resources" / "requirements.txt"
-    for feature, modules in FEATURE_MODULES.items():
-        wanted = [m for m in modules if m != "SimpleITK"]  # ships with Slicer
-        lines = requirements_for(wanted, path, feature)
-        assert len(lines) == len(wanted), (feature, lines)
-    assert any(line.startswith("flwr") for line in requirements_for(["flwr"], path))
+    requirements = read_requirements(REPO / "Resources" / "requirements.txt")
+    for packages in FEATURE_PACKAGES.values():
+        assert set(packages) <= set(requirements)
+    assert str(requirements["flwr"].specifier) == "<1.43,>=1.42"
+
+
+# The catalog entry schema (Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json,
+# "additionalProperties": false): its properties, and the ones it requires.
+CATALOG_PROPERTIES = {
+    "$schema",
+    "category",
+    "scm_url",
+    "scm_revision",
+    "scm_type",
+    "build_dependencies",
+    "build_subdirectory",
+    "enabled",
+    "tier",
+}
+
+
+def test_extensions_index_entry_is_valid_and_agrees_with_the_metadata():
+    import json
+
+    entry = json.loads((REPO / "SegVizSlicer.json").read_text())
+    assert set(entry) <= CATALOG_PROPERTIES and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
+    top = (REPO / "CMakeLists.txt").read_text()
+    s4ext = dict(
+        line.split(" ", 1) for line in (REPO / "SegVizSlicer.s4ext").read_text().splitlines() if line[:1].isalpha()
+    )
+    assert entry["category"] == s4ext["category"] and f'EXTENSION_CATEGORY "{entry["category"]}"' in top
+    assert entry["build_dependencies"] == s4ext["depends"].split() == ["PyTorch"]
+    assert 'EXTENSION_DEPENDS "PyTorch"' in top
+    assert entry["scm_url"] == s4ext["scmurl"] and entry["scm_revision"] == s4ext["scmrevision"]
+    # Every URL points at a file of this repository's layout (raw or blob on the main branch).
+    repository = entry["scm_url"].removesuffix(".git").removeprefix("https://github.com/")
+    urls = re.findall(r"https://\S+?(?=[\s\")]|$)", top + "\n" + "\n".join(s4ext.values()))
+    assert urls
+    for url in urls:
+        if url.endswith(".git"):
+            continue
+        prefixes = (
+            f"https://raw.githubusercontent.com/{repository}/main/",
+            f"https://github.com/{repository}/blob/main/",
+        )
+        assert url.startswith(prefixes), url
+        path = url.split("/main/", 1)[1]
+        assert (REPO / path).is_file(), url
+    assert "drawing" in s4ext["screenshoturls"] and "drawing of the panel" in top
