@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stats", type=Path, default=None, help="write organ volumes (mL) as JSON")
     p.add_argument(
-        "--series", default=None, metavar="UID", help="DICOM Series Instance UID, for a folder with several series"
+        "--series",
+        default=None,
+        metavar="UID",
+        help="DICOM Series Instance UID to segment, for a folder with several series (a NIfTI/NRRD/MHA file has one)",
     )
     p.add_argument(
         "--allow-nonstandard-intensities",

@@ -492,7 +492,8 @@ def read_image(path: str | Path, series: str | None = None) -> sitk.Image:
 
     Args:
         path: file, or folder of DICOM files.
-        series: DICOM Series Instance UID to read from a folder with several series.
+        series: DICOM Series Instance UID to read from a folder with several series (a
+            single-volume file has one series, and ignores it).
 
     Returns:
         3-D ``sitk.Image`` of pixel type float32 (array shape z, y, x).
@@ -518,9 +519,9 @@ def read_image(path: str | Path, series: str | None = None) -> sitk.Image:
             raise _unsupported(path, IMAGE_SUFFIXES + ("a DICOM series folder",), "a CT image")
         if suffix == ".dcm":
             image = _read_dicom_series(path.parent, only_file=path, series_uid=series)
-        elif series is not None:
-            raise SegVizInputError(path, "--series applies to DICOM input only")
         else:
+            # One volume per file: ``series`` has nothing to choose (the Slicer module passes the
+            # loaded volume's series UID whatever format it exported the volume in).
             image = _read_itk_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()

@@ -354,7 +354,7 @@ def ct_sheared_nifti(tmp, kit):
     return infer(kit, path, tmp / "out.nii.gz"), path
 
 
-@row("NIfTI cannot store it: write the label map as .nrrd or .mha", subprocess_run=True)
+@row("NIfTI cannot store it: write the label map as .nrrd or .mha")
 def ct_non_orthogonal_to_nifti(tmp, kit):
     # Read fine from NRRD; ITK would coerce the direction when writing .nii.gz (and warn on stderr).
     path = write(image_of(ct_array(), direction=sheared_direction()), tmp / "tilted.nrrd")
@@ -436,9 +436,10 @@ def dicom_empty_folder(tmp, kit):
     return infer(kit, tmp / "dicom", tmp / "out.nii.gz"), tmp / "dicom"
 
 
-@row("--series applies to DICOM input only")
-def dicom_series_for_nifti(tmp, kit):
-    return infer(kit, kit.ct, tmp / "out.nii.gz", "--series", SERIES_A), kit.ct
+@row("belongs to series 1.2.826.0.1.3680043.2.1125.21 ('abdomen venous', series 3, 6 slices), not to --series")
+def dicom_file_of_another_series(tmp, kit):
+    files = write_dicom_series(tmp / "dicom", SERIES_A, "abdomen venous", 3)
+    return infer(kit, files[0], tmp / "out.nii.gz", "--series", SERIES_B), files[0]
 
 
 # --- model bundles
@@ -752,6 +753,9 @@ def test_dicom_series_chosen_by_uid(tmp_path, kit, capfd):
     assert chosen.GetSize() == (16, 16, 9)
     _infer_ok(infer(kit, tmp_path / "dicom", tmp_path / "labels.nii.gz", "--series", SERIES_B), capfd)
     assert io.geometry_differences(io.read_label_map(tmp_path / "labels.nii.gz"), chosen) == []
+    # The Slicer module passes its volume's series UID with the volume it exported as NIfTI: one series, no choice.
+    _infer_ok(infer(kit, kit.ct, tmp_path / "exported.nii.gz", "--series", SERIES_B), capfd)
+    assert io.read_label_map(tmp_path / "exported.nii.gz").GetSize() == SIZE
     listed = io.list_dicom_series(tmp_path / "dicom")
     assert [(s.uid, s.description, s.number, len(s.files)) for s in listed] == [
         (SERIES_B, "abdomen arterial", "4", 9),
