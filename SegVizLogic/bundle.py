@@ -36,12 +36,21 @@ from .bundle_manifest import (
     MANIFEST_MEMBER,
     WEIGHTS_MEMBER,
     batchnorm_choices,
+    check_archive,
+    member_limit,
     organ_schema,
     read_manifest_from_archive,
+    read_member,
     variant_member,
 )
 from .errors import BundleError, SegVizInputError
-from .network import PARTITION_BATCHNORM, MultiOrganUNet, NetworkConfig, build_network, partition_state
+from .network import (
+    PARTITION_BATCHNORM,
+    MultiOrganUNet,
+    NetworkConfig,
+    build_network,
+    partition_state,
+)
 from .preprocessing import Preprocessing
 
 __all__ = ["BUNDLE_FORMAT", "ModelBundle", "batchnorm_variant_names", "load_bundle", "save_bundle"]
@@ -220,19 +229,72 @@ class ModelBundle:
 
 
 def _read_npz(archive: zipfile.ZipFile, name: str, expected_sha: str, path: Path) -> dict[str, np.ndarray]:
-    data = archive.read(name)
+    """Read one array member: checksum, then the arrays, each bounded before it is unpacked."""
+    data = read_member(archive, name, path)
     if hashlib.sha256(data).hexdigest() != expected_sha:
         raise BundleError(path, f"is damaged: checksum of {name} does not match the manifest")
+    # An .npz is itself a zip: its arrays may be compressed, so their sizes are bounded too.
+    limit = member_limit(name)
+    with zipfile.ZipFile(io.BytesIO(data)) as inner:
+        unpacked = sum(info.file_size for info in inner.infolist())
+    if unpacked > limit:
+        raise BundleError(
+            path, f"is refused: the arrays of {name} unpack to {unpacked >> 20} MB (limit {limit >> 20} MB)"
+        )
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
+        arrays = {k: npz[k] for k in npz.files}
+    for key, array in arrays.items():
+        if array.dtype.kind not in "fiub":
+            raise BundleError(path, f"is damaged: tensor {key!r} in {name} holds {array.dtype} values, not numbers")
+    not_finite = [k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
+    if not_finite:
+        # A NaN weight turns every probability into NaN: an all-background map with exit 0.
+        raise BundleError(
+            path,
+            f"is damaged: {len(not_finite)} tensor{'s' if len(not_finite) > 1 else ''} in {name} hold NaN or "
+            f"infinite values (first: {not_finite[0]})",
+        )
+    return arrays
+
+
+def _expected_shapes(config: NetworkConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """State-dict shapes of the network ``config`` describes, and its BatchNorm keys; the network
+    is built on torch's meta device, so this allocates nothing whatever the config says."""
+    with torch.device("meta"):
+        model = build_network(config)
+    state = model.state_dict()
+    groups = partition_state(model, {k: torch.empty(0) for k in state})
+    return {k: tuple(v.shape) for k, v in state.items()}, set(groups.get(PARTITION_BATCHNORM, {}))
+
+
+def _check_tensors(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str, path: Path
+) -> None:
+    missing = set(expected) - set(arrays)
+    unexpected = set(arrays) - set(expected)
+    mis_shaped = sorted(k for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != expected[k])
+    if missing or unexpected or mis_shaped:
+        first = sorted(missing | unexpected)[:1] or mis_shaped[:1]
+        raise BundleError(
+            path,
+            f"is incompatible: {what} do not fit its network config ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(mis_shaped)} mis-shaped tensors; first: {first[0]})",
+        )
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
     """Load and verify a model bundle.
 
+    In order, before any network is built: member count and unpacked sizes (from the zip
+    directory), CRCs, the manifest's schema and bounds
+    (:func:`~SegVizLogic.bundle_manifest.validate_manifest`), checksums, array types (numbers
+    only) and values (finite only), and the shape of every tensor against the network the
+    manifest describes (built on torch's meta device, so a forged config allocates nothing).
+
     Raises:
-        BundleError: missing, not a bundle, truncated/damaged (zip CRC or checksum), made by a
-            newer SegViz format, an organ schema that differs from this SegViz, or weights that
+        BundleError: missing, not a bundle, truncated/damaged (zip CRC or checksum), too large,
+            made by a newer SegViz format, an organ schema that differs from this SegViz, a
+            manifest outside its schema, non-numeric or non-finite weights, or weights that
             do not fit the network config.
     """
     path = Path(path)
@@ -240,13 +302,12 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise BundleError(path, "model bundle not found")
     try:
         with zipfile.ZipFile(path) as archive:
+            check_archive(archive, path)
             bad = archive.testzip()
             if bad is not None:
                 raise BundleError(path, f"is damaged: {bad} fails its CRC check")
             manifest = read_manifest_from_archive(archive, path)
-            checksums = manifest.get("sha256", {})
-            if WEIGHTS_MEMBER not in checksums:
-                raise BundleError(path, "is damaged: manifest lists no checksum for weights.npz")
+            checksums = manifest["sha256"]
             try:
                 state = _read_npz(archive, WEIGHTS_MEMBER, checksums[WEIGHTS_MEMBER], path)
                 variants = {
@@ -264,15 +325,10 @@ def load_bundle(path: str | Path) -> ModelBundle:
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(path, f"is incompatible: invalid network or preprocessing settings ({error})") from None
-    expected = build_network(network).state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    shape_errors = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shape_errors:
-        raise BundleError(
-            path,
-            f"is incompatible: weights do not fit its network config ({len(missing)} missing, {len(unexpected)} unexpected, {len(shape_errors)} mis-shaped tensors)",
-        )
+    expected, batchnorm_keys = _expected_shapes(network)
+    _check_tensors(state, expected, "weights", path)
+    for name, arrays in variants.items():
+        _check_tensors(arrays, {k: expected[k] for k in batchnorm_keys}, f"BatchNorm variant {name!r}", path)
     return ModelBundle(
         path=path,
         manifest=manifest,

@@ -118,7 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)"
     )
     p.add_argument("--stats", type=Path, default=None, help="write organ volumes (mL) as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite --output / --stats")
+    p.add_argument(
+        "--series",
+        default=None,
+        metavar="UID",
+        help="DICOM Series Instance UID to segment, for a folder with several series (a NIfTI/NRRD/MHA file has one)",
+    )
+    p.add_argument(
+        "--allow-nonstandard-intensities",
+        action="store_true",
+        help="segment an image whose values are not Hounsfield units (NaN, infinite or constant images are refused regardless)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --output / --stats (never the input)")
     add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
 
@@ -269,16 +280,52 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _check_infer_outputs(args) -> None:
+    """Every output location of ``infer``, checked before anything is loaded."""
+    from .io import WRITE_SUFFIXES
+    from .output_paths import check_output_path
+
+    inputs = (args.input, args.model)
+    check_output_path(args.output, force=args.force, suffixes=WRITE_SUFFIXES, inputs=inputs)
+    if args.stats is not None:
+        if args.stats.absolute() == args.output.absolute():
+            raise SegVizError(f"{args.stats}: --stats and --output name the same file")
+        check_output_path(args.stats, force=args.force, inputs=inputs)
+
+
+def _read_infer_input(args, bundle):
+    """The CT to segment, refused here (before inference) if it is not a CT in HU, if the
+    output format cannot keep its grid, or if its preprocessed grid would not fit in memory."""
+    from .errors import SegVizInputError
+    from .io import ct_geometry_problem, ct_intensity_problem, label_format_problem, read_image
+    from .preprocessing import check_preprocessed_size
+
+    image = read_image(args.input, series=args.series)
+    problem = ct_geometry_problem(image) or ct_intensity_problem(
+        image,
+        allow_nonstandard=args.allow_nonstandard_intensities,
+        waiver="pass --allow-nonstandard-intensities if this is intended",
+    )
+    if problem:
+        raise SegVizInputError(args.input, problem)
+    problem = label_format_problem(image, args.output)
+    if problem:
+        raise SegVizInputError(args.output, problem)
+    check_preprocessed_size(image, bundle.preprocessing, len(bundle.organs), path=args.input)
+    return image
+
+
 def _cmd_infer(args) -> int:
     from .bundle import load_bundle
     from .inference import organ_volumes_ml, resolve_device, segment_image
-    from .io import read_image, write_label_map_like
+    from .io import write_label_map_like
 
-    for target in (args.output, args.stats):
-        if target is not None and target.exists() and not args.force:
-            raise SegVizError(f"{target}: already exists; use --force to overwrite")
+    _check_infer_outputs(args)
     reporter = _reporter(args)
-    reporter.emit("stage", stage="load", message=f"loading {args.model.name} and {args.input.name}")
+    if reporter.mode == "json":
+        # The Slicer module shows this stage at once; on a terminal nothing is printed before the
+        # inputs pass their checks, so that a refusal is the one line a person reads.
+        reporter.emit("stage", stage="load", message=f"loading {args.model.name} and {args.input.name}")
     clock = time.perf_counter()
     bundle = load_bundle(args.model)
     if args.batchnorm is not None and args.batchnorm not in bundle.batchnorm_choices():
@@ -287,7 +334,7 @@ def _cmd_infer(args) -> int:
         )
     load_model_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    image = read_image(args.input)
+    image = _read_infer_input(args, bundle)
     read_s = time.perf_counter() - clock
     device = resolve_device(args.device)
     result = segment_image(

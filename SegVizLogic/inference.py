@@ -23,7 +23,12 @@ from .allocator import retain_freed_memory
 from .errors import SegVizInputError
 from .network import MultiOrganUNet
 from .organs import organ_by_name
-from .preprocessing import metatensor_to_sitk, preprocessing_transforms, sitk_to_metatensor
+from .preprocessing import (
+    check_preprocessed_size,
+    metatensor_to_sitk,
+    preprocessing_transforms,
+    sitk_to_metatensor,
+)
 from .progress import ProgressReporter
 
 if TYPE_CHECKING:
@@ -255,8 +260,13 @@ def segment_image(
     sw_batch_size: int = 1,
 ) -> SegmentationResult:
     """Segment one CT image with a model bundle; the label map has the image's exact geometry
-    (size, spacing, origin, direction) and SegViz label values."""
+    (size, spacing, origin, direction) and SegViz label values.
+
+    Raises:
+        SegVizInputError: the preprocessed grid would not fit in memory (checked before allocating).
+    """
     reporter = reporter or ProgressReporter("none")
+    check_preprocessed_size(image, bundle.preprocessing, len(bundle.organs))
     retain_freed_memory()  # the windows allocate and free the same large blocks
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -19,7 +19,9 @@ import gzip
 import os
 import re
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,21 @@ import SimpleITK as sitk
 
 from .errors import SegVizInputError
 from .organs import organ_by_name
+from .output_paths import check_parent_folder
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "LABEL_SUFFIXES",
     "WRITE_SUFFIXES",
+    "DicomSeries",
+    "ct_geometry_problem",
     "ct_intensity_problem",
     "file_suffix",
     "geometry",
     "geometry_differences",
+    "is_orthogonal",
+    "label_format_problem",
+    "list_dicom_series",
     "organ_map_from_segment_names",
     "read_image",
     "read_label_map",
@@ -70,6 +78,11 @@ WRITE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 # Default tolerance of geometry comparisons: mm for spacing/origin, unitless for direction.
 _GEOMETRY_TOL = 1e-4
+# A written header against its reference: NIfTI keeps spacing and origin as float32 and the
+# direction as a quaternion, so a faithful write differs by ~1e-5; a coerced one by far more.
+_WRITTEN_GEOMETRY_TOL = 1e-3
+# Direction matrices within this of orthonormal are what every format stores as a rotation.
+_ORTHOGONAL_TOL = 1e-3
 
 
 # --------------------------------------------------------------------------------------
@@ -129,91 +142,301 @@ def _with_detail(problem: str, error: Exception) -> str:
 # --------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _itk_quiet() -> Iterator[None]:
+    """Silence ITK's warnings (printed straight to stderr) while SegViz reads or writes.
+
+    What they warn about (coerced directions, missing slices, odd NIfTI scales) is checked
+    here and reported as one line naming the file; the raw multi-line warning would be a
+    second, confusing message. The previous setting is restored: Slicer's own use of
+    SimpleITK is untouched when SegViz runs in its process.
+    """
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise SegVizInputError(path, "no such file or folder")
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse a truncated or corrupt NIfTI file.
-
-    ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels,
-    so the byte count is checked against the header here.
-    """
+def _read_nifti_header(path: Path, opener) -> Any:
+    """The NIfTI-1 or -2 header as stored: nibabel's loader would 'fix' a zero pixdim to 1
+    (and log that on stderr), which is the silent change this check exists to catch."""
     import nibabel as nib
 
+    with opener(path, "rb") as stream:
+        sizes = {int.from_bytes(stream.read(4), order) for order in ("little", "big")}
+        stream.seek(0)
+        header_class = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+        with warnings.catch_warnings():
+            # A damaged header makes nibabel warn before it fails; the failure is reported, not the warning.
+            warnings.simplefilter("ignore")
+            return header_class.from_fileobj(stream, check=False)
+
+
+def _non_finite_problem(bad: int, total: int) -> str | None:
+    """One wording for NaN/infinite voxels, wherever they are found."""
+    if bad == 0:
+        return None
+    if bad >= total:
+        return "image has no finite voxel values (all NaN or infinite)"
+    return f"{bad} of {total} voxels are NaN or infinite; replace them (e.g. with -1024 HU) first"
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Refuse a truncated or corrupt NIfTI file, one whose header has no voxel size, or one
+    holding NaN or infinite values.
+
+    ITK reads a truncated ``.nii``/``.nii.gz`` without complaint and fills the missing voxels,
+    so the byte count is checked against the header here. ITK also turns a zero or non-finite
+    ``pixdim`` into 1 mm, and NaN voxels of a NIfTI into 0 (water, in HU), without a word;
+    SegViz refuses both: every volume and resampling would be wrong by an unknown factor, and a
+    NaN-filled scan would be segmented as if it were a body of water.
+    """
+    gz = file_suffix(path) == ".nii.gz"
+    opener = gzip.open if gz else open
     try:
-        header = nib.load(str(path)).header
+        header = _read_nifti_header(path, opener)
         shape = header.get_data_shape()
-        expected = (
-            int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
-        )
+        dtype = header.get_data_dtype()
+        voxels = int(np.prod(shape, dtype=np.int64))
+        offset = int(header.get_data_offset())
+        expected = offset + voxels * dtype.itemsize
+        pixdim = [float(v) for v in header["pixdim"][1 : 1 + min(len(shape), 3)]]
     except Exception as error:  # noqa: BLE001 - nibabel raises many types for a damaged header
-        raise SegVizInputError(path, f"unreadable or corrupt NIfTI file ({str(error).splitlines()[0][:120]})") from None
-    if file_suffix(path) == ".nii.gz":
-        total = 0
+        detail = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise SegVizInputError(path, f"unreadable or corrupt NIfTI file ({detail})") from None
+    if not all(np.isfinite(v) and v != 0 for v in pixdim):
+        shown = " × ".join(f"{v:g}" for v in pixdim)
+        raise SegVizInputError(
+            path, f"voxel size (pixdim) in the NIfTI header is {shown} mm: zero or undefined, so SegViz cannot tell it"
+        )
+    check_values = dtype.kind == "f"
+    if not gz and not check_values:
+        total = path.stat().st_size
+    else:
+        total, bad, seen = 0, 0, 0
+        carry = b""  # bytes of a voxel split between two chunks
         try:
-            with gzip.open(path, "rb") as stream:
+            with opener(path, "rb") as stream:
                 while chunk := stream.read(1 << 22):
+                    if check_values and seen < voxels and total + len(chunk) > offset:
+                        data = carry + chunk[max(0, offset - total) :] if carry else chunk[max(0, offset - total) :]
+                        usable = min(len(data) // dtype.itemsize, voxels - seen)
+                        values = np.frombuffer(data, dtype, count=usable)
+                        bad += usable - int(np.count_nonzero(np.isfinite(values)))
+                        seen += usable
+                        carry = data[usable * dtype.itemsize :] if seen < voxels else b""
                     total += len(chunk)
         except EOFError:
             raise SegVizInputError(path, "file is truncated (the gzip stream ends early)") from None
         except (OSError, gzip.BadGzipFile) as error:
             raise SegVizInputError(path, f"corrupt gzip data ({error})") from None
-    else:
-        total = path.stat().st_size
+        if total >= expected:
+            problem = _non_finite_problem(bad, voxels)
+            if problem:
+                raise SegVizInputError(path, problem)
     if total < expected:
         raise SegVizInputError(path, f"file is truncated ({total} of {expected} bytes)")
+
+
+# ITK's words for a header SegViz cannot use -> what to tell a person.
+_ITK_HEADER_PROBLEMS = (
+    ("Zero-valued spacing", "voxel spacing in the header is zero, so SegViz cannot tell the voxel size"),
+    (
+        "orthonormal",
+        (
+            "direction matrix in the header is not orthogonal (sheared, e.g. gantry tilt) and ITK cannot read it: "
+            "resample it onto an orthogonal grid, or save it as NRRD"
+        ),
+    ),
+)
 
 
 def _read_itk_file(path: Path, *, information_only: bool = False) -> sitk.Image | sitk.ImageFileReader:
     """Read one image file with the ImageIO its suffix names; errors become SegVizInputError."""
     suffix = file_suffix(path)
     io_name, format_name = _SUFFIX_FORMAT[suffix]
+    if path.stat().st_size == 0:
+        raise SegVizInputError(path, f"file is empty (0 bytes); expected a {format_name} image")
     reader = sitk.ImageFileReader()
     reader.SetImageIO(io_name)
     reader.SetFileName(str(path))
     try:
-        if information_only:
-            reader.ReadImageInformation()
-            return reader
-        if format_name == "NIfTI":
-            _check_nifti_complete(path)
-        return reader.Execute()
+        with _itk_quiet():
+            if information_only:
+                reader.ReadImageInformation()
+                return reader
+            if format_name == "NIfTI":
+                _check_nifti_header(path)
+            return reader.Execute()
     except RuntimeError as error:
+        for words, problem in _ITK_HEADER_PROBLEMS:
+            if words in str(error):
+                raise SegVizInputError(path, problem) from None
         raise SegVizInputError(
             path, _with_detail(f"unreadable, truncated or corrupt {format_name} file", error)
         ) from None
 
 
-def _read_dicom_series(folder: Path, only_file: Path | None = None) -> sitk.Image:
-    """Read the largest DICOM series in ``folder`` (or the series ``only_file`` belongs to)."""
-    reader = sitk.ImageSeriesReader()
+# --------------------------------------------------------------------------------------
+# DICOM
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series found in a folder.
+
+    Args:
+        uid: Series Instance UID (0020,000E): what ``--series`` takes.
+        description: Series Description (0008,103E), may be empty.
+        number: Series Number (0020,0011), may be empty.
+        files: the series' slice files, in GDCM's spatial order.
+    """
+
+    uid: str
+    description: str
+    number: str
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        """``1.2.3 ('abdomen venous', series 3, 120 slices)``."""
+        return f"{self.uid} ({self.description or 'no description'!r}, series {self.number or '?'}, {len(self.files)} slices)"
+
+
+def _dicom_tag(reader: sitk.ImageFileReader, tag: str) -> str:
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def list_dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """Every DICOM series in ``folder`` (not its sub-folders), largest first.
+
+    Only headers are read (of one file per series). A file that looks like DICOM (``.dcm``,
+    ``.ima`` or the ``DICM`` marker) but belongs to no readable series is a truncated or
+    damaged slice and is named.
+
+    Raises:
+        SegVizInputError: the folder cannot be scanned, or holds a damaged DICOM file.
+    """
+    folder = Path(folder)
+    scanner = sitk.ImageSeriesReader()
     try:
-        series_ids = reader.GetGDCMSeriesIDs(str(folder))
+        with _itk_quiet():
+            uids = scanner.GetGDCMSeriesIDs(str(folder))
+            files = {uid: tuple(scanner.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
     except RuntimeError as error:
         raise SegVizInputError(folder, _with_detail("cannot scan for DICOM files", error)) from None
-    if not series_ids:
-        raise SegVizInputError(folder, "no DICOM series found in folder (is it empty, or are the files not DICOM?)")
-    files_by_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    _check_stray_dicom_files(folder, {os.path.realpath(f) for names in files.values() for f in names})
+    series = []
+    for uid, names in files.items():
+        header = sitk.ImageFileReader()
+        header.SetImageIO("GDCMImageIO")
+        header.SetFileName(names[0])
+        try:
+            with _itk_quiet():
+                header.ReadImageInformation()
+        except RuntimeError:
+            raise SegVizInputError(names[0], "truncated or unreadable DICOM file") from None
+        series.append(DicomSeries(uid, _dicom_tag(header, "0008|103e"), _dicom_tag(header, "0020|0011"), names))
+    return sorted(series, key=lambda s: (-len(s.files), s.uid))
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
+        return True
+    try:
+        with path.open("rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_stray_dicom_files(folder: Path, in_series: set[str]) -> None:
+    """Name a DICOM file that GDCM left out of every series: GDCM drops a truncated slice
+    silently, and the series would then be read with a slice missing."""
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR" or not path.is_file():
+            continue
+        if os.path.realpath(path) in in_series or not _looks_like_dicom(path):
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(path))
+        try:
+            with _itk_quiet():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            size = path.stat().st_size
+            raise SegVizInputError(
+                path, f"truncated or unreadable DICOM file ({size} bytes); its series cannot be read whole"
+            ) from None
+
+
+def _choose_series(folder: Path, series: list[DicomSeries], wanted: str | None, only_file: Path | None) -> DicomSeries:
     if only_file is not None:
-        wanted = os.path.realpath(only_file)
-        matches = [s for s, files in files_by_series.items() if wanted in {os.path.realpath(f) for f in files}]
+        target = os.path.realpath(only_file)
+        matches = [s for s in series if target in {os.path.realpath(f) for f in s.files}]
         if not matches:
             raise SegVizInputError(only_file, "not part of any readable DICOM series in its folder")
-        series = matches[0]
-    else:
-        # The largest series is the CT volume; scouts and dose reports are small.
-        series = max(files_by_series, key=lambda s: len(files_by_series[s]))
-    files = files_by_series[series]
+        if wanted is not None and matches[0].uid != wanted:
+            raise SegVizInputError(only_file, f"belongs to series {matches[0].describe()}, not to --series {wanted}")
+        return matches[0]
+    shown = "; ".join(s.describe() for s in series[:6]) + (f"; ... ({len(series) - 6} more)" if len(series) > 6 else "")
+    if wanted is not None:
+        for candidate in series:
+            if candidate.uid == wanted:
+                return candidate
+        raise SegVizInputError(folder, f"has no DICOM series {wanted}; it holds: {shown}")
+    if len(series) > 1:
+        # Two series of one size (arterial and venous phase) would otherwise be a coin toss.
+        raise SegVizInputError(
+            folder,
+            f"holds {len(series)} DICOM series: {shown}; choose one with --series UID (or keep one series per folder)",
+        )
+    return series[0]
+
+
+def _read_dicom_series(folder: Path, only_file: Path | None = None, series_uid: str | None = None) -> sitk.Image:
+    """Read the one DICOM series in ``folder`` (or the one ``series_uid`` names, or the one
+    ``only_file`` belongs to)."""
+    series = list_dicom_series(folder)
+    if not series:
+        raise SegVizInputError(folder, "no DICOM series found in folder (is it empty, or are the files not DICOM?)")
+    chosen = _choose_series(folder, series, series_uid, only_file)
+    files = list(chosen.files)
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()  # GDCM applies Rescale Slope/Intercept here
+        with _itk_quiet():
+            image = reader.Execute()  # GDCM applies Rescale Slope/Intercept here
     except RuntimeError as error:
+        culprit = _first_unreadable(files)
+        if culprit is not None:
+            raise SegVizInputError(culprit, "truncated or unreadable DICOM file; its series cannot be read") from None
         raise SegVizInputError(folder, _with_detail("unreadable DICOM series", error)) from None
     _check_dicom_slice_spacing(folder, reader, len(files))
     return image
+
+
+def _first_unreadable(files: list[str]) -> str | None:
+    """The first slice that fails to read on its own (only looked for once the series failed)."""
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(name)
+        try:
+            with _itk_quiet():
+                reader.Execute()
+        except RuntimeError:
+            return name
+    return None
 
 
 def _check_dicom_slice_spacing(folder: Path, reader: sitk.ImageSeriesReader, n_files: int) -> None:
@@ -259,23 +482,27 @@ def _as_3d(image: sitk.Image, path: Path) -> sitk.Image:
 # --------------------------------------------------------------------------------------
 
 
-def read_image(path: str | Path) -> sitk.Image:
+def read_image(path: str | Path, series: str | None = None) -> sitk.Image:
     """Read a CT volume as a float32 SimpleITK image in Hounsfield units.
 
-    Reads NIfTI, NRRD, MetaImage, a DICOM series folder (the largest series in it; rescale
-    slope/intercept applied), or one ``.dcm`` file (its whole series). The original geometry
-    (size, spacing, origin, direction) is kept exactly; a 4-D image with one time point is
-    reduced to 3-D.
+    Reads NIfTI, NRRD, MetaImage, a DICOM series folder (rescale slope/intercept applied), or
+    one ``.dcm`` file (its whole series). A folder with several series is refused with the list
+    of them unless ``series`` names one. The original geometry (size, spacing, origin,
+    direction) is kept exactly; a 4-D image with one time point is reduced to 3-D.
 
     Args:
         path: file, or folder of DICOM files.
+        series: DICOM Series Instance UID to read from a folder with several series (a
+            single-volume file has one series, and ignores it).
 
     Returns:
         3-D ``sitk.Image`` of pixel type float32 (array shape z, y, x).
 
     Raises:
-        SegVizInputError: missing path, unsupported suffix, unreadable/truncated file, empty
-            DICOM folder, non-uniform DICOM slices, a 2-D or multi-time-point or multi-channel image.
+        SegVizInputError: missing path, unsupported suffix, unreadable/truncated file (a
+            truncated DICOM slice is named), zero voxel size, empty DICOM folder, several
+            DICOM series and none chosen, non-uniform DICOM slices, a 2-D or
+            multi-time-point or multi-channel image.
 
     Example::
 
@@ -285,12 +512,17 @@ def read_image(path: str | Path) -> sitk.Image:
     path = Path(path)
     _check_exists(path)
     if path.is_dir():
-        image = _read_dicom_series(path)
+        image = _read_dicom_series(path, series_uid=series)
     else:
         suffix = file_suffix(path)
         if suffix not in IMAGE_SUFFIXES:
             raise _unsupported(path, IMAGE_SUFFIXES + ("a DICOM series folder",), "a CT image")
-        image = _read_dicom_series(path.parent, only_file=path) if suffix == ".dcm" else _read_itk_file(path)
+        if suffix == ".dcm":
+            image = _read_dicom_series(path.parent, only_file=path, series_uid=series)
+        else:
+            # One volume per file: ``series`` has nothing to choose (the Slicer module passes the
+            # loaded volume's series UID whatever format it exported the volume in).
+            image = _read_itk_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()
         raise SegVizInputError(
@@ -301,34 +533,80 @@ def read_image(path: str | Path) -> sitk.Image:
     return sitk.Cast(_as_3d(image, path), sitk.sitkFloat32)
 
 
-def ct_intensity_problem(image: sitk.Image, max_samples: int = 2_000_000) -> str | None:
-    """Say why ``image`` does not look like CT in Hounsfield units, or return ``None``.
+_MAX_EXTENT_MM = 2500.0
+"""Longest side of a CT SegViz accepts: a whole-body scan is under 2 m."""
 
-    CT in HU has air near -1000 (or padding down to -3024) and soft tissue near 0..100. An
-    image whose low end is above -200 HU (MR, 0..255 screenshots, [0, 1] normalised data,
-    raw stored values without rescale) or that is constant is refused. The test uses the 0.1
-    and 99.9 percentiles of up to ``max_samples`` voxels, so a few odd voxels do not decide.
+
+def ct_geometry_problem(image: sitk.Image) -> str | None:
+    """Say why the grid of ``image`` cannot be a CT of a body, or return ``None``.
+
+    Refused: a single slice along an axis, a non-positive or non-finite spacing, a direction
+    matrix that is not invertible, and a side longer than 2.5 m (a spacing of 1000 mm in the
+    header, where 1 mm was meant, asks for a grid of hundreds of terabytes).
+    """
+    size = np.asarray(image.GetSize(), dtype=float)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    shape = "×".join(str(int(s)) for s in size)
+    if size.min() < 2:
+        return f"image is {shape} voxels: a single slice along an axis; SegViz needs a 3-D volume"
+    if not np.all(np.isfinite(spacing)) or spacing.min() <= 0:
+        return f"voxel spacing {_fmt(tuple(spacing))} mm is not positive"
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        return f"direction matrix {_fmt(tuple(direction.ravel()))} is degenerate (not invertible)"
+    extent = size * spacing
+    if extent.max() > _MAX_EXTENT_MM:
+        return (
+            f"image extent {' × '.join(f'{e:.4g}' for e in extent)} mm is larger than any body "
+            f"(voxel spacing {' × '.join(f'{s:.4g}' for s in spacing)} mm: is the spacing in the header right?)"
+        )
+    return None
+
+
+def ct_intensity_problem(
+    image: sitk.Image, allow_nonstandard: bool = False, waiver: str = "", max_samples: int = 2_000_000
+) -> str | None:
+    """Say why the voxel values of ``image`` are not CT in Hounsfield units, or return ``None``.
+
+    The one test every entry point applies (``infer``, ``validate-site``, training's site
+    loading, and the Slicer module through ``segviz infer``). Always refused: any NaN or
+    infinite voxel (counted over the whole volume) and a constant image; neither can give a
+    meaningful segmentation. Refused unless ``allow_nonstandard``: an intensity range that is
+    not HU. CT in HU has air near -1000 (or padding down to -3024) and soft tissue near
+    0..100; an image whose low end is above -200 (MR, 0..255 screenshots, [0, 1] normalised
+    data, raw stored values without rescale) is refused. The range uses the 0.1 and 99.9
+    percentiles of up to ``max_samples`` voxels, so a few odd voxels do not decide.
 
     Args:
         image: the volume, as returned by :func:`read_image`.
+        allow_nonstandard: accept an intensity range that is not HU (the user knows better).
+        waiver: appended to a range problem (how this caller's user can allow it).
         max_samples: voxels sampled on a regular stride for the percentiles.
 
     Returns:
         one-line problem such as ``"intensity range 0..255 is not CT in HU (...)"``, or None.
     """
     array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f":
+        # Slab by slab: a whole-volume boolean mask would cost a quarter of the image again.
+        bad = sum(int(np.count_nonzero(~np.isfinite(array[z : z + 16]))) for z in range(0, array.shape[0], 16))
+        problem = _non_finite_problem(bad, array.size)
+        if problem:
+            return problem
     step = max(1, int(np.ceil((array.size / max_samples) ** (1 / 3))))
     sample = np.asarray(array[::step, ::step, ::step], dtype=np.float64).ravel()
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        return "image has no finite voxel values"
     lowest, highest = float(sample.min()), float(sample.max())
-    low, high = np.percentile(sample, [0.1, 99.9])
-    shown = f"{lowest:.4g}..{highest:.4g}"
-    if highest - lowest < 1e-6:
+    if highest - lowest < 1e-6 and float(np.min(array)) == float(np.max(array)):
         return f"image is constant ({lowest:.4g}); not a CT"
+    if allow_nonstandard:
+        return None
+    low, high = np.percentile(sample, [0.1, 99.9])
     if low > -200 or high < -200 or high > 40000:
-        return f"intensity range {shown} is not CT in HU (expected air near -1000 and soft tissue near 0..100)"
+        problem = (
+            f"intensity range {lowest:.4g}..{highest:.4g} is not CT in HU "
+            "(expected air near -1000 and soft tissue near 0..100)"
+        )
+        return f"{problem}; {waiver}" if waiver else problem
     return None
 
 
@@ -675,6 +953,41 @@ def _itk_write(image: sitk.Image, path: Path, io_name: str, compress: bool) -> N
     writer.Execute(image)
 
 
+def is_orthogonal(direction: Sequence[float], tol: float = _ORTHOGONAL_TOL) -> bool:
+    """True when the 3×3 direction matrix (9 numbers, row-major) has orthonormal columns within ``tol``."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    return bool(np.allclose(matrix.T @ matrix, np.eye(3), rtol=0, atol=tol))
+
+
+def label_format_problem(reference: sitk.Image | Mapping[str, Any], path: str | Path) -> str | None:
+    """Say why a label map on ``reference``'s grid cannot be stored faithfully at ``path``, or None.
+
+    NIfTI stores a direction as a rotation (quaternion or orthonormal sform), so ITK coerces a
+    non-orthogonal matrix (gantry tilt, some resampled or MR-derived files) to the nearest
+    rotation: the labels would sit elsewhere than the CT's voxels. NRRD and MetaImage keep any
+    direction, so the answer names them.
+    """
+    direction = _as_geometry(reference)["direction"]
+    if _SUFFIX_FORMAT.get(file_suffix(path), ("", ""))[1] == "NIfTI" and not is_orthogonal(direction):
+        matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+        norms = np.linalg.norm(matrix, axis=0)
+        cosines = np.clip((matrix.T @ matrix) / np.outer(norms, norms), -1, 1)
+        skew = float(np.degrees(np.max(np.abs(np.arcsin(cosines[np.triu_indices(3, 1)])))))
+        return (
+            f"the input's direction matrix is not orthogonal (axes {skew:.3g}° off square, e.g. gantry tilt) and "
+            "NIfTI cannot store it: write the label map as .nrrd or .mha, which keep it"
+        )
+    return None
+
+
+def _written_geometry(path: Path, io_name: str) -> dict[str, tuple]:
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(io_name)
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return geometry(reader)
+
+
 def write_label_map_like(
     labels: np.ndarray | sitk.Image, reference: sitk.Image, path: str | Path, force: bool = False
 ) -> Path:
@@ -682,9 +995,10 @@ def write_label_map_like(
 
     The format follows the suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``; compressed where
     the format allows). The pixel type is the smallest integer type holding the values (uint8
-    for SegViz organ labels). The file is written to a temporary name in the same folder and
-    moved into place, so a failed or interrupted write never leaves a partial file, and an
-    existing file is kept unless ``force``.
+    for SegViz organ labels). The file is written to a temporary name in the same folder, its
+    header read back and compared with ``reference`` (size, and spacing, origin and direction
+    within 1e-3), and only then moved into place: a failed, interrupted or unfaithful write
+    never leaves a file, and an existing file is kept unless ``force``.
 
     Args:
         labels: numpy array of shape (z, y, x) == reference size reversed, or a ``sitk.Image``
@@ -698,7 +1012,9 @@ def write_label_map_like(
 
     Raises:
         SegVizInputError: unsupported suffix, existing file without ``force``, shape or grid
-            mismatch with ``reference``, non-integer labels, or a failed write.
+            mismatch with ``reference``, non-integer labels, a direction the format cannot
+            store (:func:`label_format_problem`), a written header that differs from
+            ``reference``, or a failed write.
 
     Example::
 
@@ -715,6 +1031,9 @@ def write_label_map_like(
         raise SegVizInputError(path, "exists; use --force to overwrite")
     if reference.GetDimension() != 3:
         raise SegVizInputError(path, f"reference image is {reference.GetDimension()}-D; expected 3-D")
+    problem = label_format_problem(reference, path)
+    if problem:
+        raise SegVizInputError(path, problem)
     expected = tuple(reversed(reference.GetSize()))
     if isinstance(labels, sitk.Image):
         differences = geometry_differences(labels, reference, tol=1e-3)
@@ -728,10 +1047,18 @@ def write_label_map_like(
     image.SetOrigin(reference.GetOrigin())
     image.SetDirection(reference.GetDirection())
 
+    check_parent_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{strip_suffix(path)}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    io_name = _SUFFIX_FORMAT[suffix][0]
     try:
-        _itk_write(image, temp, _SUFFIX_FORMAT[suffix][0], compress=suffix != ".nii")
+        with _itk_quiet():
+            _itk_write(image, temp, io_name, compress=suffix != ".nii")
+            differences = geometry_differences(_written_geometry(temp, io_name), reference, tol=_WRITTEN_GEOMETRY_TOL)
+        if differences:
+            raise SegVizInputError(
+                path, "the written file's grid differs from the input's, so nothing was kept: " + "; ".join(differences)
+            )
         if force:
             os.replace(temp, path)
         else:

@@ -8,9 +8,13 @@ model bundle, so inference repeats exactly what training did.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import nibabel.orientations as nib_orientations
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -23,10 +27,16 @@ from monai.transforms import (
     Spacingd,
 )
 
+from .errors import SegVizInputError
+
 __all__ = [
     "LPS_TO_RAS",
     "Preprocessing",
+    "check_preprocessed_size",
+    "inference_memory_bytes",
+    "memory_limit_bytes",
     "metatensor_to_sitk",
+    "preprocessed_shape",
     "preprocessing_transforms",
     "sitk_to_metatensor",
 ]
@@ -68,6 +78,16 @@ class Preprocessing:
         )
 
 
+def _ras_affine(image: sitk.Image) -> np.ndarray:
+    """The 4×4 affine from SimpleITK's index (i, j, k) to RAS mm."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
+    return affine
+
+
 def sitk_to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> MetaTensor:
     """Convert a 3D SimpleITK image to a channel-first MONAI ``MetaTensor`` ``(1, I, J, K)``.
 
@@ -77,11 +97,7 @@ def sitk_to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) ->
     if image.GetDimension() != 3:
         raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
     array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)  # z,y,x -> i,j,k
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    affine = np.eye(4)
-    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
-    affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
+    affine = _ras_affine(image)
     tensor = torch.as_tensor(np.ascontiguousarray(array)).to(dtype)[None]
     return MetaTensor(tensor, affine=torch.as_tensor(affine, dtype=torch.float64))
 
@@ -128,3 +144,90 @@ def preprocessing_transforms(
             ScaleIntensityRanged(keys=list(keys), a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
         ]
     )
+
+
+def preprocessed_shape(image: sitk.Image, preprocessing: Preprocessing) -> tuple[int, int, int]:
+    """Voxels per axis of ``image`` after :func:`preprocessing_transforms`, computed from its
+    header alone (nothing is allocated).
+
+    Orientation permutes the axes (the same nibabel rule MONAI's ``Orientationd`` follows);
+    resampling keeps the distance between the first and last voxel centres of each axis at the
+    model's spacing, rounded as MONAI's ``Spacingd`` rounds it.
+    """
+    affine = _ras_affine(image)
+    current = nib_orientations.io_orientation(affine)
+    target = nib_orientations.axcodes2ornt(preprocessing.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))
+    to_target = nib_orientations.ornt_transform(current, target)
+    span = (np.asarray(image.GetSize(), dtype=float) - 1) * np.asarray(image.GetSpacing(), dtype=float)
+    shape = [0, 0, 0]
+    for axis in range(3):
+        out = int(to_target[axis, 0])
+        shape[out] = max(1, int(np.round(span[axis] / preprocessing.spacing[out] + 1.0)))
+    return tuple(shape)
+
+
+def inference_memory_bytes(shape: Sequence[int], channels: int) -> int:
+    """Bytes that inference holds on the preprocessed grid: the float32 input, the resampling's
+    source and target, and MONAI's sliding-window output (one float32 map per organ) and count map."""
+    return math.prod(int(s) for s in shape) * 4 * (channels + 4)
+
+
+def memory_limit_bytes() -> int:
+    """Physical memory of this machine, or the container's limit when that is lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(cgroup).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"
+
+
+def check_preprocessed_size(
+    image: sitk.Image,
+    preprocessing: Preprocessing,
+    channels: int,
+    path: str | Path | None = None,
+    limit_bytes: int | None = None,
+) -> tuple[int, int, int]:
+    """Refuse, before anything is allocated, an image whose preprocessed grid would not fit in memory.
+
+    A spacing of 1000 mm in a header (where 1 mm was meant), or a model spacing far finer than
+    the image, makes MONAI's resampling ask for terabytes and die with a traceback; here it is
+    one line with the grid and the bytes it would need.
+
+    Args:
+        image: the CT as read.
+        preprocessing: the model's preprocessing.
+        channels: organ maps the network produces.
+        path: the input file, named in the error.
+        limit_bytes: memory available (default :func:`memory_limit_bytes`).
+
+    Returns:
+        the preprocessed shape.
+
+    Raises:
+        SegVizInputError: the estimate (:func:`inference_memory_bytes`) exceeds the limit.
+    """
+    shape = preprocessed_shape(image, preprocessing)
+    needed = inference_memory_bytes(shape, channels)
+    limit = memory_limit_bytes() if limit_bytes is None else limit_bytes
+    if needed > limit:
+        spacing = " × ".join(f"{s:g}" for s in preprocessing.spacing)
+        raise SegVizInputError(
+            path,
+            f"resampled to the model's {spacing} mm this image becomes a {' × '.join(map(str, shape))} grid that "
+            f"needs about {_bytes(needed)} of memory; this machine has {_bytes(limit)} "
+            f"(input spacing {' × '.join(f'{s:.4g}' for s in image.GetSpacing())} mm: is it right?)",
+        )
+    return shape

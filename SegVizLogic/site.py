@@ -18,6 +18,14 @@ A site folder::
   organ; it is treated as background), or the string ``"segment-names"``: label maps are 3D
   Slicer ``.seg.nrrd`` files whose segment names say the organ ("Liver", "left kidney").
 - ``description`` (str, optional).
+- ``allow_nonstandard_intensities`` (bool, optional, default false): accept images whose values
+  are not Hounsfield units (a site that knows its data is, say, rescaled MR-like CT). NaN,
+  infinite and constant images are refused regardless.
+
+The name is one printable line of at most 64 characters without ``/``, ``\\`` or ``..``: it
+ends up in file names and logs (:func:`~SegVizLogic.site_names.site_name_problem`). The file
+may start with a UTF-8 byte-order mark (Windows editors write one); a key given twice is refused
+(JSON readers would silently keep the last).
 
 Every organ in ``labels`` must be in ``organs`` and, with a value mapping, every organ in
 ``organs`` must have a label value.
@@ -38,6 +46,7 @@ from .errors import SegVizInputError
 from .io import (
     IMAGE_SUFFIXES,
     LABEL_SUFFIXES,
+    ct_geometry_problem,
     ct_intensity_problem,
     file_suffix,
     geometry_differences,
@@ -51,6 +60,7 @@ from .io import (
     write_text_atomic,
 )
 from .organs import ORGAN_NAMES, organ_by_name
+from .site_names import site_name_problem
 
 __all__ = [
     "IMAGES_DIR",
@@ -80,6 +90,7 @@ SEGMENT_NAMES = "segment-names"
 _COMPANION_SUFFIXES = (".raw", ".zraw", ".img")
 # A cropped segmentation is on the image's voxel lattice when its origin is this close (in voxels).
 _LATTICE_TOL = 1e-3
+_ALLOW_KEY = "allow_nonstandard_intensities"
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class Site:
         cases: paired cases, sorted by name.
         description: optional free text from site.json.
         segment_names: labels are mapped by .seg.nrrd segment names (``"labels": "segment-names"``).
+        allow_nonstandard_intensities: images need not be in Hounsfield units.
     """
 
     root: Path
@@ -118,6 +130,7 @@ class Site:
     cases: tuple[Case, ...]
     description: str = ""
     segment_names: bool = False
+    allow_nonstandard_intensities: bool = False
 
     @property
     def site_file(self) -> Path:
@@ -156,6 +169,7 @@ class _Declaration:
     label_values: dict[int, str | None] = field(default_factory=dict)
     description: str = ""
     segment_names: bool = False
+    allow_nonstandard_intensities: bool = False
 
 
 def _check_declaration(data: Any, where: Path, problems: list[str]) -> _Declaration:
@@ -170,10 +184,17 @@ def _check_declaration(data: Any, where: Path, problems: list[str]) -> _Declarat
     valid = ", ".join(ORGAN_NAMES)
 
     name = data.get("name")
-    if "name" in data and (not isinstance(name, str) or not name.strip()):
-        problems.append(f"{where}: 'name' must be a non-empty string, got {name!r}")
-    elif isinstance(name, str):
-        declaration.name = name.strip()
+    if "name" in data:
+        problem = site_name_problem(name)
+        if problem:
+            problems.append(f"{where}: {problem}")
+        else:
+            declaration.name = name
+    allow = data.get(_ALLOW_KEY, False)
+    if not isinstance(allow, bool):
+        problems.append(f"{where}: {_ALLOW_KEY!r} must be true or false, got {allow!r}")
+    else:
+        declaration.allow_nonstandard_intensities = allow
     description = data.get("description", "")
     if not isinstance(description, str):
         problems.append(f"{where}: 'description' must be a string, got {type(description).__name__}")
@@ -246,14 +267,33 @@ def _read_declaration(root: Path, problems: list[str]) -> _Declaration | None:
         problems.append(f"{site_file}: missing (a site folder needs {SITE_FILE}, {IMAGES_DIR}/ and {LABELS_DIR}/)")
         return None
     try:
-        data = json.loads(site_file.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows editors (Notepad) start the file with a byte-order mark.
+        data = json.loads(site_file.read_text(encoding="utf-8-sig"), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as error:
         problems.append(f"{site_file}: invalid JSON ({error.msg} at line {error.lineno} column {error.colno})")
+        return None
+    except _DuplicateKeyError as error:
+        problems.append(f"{site_file}: key {error.args[0]!r} appears twice; keep one")
         return None
     except (OSError, UnicodeDecodeError) as error:
         problems.append(f"{site_file}: unreadable ({error})")
         return None
     return _check_declaration(data, site_file, problems)
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """JSON readers keep the last of two equal keys without a word; a declaration that says
+    two things is refused instead."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -331,6 +371,7 @@ def _collect(path: str | Path, check_images: bool) -> Site:
         cases,
         declaration.description,
         declaration.segment_names,
+        declaration.allow_nonstandard_intensities,
     )
     if check_images and not problems:
         _check_cases(site, problems)
@@ -412,6 +453,15 @@ def _grid_problem(labels: sitk.Image, image: sitk.Image, segmentation: bool) -> 
     return "geometry differs from the image (label vs image): " + "; ".join(differences)
 
 
+def _ct_problem(image: sitk.Image, site: Site) -> str | None:
+    """The CT checks every entry point applies (io's single definitions), with this site's waiver."""
+    return ct_geometry_problem(image) or ct_intensity_problem(
+        image,
+        allow_nonstandard=site.allow_nonstandard_intensities,
+        waiver=f'set "{_ALLOW_KEY}": true in {site.site_file} if this is intended',
+    )
+
+
 def case_organ_map(case: Case, site: Site) -> dict[int, str | None]:
     """Return local label value -> organ name (or None) for ``case``, restricted to the site's organs.
 
@@ -432,7 +482,7 @@ def _check_cases(site: Site, problems: list[str]) -> None:
         image = labels = None
         try:
             image = read_image(case.image_path)
-            problem = ct_intensity_problem(image)
+            problem = _ct_problem(image, site)
             if problem:
                 problems.append(f"{case.image_path}: {problem}")
         except SegVizInputError as error:
@@ -493,6 +543,7 @@ def write_site(
     label_values: Mapping[int, str | None] | str,
     force: bool = False,
     description: str = "",
+    allow_nonstandard_intensities: bool = False,
 ) -> Path:
     """Write ``site.json`` (and create ``images/`` and ``labels/``) in ``root``.
 
@@ -503,6 +554,7 @@ def write_site(
         label_values: local label value -> organ name or None, or ``"segment-names"``.
         force: replace an existing site.json.
         description: optional free text.
+        allow_nonstandard_intensities: the site's images need not be in Hounsfield units.
 
     Returns:
         path of the written site.json.
@@ -525,6 +577,8 @@ def write_site(
         data["labels"] = {str(int(k)): (None if v is None else str(v).lower()) for k, v in sorted(label_values.items())}
     if description:
         data["description"] = description
+    if allow_nonstandard_intensities:
+        data[_ALLOW_KEY] = True
     problems: list[str] = []
     _check_declaration(data, site_file, problems)
     if problems:
@@ -548,9 +602,13 @@ def load_case(case: Case, site: Site) -> tuple[sitk.Image, sitk.Image]:
         3 pancreas, 4 kidney, 0 background) with exactly the image's geometry.
 
     Raises:
-        SegVizInputError: unreadable files, labels not on the image grid, undeclared values.
+        SegVizInputError: unreadable files, an image that is not CT (grid or values), labels
+            not on the image grid, undeclared values.
     """
     image = read_image(case.image_path)
+    problem = _ct_problem(image, site)
+    if problem:
+        raise SegVizInputError(case.image_path, problem)
     labels = read_label_map(case.label_path)
     problem = _grid_problem(labels, image, _is_segmentation(case.label_path))
     if problem:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +429,199 @@ def test_suffix_helpers():
     assert io.strip_suffix("images/case001.nii.gz") == "case001"
     assert io.strip_suffix("images/case.001.mha") == "case.001"
     assert io.strip_suffix("images/case001") == "case001"
+
+
+# ------------------------------------------------------------------ inputs that are not CT (issue 11)
+
+
+def _float_ct(values: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.SetSpacing((1.5, 1.5, 2.0))
+    return image
+
+
+def test_ct_intensity_problem_counts_non_finite_and_honours_the_waiver():
+    ct = np.full((6, 8, 10), -1000.0, np.float32)
+    ct[1:-1, 2:-2, 2:-2] = 40.0
+    assert io.ct_intensity_problem(_float_ct(ct)) is None
+    holes = ct.copy()
+    holes[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    assert io.ct_intensity_problem(_float_ct(holes)) == (
+        "3 of 480 voxels are NaN or infinite; replace them (e.g. with -1024 HU) first"
+    )
+    nan = np.full_like(ct, np.nan)
+    assert io.ct_intensity_problem(_float_ct(nan)) == "image has no finite voxel values (all NaN or infinite)"
+    screenshot = np.linspace(0, 255, ct.size).reshape(ct.shape)
+    assert io.ct_intensity_problem(_float_ct(screenshot), waiver="say so") == (
+        "intensity range 0..255 is not CT in HU (expected air near -1000 and soft tissue near 0..100); say so"
+    )
+    # The waiver covers the range only: NaN and constant images mean nothing to the network.
+    assert io.ct_intensity_problem(_float_ct(screenshot), allow_nonstandard=True) is None
+    assert io.ct_intensity_problem(_float_ct(holes), allow_nonstandard=True).startswith("3 of 480 voxels")
+    constant = np.full_like(ct, -1000.0)
+    assert io.ct_intensity_problem(_float_ct(constant), allow_nonstandard=True) == "image is constant (-1000); not a CT"
+    # A constant stride sample with one different voxel off the stride is not constant.
+    big = np.full((64, 64, 64), -1000.0, np.float32)
+    big[1, 1, 1] = 50.0
+    assert "constant" not in (io.ct_intensity_problem(_float_ct(big), max_samples=1000) or "")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_nan_voxels_are_refused_although_itk_reads_them_as_zero(tmp_path, suffix):
+    values = np.full((6, 8, 10), -1000.0, np.float32)
+    values[2:4, 2:6, 2:8] = 60.0
+    values[0, 0, :5] = np.nan
+    path = tmp_path / f"nan{suffix}"
+    sitk.WriteImage(_float_ct(values), str(path))
+    assert np.isfinite(sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))).all()  # ITK's silent 0 HU
+    with pytest.raises(SegVizInputError, match=rf"nan{re.escape(suffix)}: 5 of 480 voxels are NaN or infinite"):
+        io.read_image(path)
+    sitk.WriteImage(_float_ct(np.nan_to_num(values, nan=-1000.0)), str(path))
+    assert io.read_image(path).GetSize() == (10, 8, 6)
+
+
+def test_zero_pixdim_nifti_is_refused_without_noise(tmp_path, capfd):
+    path = tmp_path / "nopix.nii"
+    sitk.WriteImage(oblique_ct(), str(path))
+    data = bytearray(path.read_bytes())
+    data[84:88] = np.float32(0.0).tobytes()  # pixdim[2]
+    path.write_bytes(bytes(data))
+    assert sitk.ReadImage(str(path)).GetSpacing()[1] == 1.0  # ITK's silent guess
+    capfd.readouterr()
+    with pytest.raises(
+        SegVizInputError, match=r"nopix.nii: voxel size \(pixdim\) in the NIfTI header is 0.73 × 0 × 2.9"
+    ):
+        io.read_image(path)
+    assert capfd.readouterr() == ("", "")  # no nibabel log line, no ITK warning
+
+
+def test_ct_geometry_problem():
+    ct = oblique_ct()
+    assert io.ct_geometry_problem(ct) is None
+    assert "a single slice along an axis" in io.ct_geometry_problem(sitk.Image(20, 16, 1, sitk.sitkInt16))
+    far = sitk.Image(20, 16, 12, sitk.sitkInt16)
+    far.SetSpacing((1000.0, 1000.0, 1000.0))
+    assert io.ct_geometry_problem(far) == (
+        "image extent 2e+04 × 1.6e+04 × 1.2e+04 mm is larger than any body "
+        "(voxel spacing 1000 × 1000 × 1000 mm: is the spacing in the header right?)"
+    )
+
+
+# ------------------------------------------------------------------ DICOM oddities (real slices)
+
+
+def _copy_series(tmp_path: Path) -> Path:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in sorted(_need(DCMQI / "ct-3slice").iterdir()):
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("victim", ["01.dcm", "02.dcm", "03.dcm"])
+def test_truncated_dicom_slice_is_named(tmp_path, victim):
+    folder = _copy_series(tmp_path)
+    data = (folder / victim).read_bytes()
+    (folder / victim).write_bytes(data[: len(data) // 2])
+    with pytest.raises(SegVizInputError, match=rf"{victim}: truncated or unreadable DICOM file \(\d+ bytes\)"):
+        io.read_image(folder)
+
+
+def test_several_dicom_series_are_listed_and_one_is_chosen(tmp_path):
+    folder = _copy_series(tmp_path)
+    other = io.read_image(folder)
+    real_uid = io.list_dicom_series(folder)[0].uid
+    # A second series in the same folder: the same slices re-exported with another UID and description.
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for index, path in enumerate(sorted(folder.glob("0*.dcm"))):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.LoadPrivateTagsOn()
+        plane = reader.Execute()
+        for key in reader.GetMetaDataKeys():
+            plane.SetMetaData(key, reader.GetMetaData(key))
+        plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.99")
+        plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.99.{index}")
+        plane.SetMetaData("0008|103e", "re-export")
+        writer.SetFileName(str(folder / f"copy{index}.dcm"))
+        writer.Execute(plane)
+    listed = io.list_dicom_series(folder)
+    assert sorted(s.uid for s in listed) == sorted([real_uid, "1.2.826.0.1.3680043.2.1125.99"])
+    assert all(len(s.files) == 3 for s in listed)
+    with pytest.raises(
+        SegVizInputError, match=r"series: holds 2 DICOM series: .*'re-export', series .*3 slices.*--series UID"
+    ):
+        io.read_image(folder)
+    chosen = io.read_image(folder, series=real_uid)
+    assert io.geometry(chosen) == io.geometry(other)
+    with pytest.raises(SegVizInputError, match=r"copy0.dcm: belongs to series 1.2.826.0.1.3680043.2.1125.99"):
+        io.read_image(folder / "copy0.dcm", series=real_uid)
+
+
+# ------------------------------------------------------------------ directions a format cannot keep
+
+
+def _tilted(size=(12, 10, 8)) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.zeros(size[::-1], np.uint8))
+    direction = np.eye(3)
+    direction[:, 2] = [0.0, math.sin(math.radians(20)), math.cos(math.radians(20))]
+    image.SetDirection(tuple(direction.ravel()))
+    return image
+
+
+def test_label_format_problem_names_the_formats_that_keep_a_tilt():
+    tilted = _tilted()
+    assert not io.is_orthogonal(tilted.GetDirection()) and io.is_orthogonal(oblique_ct().GetDirection())
+    problem = io.label_format_problem(tilted, "labels.nii.gz")
+    assert problem.startswith("the input's direction matrix is not orthogonal (axes 20° off square")
+    assert problem.endswith("write the label map as .nrrd or .mha, which keep it")
+    assert io.label_format_problem(tilted, "labels.nrrd") is None
+    assert io.label_format_problem(oblique_ct(), "labels.nii.gz") is None
+
+
+def test_write_reads_the_header_back_and_keeps_nothing_unfaithful(tmp_path, monkeypatch, capfd):
+    tilted = _tilted()
+    for suffix in (".nrrd", ".mha"):
+        written = io.read_label_map(
+            io.write_label_map_like(np.ones((8, 10, 12), np.uint8), tilted, tmp_path / f"ok{suffix}")
+        )
+        assert io.geometry_differences(written, tilted, tol=1e-6) == []
+    with pytest.raises(SegVizInputError, match=r"bad.nii.gz: the input's direction matrix is not orthogonal"):
+        io.write_label_map_like(np.ones((8, 10, 12), np.uint8), tilted, tmp_path / "bad.nii.gz")
+    # Without the up-front check ITK coerces the direction; reading the header back catches it.
+    monkeypatch.setattr(io, "label_format_problem", lambda reference, path: None)
+    capfd.readouterr()
+    with pytest.raises(
+        SegVizInputError,
+        match=r"bad.nii.gz: the written file's grid differs from the input's, so nothing was kept: direction",
+    ):
+        io.write_label_map_like(np.ones((8, 10, 12), np.uint8), tilted, tmp_path / "bad.nii.gz")
+    assert capfd.readouterr().err == ""  # ITK's "coerced to orthogonal" warning is not printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.mha", "ok.nrrd"]
+
+
+# ------------------------------------------------------------------ output locations
+
+
+def test_output_locations_are_checked_before_any_work(tmp_path):
+    from SegVizLogic.output_paths import check_output_folder, check_output_path
+
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(b"ct")
+    (tmp_path / "link.nii.gz").symlink_to(ct)
+    with pytest.raises(SegVizInputError, match=r"link.nii.gz: is also an input \(.*ct.nii.gz\)"):
+        check_output_path(tmp_path / "link.nii.gz", force=True, inputs=[ct])
+    with pytest.raises(
+        SegVizInputError, match=r"labels.nii.gz: cannot be created: .*ct.nii.gz is a file, not a folder"
+    ):
+        check_output_path(ct / "deeper" / "labels.nii.gz")
+    with pytest.raises(
+        SegVizInputError, match=r"out.png: unsupported file type '.png' for writing: expected .nii.gz, .nrrd"
+    ):
+        check_output_path(tmp_path / "out.png", suffixes=(".nii.gz", ".nrrd"))
+    assert check_output_path(tmp_path / "new" / "deeper" / "l.nii.gz", suffixes=(".nii.gz",)).name == "l.nii.gz"
+    assert check_output_folder(tmp_path / "tls" / "inner") == tmp_path / "tls" / "inner"
+    with pytest.raises(SegVizInputError, match=r"ct.nii.gz: is a file; expected a folder"):
+        check_output_folder(ct)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "link.nii.gz"]  # nothing created

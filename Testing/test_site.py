@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -449,3 +450,93 @@ def test_state_dir(tmp_path):
     assert state_dir(root) == folder
     assert load_site(root) == site  # local state is never listed as data
     assert os.listdir(folder) == ["batchnorm.pt"]
+
+
+# ------------------------------------------------------------------ site.json oddities (issue 11)
+
+
+def test_site_json_with_byte_order_mark_is_read(tmp_path):
+    root = make_site(tmp_path / "s")
+    text = (root / SITE_FILE).read_text()
+    (root / SITE_FILE).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert validate_site(root).organs == ("liver", "kidney")
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    root = make_site(tmp_path / "s")
+    (root / SITE_FILE).write_text(
+        '{"name": "s", "organs": ["liver", "kidney"], "labels": {"1": "liver", "1": "kidney"}}'
+    )
+    one_problem(root, "site.json: key '1' appears twice; keep one", check_images=False)
+
+
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("a/b", "contains '/'"),
+        ("a\\b", "contains '\\\\'"),
+        ("..", "contains '..'"),
+        ("x..y", "contains '..'"),
+        ("site\nb", "control or invisible characters (U+000A)"),
+        ("site\tb", "control or invisible characters (U+0009)"),
+        ("evil\u202etxt", "control or invisible characters (U+202E)"),
+        (" padded", "starts or ends with white space"),
+        ("x" * 65, "65 characters long (at most 64)"),
+        ("", "must be a non-empty string"),
+        (7, "must be a non-empty string, got 7"),
+    ],
+)
+def test_site_names_that_could_name_a_path_or_forge_a_line(tmp_path, name, fragment):
+    root = make_site(tmp_path / "s")
+    data = json.loads((root / SITE_FILE).read_text())
+    (root / SITE_FILE).write_text(json.dumps({**data, "name": name}))
+    one_problem(root, fragment, check_images=False)
+    with pytest.raises(SiteValidationError, match=re.escape(fragment)):
+        write_site(tmp_path / "t", name, ["liver"], {1: "liver"})
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("name", ["site-a", "Hôpital Saint-Éloi", "CHU_Lyon.2", "病院A"])
+def test_good_site_names(tmp_path, name):
+    root = make_site(tmp_path / "s")
+    data = json.loads((root / SITE_FILE).read_text())
+    (root / SITE_FILE).write_text(json.dumps({**data, "name": name}), encoding="utf-8")
+    assert load_site(root).name == name
+
+
+def test_non_finite_ct_is_refused_in_validation_and_loading(tmp_path):
+    root = make_site(tmp_path / "s", cases=("case001",))
+    array = sitk.GetArrayFromImage(ct_image()).astype(np.float32)
+    array[1, 2, 3] = np.inf
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(ct_image())
+    sitk.WriteImage(image, str(root / "images" / "case001.nrrd"))
+    (root / "images" / "case001.nii.gz").unlink()
+    one_problem(root, "case001.nrrd: 1 of 2240 voxels are NaN or infinite")
+    site = load_site(root)
+    with pytest.raises(SegVizInputError, match=r"case001.nrrd: 1 of 2240 voxels are NaN or infinite"):
+        load_case(site.cases[0], site)
+
+
+def test_nonstandard_intensities_allowed_by_the_site(tmp_path):
+    root = make_site(tmp_path / "s", cases=("case001",))
+    sitk.WriteImage(ct_image(low=0, high=55), str(root / "images" / "case001.nii.gz"))
+    problem = one_problem(root, "case001.nii.gz: intensity range 0..255 is not CT in HU")
+    assert problem.endswith(f'set "allow_nonstandard_intensities": true in {root / SITE_FILE} if this is intended')
+    write_site(
+        root, "s", ["liver", "kidney"], {1: "liver", 2: "kidney"}, force=True, allow_nonstandard_intensities=True
+    )
+    site = validate_site(root)
+    assert site.allow_nonstandard_intensities
+    image, labels = load_case(site.cases[0], site)
+    assert sitk.GetArrayViewFromImage(image).min() == 0 and sitk.GetArrayViewFromImage(labels).max() == 4
+    data = json.loads((root / SITE_FILE).read_text())
+    (root / SITE_FILE).write_text(json.dumps({**data, "allow_nonstandard_intensities": "yes"}))
+    one_problem(root, "'allow_nonstandard_intensities' must be true or false, got 'yes'", check_images=False)
+
+
+def test_implausible_ct_grid_is_refused(tmp_path):
+    root = make_site(tmp_path / "s", cases=("case001",))
+    sitk.WriteImage(ct_image(spacing=(1000.0, 1000.0, 1000.0)), str(root / "images" / "case001.nii.gz"))
+    sitk.WriteImage(label_image(spacing=(1000.0, 1000.0, 1000.0)), str(root / "labels" / "case001.nrrd"))
+    one_problem(root, "case001.nii.gz: image extent 1.6e+04 × 1.4e+04 × 1e+04 mm is larger than any body")

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import SegVizInputError
+from ..output_paths import check_output_folder
 
 __all__ = ["CERT_FILES", "write_certificates", "write_node_key_pair"]
 
@@ -56,7 +57,7 @@ def write_certificates(
     Raises:
         SegVizInputError: the files exist and ``force`` is false.
     """
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)  # a file in the way is one line, not a traceback
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in CERT_FILES}
     existing = [str(p) for p in paths.values() if p.exists()]
@@ -134,7 +135,7 @@ def write_node_key_pair(out_dir: str | Path, name: str = "node", force: bool = F
     Raises:
         SegVizInputError: the key exists and ``force`` is false.
     """
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)  # a file in the way is one line, not a traceback
     out.mkdir(parents=True, exist_ok=True)
     private, public = out / f"{name}.key", out / f"{name}.pub"
     if private.exists() and not force:
