@@ -44,19 +44,19 @@ def test_supported_slicer_and_python_pass(slicer_version, python):
 
 def test_the_supported_release_is_stated_in_the_guide_metadata_and_module():
     stated = compatibility.SUPPORTED_RELEASES
-    assert stated in (REPO / "docs" / "USER_GUIDE.md").read_text()
-    assert stated in (REPO / "SegVizSlicer.s4ext").read_text()
-    assert stated in (REPO / "CMakeLists.txt").read_text()
-    assert "SUPPORTED_RELEASES" in (REPO / "SegVizSlicer" / "SegVizSlicer.py").read_text()
+    assert stated in (REPO / "docs" / "USER_GUIDE.md").read_text(encoding="utf-8")
+    assert stated in (REPO / "SegVizSlicer.s4ext").read_text(encoding="utf-8")
+    assert stated in (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "SUPPORTED_RELEASES" in (REPO / "SegVizSlicer" / "SegVizSlicer.py").read_text(encoding="utf-8")
 
 
 def test_compatibility_parses_with_the_python_of_an_old_slicer():
     """The module must import on Slicer 5.8's Python 3.9 to say "too old" instead of crashing."""
     import ast
 
-    source = (REPO / "SegVizSlicer" / "SegVizSlicerLib" / "compatibility.py").read_text()
+    source = (REPO / "SegVizSlicer" / "SegVizSlicerLib" / "compatibility.py").read_text(encoding="utf-8")
     ast.parse(source, feature_version=(3, 9))
-    module_source = (REPO / "SegVizSlicer" / "SegVizSlicer.py").read_text()
+    module_source = (REPO / "SegVizSlicer" / "SegVizSlicer.py").read_text(encoding="utf-8")
     ast.parse(module_source, feature_version=(3, 9))
 
 
@@ -125,7 +125,9 @@ def test_term_json_codes_are_the_organ_schema_and_colours_slicers_general_anatom
     from SegVizLogic.organs import KIDNEY_SIDE_MODIFIERS, ORGANS
 
     term = json.loads(
-        (REPO / "Resources" / "Terminology" / "SegmentationCategoryTypeModifier-SegViz.term.json").read_text()
+        (REPO / "Resources" / "Terminology" / "SegmentationCategoryTypeModifier-SegViz.term.json").read_text(
+            encoding="utf-8"
+        )
     )
     assert term["SegmentationCategoryTypeContextName"] == "Segmentation category and type - SegViz"
     [category] = term["SegmentationCodes"]["Category"]

@@ -39,7 +39,7 @@ from SegVizSlicerLib.site_export import Case, write_case
 from SegVizSlicerLib.volume_nodes import volume_node_from_image
 from SegVizSlicerLib.workflows import load_inference_result
 
-from SegVizLogic.bundle_manifest import FORMAT_NAME, MANIFEST_MEMBER, organ_schema
+from SegVizLogic.bundle_manifest import MANIFEST_MEMBER
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -412,19 +412,28 @@ def test_settings_outlive_a_scene_and_read_back_from_strings():
 
 
 def _manifest_bundle(path: Path, **changes) -> Path:
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": 1,
-        "organ_schema": organ_schema(),
-        "network": {"organs": ["liver", "spleen", "pancreas", "kidney"]},
-        "provenance": {"strategy": "fedbn", "rounds": 10, "sites": ["site-a", "site-b"]},
-        "created": "2026-11-20T10:00:00+00:00",
-        "metrics": {"final": {"val_dice": {"liver": 0.91, "kidney": 0.85}}},
-        "batchnorm_variants": ["averaged"],
-    }
+    """A real (tiny) bundle whose manifest carries ``changes`` on top of what ``save_bundle`` wrote."""
+    from SegVizLogic.bundle import save_bundle
+    from SegVizLogic.network import NetworkConfig, build_network
+    from SegVizLogic.preprocessing import Preprocessing
+
+    source = path.with_name(path.stem + "-source.segviz")
+    model = build_network(NetworkConfig(channels=(4, 8), strides=(2,), num_res_units=0, body_features=4))
+    save_bundle(source, model, Preprocessing(), force=True)
+    with zipfile.ZipFile(source) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(members.pop(MANIFEST_MEMBER))
+    manifest.update(
+        provenance={"strategy": "fedbn", "rounds": 10, "sites": ["site-a", "site-b"]},
+        created="2026-11-20T10:00:00+00:00",
+        metrics={"final": {"val_dice": {"liver": 0.91, "kidney": 0.85}}},
+    )
     manifest.update(changes)
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(MANIFEST_MEMBER, json.dumps(manifest))
+        for name, data in members.items():
+            archive.writestr(name, data)
+    source.unlink()
     return path
 
 
