@@ -122,15 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
 
-    p = sub.add_parser("evaluate", help="Dice and HD95 per organ of a prediction against a reference")
-    p.add_argument("--pred", required=True, type=Path)
-    p.add_argument("--ref", required=True, type=Path)
-    p.add_argument(
-        "--ref-map", default=None, help="reference values per organ, e.g. liver=5,spleen=1,pancreas=7,kidney=2+3"
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, HD95 and volume difference per organ of predictions against references (files or folders)",
+        description="Score a prediction against a reference, or a folder of predictions against a folder of "
+        "references paired by case name. A reference that stores the same voxels in another orientation is "
+        "compared on the prediction's grid exactly; one on another grid is refused unless --resample-ref.",
     )
-    p.add_argument("--json", type=Path, default=None, help="write the scores as JSON")
-    p.add_argument("--no-hd95", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--pred", required=True, type=Path, help="predicted label map, or a folder of them")
+    p.add_argument("--ref", required=True, type=Path, help="reference label map, or a folder of them (same case names)")
+    p.add_argument(
+        "--ref-map",
+        default=None,
+        help="reference values per organ, e.g. liver=5,spleen=1,pancreas=7,kidney=2+3 (TotalSegmentator); "
+        "organs not named are left out (default: SegViz values 1-4)",
+    )
+    p.add_argument(
+        "--pred-map", default=None, help="prediction values per organ, for another tool's prediction (default: SegViz)"
+    )
+    p.add_argument(
+        "--resample-ref",
+        action="store_true",
+        help="resample a reference on another grid onto the prediction's grid (nearest neighbour); the report says so",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write every score, the means and notes as JSON")
+    p.add_argument("--csv", type=Path, default=None, help="write the table: one row per case and organ, then means")
+    p.add_argument("--png", type=Path, default=None, help="write a figure of the per-case Dice, HD95 and volume error")
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest score)")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("model-info", help="show a model bundle's organs, rounds, sites, date and settings")
@@ -316,31 +336,90 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_label_maps, parse_ref_map
-    from .io import read_label_map
+    from .evaluation import check_report_paths, evaluate_case, pair_cases, parse_ref_map, summarize, write_evaluation
+    from .progress import ProgressReporter
 
-    if args.json is not None and args.json.exists() and not args.force:
-        raise SegVizError(f"{args.json}: already exists; use --force to overwrite")
+    reports = {"json": args.json, "csv": args.csv, "png": args.png}
+    check_report_paths(reports, args.force)
     try:
-        ref_map = parse_ref_map(args.ref_map)
+        ref_map = parse_ref_map(args.ref_map, "--ref-map")
+        pred_map = parse_ref_map(args.pred_map, "--pred-map") if args.pred_map else None
     except ValueError as error:
         raise SegVizError(str(error)) from None
-    scores = evaluate_label_maps(
-        read_label_map(args.pred),
-        read_label_map(args.ref),
-        ref_map,
-        hd95=not args.no_hd95,
-        pred_path=str(args.pred),
-        ref_path=str(args.ref),
+    for path in (args.pred, args.ref):
+        if not path.exists():
+            raise SegVizError(f"{path}: not found")
+    if args.pred.is_dir() != args.ref.is_dir():
+        raise SegVizError(f"--pred {args.pred} and --ref {args.ref}: give two files or two folders")
+    if args.pred.is_dir():
+        pairs, pred_only, ref_only = pair_cases(args.pred, args.ref)
+        if not pairs:
+            raise SegVizError(f"{args.pred} and {args.ref}: no case name appears in both folders")
+    else:
+        pairs, pred_only, ref_only = [(None, args.pred, args.ref)], [], []
+    reporter = _reporter(args)
+    cases = []
+    # A bar for a folder; one case is over before a bar would say anything.
+    bar = reporter if len(pairs) > 1 else ProgressReporter("none")
+    with bar.task("evaluate", total=len(pairs)) as advance:
+        for case, pred, ref in pairs:
+            cases.append(
+                evaluate_case(
+                    pred, ref, ref_map, pred_map, hd95=not args.no_hd95, resample_ref=args.resample_ref, case=case
+                )
+            )
+            advance(1)
+    document = write_evaluation(
+        cases,
+        {"predictions_without_reference": pred_only, "references_without_prediction": ref_only},
+        json_path=args.json,
+        csv_path=args.csv,
+        png_path=args.png,
+        sources={"pred": str(args.pred), "ref": str(args.ref), "ref_map": ref_map, "pred_map": pred_map},
     )
-    print(f"{'organ':<9} {'Dice':>6} {'HD95 mm':>8}  status")
-    for name, s in scores.items():
-        dice = "-" if s["dice"] is None else f"{s['dice']:.3f}"
-        hd = "-" if s.get("hd95_mm") is None else f"{s['hd95_mm']:.1f}"
-        print(f"{name:<9} {dice:>6} {hd:>8}  {s['status']}")
-    if args.json is not None:
-        _write_json_atomic(args.json, {"pred": str(args.pred), "ref": str(args.ref), "organs": scores})
+    written = {kind: str(path) for kind, path in reports.items() if path is not None}
+    if reporter.mode == "json":
+        reporter.emit("done", outputs=written, metrics={o: s["dice_mean"] for o, s in document["mean"].items()})
+        return 0
+    print(_evaluation_text(cases, summarize(cases), pred_only, ref_only))
     return 0
+
+
+def _number(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _evaluation_text(cases, summary, pred_only, ref_only) -> str:
+    """The evaluation for people: the organ table of one case, or per-organ means of many."""
+    lines = []
+    if len(cases) == 1:
+        lines.append(f"{'organ':<9} {'Dice':>6} {'HD95 mm':>8} {'pred mL':>9} {'ref mL':>9} {'diff mL':>9}  status")
+        for name, s in cases[0].organs.items():
+            lines.append(
+                f"{name:<9} {_number(s['dice']):>6} {_number(s['hd95_mm'], 1):>8} {s['pred_ml']:>9.1f} "
+                f"{s['ref_ml']:>9.1f} {_number(s['volume_diff_ml'], 1, True):>9}  {s['status']}"
+            )
+    else:
+        lines.append(f"{len(cases)} cases")
+        lines.append(
+            f"{'organ':<9} {'cases':>5} {'Dice mean':>9} {'sd':>6} {'HD95 mm':>8} {'diff mL':>9} {'diff %':>7}"
+        )
+        for name, s in summary.items():
+            lines.append(
+                f"{name:<9} {s['n']:>5} {_number(s['dice_mean']):>9} {_number(s['dice_sd']):>6} "
+                f"{_number(s['hd95_mean_mm'], 1):>8} {_number(s['volume_diff_mean_ml'], 1, True):>9} "
+                f"{_number(s['volume_diff_mean_percent'], 1, True):>7}"
+            )
+    for case in cases:
+        for note in case.notes:
+            lines.append(f"note: {case.case + ': ' if len(cases) > 1 else ''}{note}")
+    if pred_only:
+        lines.append(f"unmatched: {len(pred_only)} predictions without a reference: {', '.join(pred_only)}")
+    if ref_only:
+        lines.append(f"unmatched: {len(ref_only)} references without a prediction: {', '.join(ref_only)}")
+    return "\n".join(lines)
 
 
 def _cmd_model_info(args) -> int:
