@@ -153,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_argument(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("model-info", help="show a model bundle's organs, rounds, sites, date and settings")
+    p = sub.add_parser(
+        "model-info",
+        help="show how a model bundle was trained: every setting, sites and held-out case counts, BatchNorm "
+        "choices, validation metrics",
+    )
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_info)
@@ -423,29 +427,12 @@ def _evaluation_text(cases, summary, pred_only, ref_only) -> str:
 
 
 def _cmd_model_info(args) -> int:
-    from .bundle_manifest import batchnorm_choices, read_manifest
+    from .bundle_description import describe_bundle, format_bundle_description
+    from .bundle_manifest import read_manifest
 
     # The manifest alone describes a bundle: no torch, no weights read.
-    manifest = read_manifest(args.model)
-    prov = manifest.get("provenance", {})
-    info = {
-        "path": str(args.model),
-        "organs": list(manifest.get("network", {}).get("organs", [])),
-        "strategy": prov.get("strategy", "local"),
-        "rounds": prov.get("rounds"),
-        "sites": prov.get("sites", []),
-        "created": manifest.get("created"),
-        "segviz_version": manifest.get("segviz_version"),
-        "spacing_mm": list(manifest.get("preprocessing", {}).get("spacing", [])),
-        "default_batchnorm": manifest.get("default_batchnorm", "model"),
-        "batchnorm_choices": batchnorm_choices(manifest),
-        "metrics": manifest.get("metrics", {}).get("final", {}),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            print(f"{key:<18} {value}")
+    info = describe_bundle(read_manifest(args.model), args.model)
+    print(json.dumps(info, indent=2) if args.json else format_bundle_description(info))
     return 0
 
 
