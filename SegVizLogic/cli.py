@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import SegVizError
 from .organs import ORGANS
+from .training_setup import add_setup_arguments
 
 __all__ = ["add_progress_argument", "build_parser", "main", "triple_argument"]
 
@@ -69,37 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site", type=Path)
     p.set_defaults(func=_cmd_validate_site)
 
-    p = sub.add_parser("train", help="train on one site, or on several pooled sites (central training)")
+    p = sub.add_parser(
+        "train",
+        help="train on one site, or on several pooled sites (central training)",
+        description="Train a local model (one --site) or a central model (several, pooled) and write the "
+        "best-validation epoch as a model bundle. The setup comes from --preset or --config; flags override it.",
+    )
     p.add_argument("--site", action="append", required=True, type=Path, help="site folder (repeat to pool sites)")
     p.add_argument("--out", required=True, type=Path, help="model bundle to write (*.segviz)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--spacing",
-        type=triple_argument(float),
-        default=(1.5, 1.5, 2.0),
-        help="resampling spacing in mm (default 1.5,1.5,2)",
-    )
-    p.add_argument(
-        "--patch",
-        type=triple_argument(int),
-        default=(128, 128, 32),
-        help="training patch in voxels (default 128,128,32)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--samples-per-case", type=int, default=8)
-    p.add_argument(
-        "--label-mode",
-        choices=("partial", "naive"),
-        default="partial",
-        help="partial: loss on annotated organs only; naive: the paper's pooled baseline (unannotated = background)",
-    )
-    p.add_argument("--channels", type=lambda t: tuple(int(c) for c in t.split(",")), default=(16, 32, 64, 128, 256))
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="write a bundle after every epoch here")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite --out")
     add_progress_argument(p)
+    add_setup_arguments(p, "train")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("infer", help="segment a CT volume with a model bundle")
@@ -259,35 +242,29 @@ def _cmd_validate_site(args) -> int:
 
 def _cmd_train(args) -> int:
     from .local_training import train_bundle
-    from .network import NetworkConfig
-    from .preprocessing import Preprocessing
-    from .training import TrainingConfig
+    from .training_setup import setup_from_args
 
-    network = NetworkConfig(
-        channels=args.channels,
-        strides=(2,) * (len(args.channels) - 1),
-        output="softmax" if args.label_mode == "naive" else "sigmoid",
+    setup = setup_from_args(args)
+    # The naive pooled baseline competes organs against background in one softmax; the
+    # partial-label model gives each organ its own sigmoid.
+    setup = setup.override(
+        {"network": {"output": "softmax" if setup.training.label_mode == "naive" else "sigmoid"}}, source=setup.source
     )
-    training = TrainingConfig(
-        patch_size=args.patch,
-        batch_size=args.batch_size,
-        samples_per_case=args.samples_per_case,
-        label_mode=args.label_mode,
-        seed=args.seed,
-    )
+    epochs = args.epochs if args.epochs is not None else setup.total_epochs
     reporter = _reporter(args)
     path = train_bundle(
         args.site,
         args.out,
-        network=network,
-        preprocessing=Preprocessing(spacing=args.spacing),
-        training=training,
-        epochs=args.epochs,
-        lr=args.lr,
+        network=setup.network,
+        preprocessing=setup.preprocessing,
+        training=setup.training,
+        epochs=epochs,
+        lr=setup.federation.lr,
         device=args.device,
         reporter=reporter,
         checkpoint_dir=args.checkpoint_dir,
         force=args.force,
+        setup_source=setup.source,
     )
     reporter.emit("done", outputs={"model": str(path)})
     return 0
