@@ -21,7 +21,7 @@ __all__ = ["describe_bundle", "format_bundle_description"]
 _BUDGET_KEYS = ("local_epochs", "lr", "epochs")
 _STRATEGY_NAMES = {"fedbn": "FedBN", "fedavg": "FedAvg"}
 # Per-site metrics a federated site reports each round, and how model-info names them.
-_SITE_METRICS = {"num-examples": "training_cases", "val-cases": "validation_cases", "loss": "loss"}
+_SITE_METRICS = {"num-examples": "training_cases", "num-val-examples": "validation_cases", "loss": "loss"}
 
 
 def _kind(provenance: dict) -> str:

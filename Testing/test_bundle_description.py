@@ -67,7 +67,7 @@ def test_a_federated_bundle_of_an_older_segviz_says_what_it_does_not_know():
     }
     info = describe_bundle(manifest, "m.segviz")
     assert info["metrics"]["round"] == 2 and info["metrics"]["val_dice"] == {"liver": 0.4}
-    assert info["cases_per_site"] == {"a": {"training": 3, "validation": None}}  # no val-cases metric then
+    assert info["cases_per_site"] == {"a": {"training": 3, "validation": None}}  # no num-val-examples metric then
     assert info["setup"]["training"] == {"patch_size": [32, 32, 16]}  # lr and local epochs are the budget
     assert info["budget"] == {"rounds": 2, "local_epochs": 1, "lr": 0.01, "weighting": "uniform"}
     text = format_bundle_description(info)

@@ -400,7 +400,7 @@ def train_client_round(
     metrics = {
         "num-examples": int(result.num_examples),
         # A count only (the held-out cases stay unnamed): model-info reports it per site.
-        "val-cases": len(data.val_items),
+        "num-val-examples": len(data.val_items),
         "loss": float(result.loss),
         "steps": int(result.steps),
         "train-seconds": float(seconds),
