@@ -23,6 +23,7 @@ __all__ = [
     "MANIFEST_MEMBER",
     "WEIGHTS_MEMBER",
     "batchnorm_choices",
+    "buildable_batchnorm",
     "describe_batchnorm",
     "organ_schema",
     "read_manifest",
@@ -92,6 +93,18 @@ def batchnorm_choices(manifest: dict) -> list[str]:
     if all(f"organ:{o}" in variants for o in manifest.get("network", {}).get("organs", [])):
         choices.append("per-organ")
     return [*choices, "adapt", *variants]
+
+
+def buildable_batchnorm(manifest: dict) -> list[str]:
+    """Every BatchNorm choice :meth:`SegVizLogic.bundle.ModelBundle.build_model` can build for this
+    bundle, meaningful or not: ``model``, ``per-organ`` (with every ``organ:<organ>``), ``adapt`` and
+    every variant. Experiments measure controls from it (a FedBN model's untrained ``model``
+    BatchNorm); inference offers :func:`batchnorm_choices`."""
+    variants = sorted(manifest.get("batchnorm_variants", []))
+    choices = ["model", "adapt", *variants]
+    if all(f"organ:{o}" in variants for o in manifest.get("network", {}).get("organs", [])):
+        choices.insert(1, "per-organ")
+    return choices
 
 
 def read_manifest_from_archive(archive: zipfile.ZipFile, path: str | Path) -> dict:

@@ -80,3 +80,11 @@ def test_model_info_needs_no_torch():
 
     code = "import sys; import SegVizLogic.bundle_description, SegVizLogic.cli; print('torch' in sys.modules)"
     assert subprocess.check_output([sys.executable, "-c", code], text=True, timeout=120).strip() == "False"
+
+
+def test_experiments_can_still_build_the_controls_inference_does_not_offer():
+    from SegVizLogic.bundle_manifest import buildable_batchnorm
+
+    fedbn = _manifest({"kind": "federated", "strategy": "fedbn"}, VARIANTS)
+    assert buildable_batchnorm(fedbn) == ["model", "per-organ", "adapt", *VARIANTS]
+    assert set(batchnorm_choices(fedbn)) == set(buildable_batchnorm(fedbn)) - {"model"}
