@@ -29,6 +29,7 @@ from .organs import ORGAN_NAMES, ORGANS
 from .site_names import site_name_problem
 
 __all__ = [
+    "BATCHNORM_DESCRIPTIONS",
     "BUNDLE_FORMAT",
     "FORMAT_NAME",
     "MANIFEST_MEMBER",
@@ -36,7 +37,9 @@ __all__ = [
     "MEMBER_LIMITS",
     "WEIGHTS_MEMBER",
     "batchnorm_choices",
+    "buildable_batchnorm",
     "check_archive",
+    "describe_batchnorm",
     "member_limit",
     "organ_schema",
     "read_manifest",
@@ -92,9 +95,58 @@ def variant_member(name: str) -> str:
     return "batchnorm/" + name.replace(":", "__") + ".npz"
 
 
+BATCHNORM_DESCRIPTIONS: dict[str, str] = {
+    "model": "the BatchNorm stored with the weights, learnt with them (local or pooled training; FedAvg averages it "
+    "every round)",
+    "per-organ": "each organ's head with the BatchNorm of the sites that annotated that organ (organ:<organ>), "
+    "one network pass per organ",
+    "adapt": "BatchNorm statistics re-estimated on the input CT itself (test-time adaptation; needs nothing from any "
+    "site)",
+    "averaged": "the mean of every site's BatchNorm, each shared once at the end of training",
+    "organ:": "the mean BatchNorm of the sites that annotated the {name}",
+    "site:": "the BatchNorm of site {name}: for scans from that site's scanners",
+}
+"""What each BatchNorm choice means (``organ:`` and ``site:`` stand for every ``organ:<organ>`` and
+``site:<name>``; ``{name}`` is filled in). The one table of them: ``model-info`` and the Slicer panel
+show it."""
+
+
+def describe_batchnorm(choice: str) -> str:
+    """One line saying what BatchNorm choice ``choice`` means (see :data:`BATCHNORM_DESCRIPTIONS`)."""
+    if choice in BATCHNORM_DESCRIPTIONS:
+        return BATCHNORM_DESCRIPTIONS[choice]
+    prefix, _, name = choice.partition(":")
+    template = BATCHNORM_DESCRIPTIONS.get(prefix + ":")
+    return template.format(name=name) if template and name else "a BatchNorm variant carried by the bundle"
+
+
 def batchnorm_choices(manifest: dict) -> list[str]:
-    """Every BatchNorm choice a bundle offers inference: ``model``, ``per-organ`` (when it has an
-    ``organ:<organ>`` variant for every organ), ``adapt`` and its variants."""
+    """The BatchNorm choices that mean something for this bundle, for inference at a new site.
+
+    - local, central and FedAvg bundles: ``model`` (the BatchNorm trained with the weights) and ``adapt``;
+    - FedBN bundles: never ``model``: under FedBN BatchNorm stays at the sites, so the global model
+      holds its initial BatchNorm, which no site trained with (empty label maps); ``adapt``;
+    - with the BatchNorm the sites shared at the end: ``per-organ`` (an ``organ:<organ>`` variant
+      for every organ), ``averaged``, ``organ:<organ>``, ``site:<name>``; under FedAvg ``averaged``
+      is left out, being the ``model`` BatchNorm again.
+    """
+    provenance = manifest.get("provenance") or {}
+    federated = provenance.get("kind") == "federated"
+    strategy = provenance.get("strategy")
+    variants = sorted(manifest.get("batchnorm_variants", []))
+    if federated and strategy == "fedavg":
+        variants = [v for v in variants if v != "averaged"]
+    choices = [] if federated and strategy == "fedbn" else ["model"]
+    if all(f"organ:{o}" in variants for o in manifest.get("network", {}).get("organs", ORGAN_NAMES)):
+        choices.append("per-organ")
+    return [*choices, "adapt", *variants]
+
+
+def buildable_batchnorm(manifest: dict) -> list[str]:
+    """Every BatchNorm choice :meth:`SegVizLogic.bundle.ModelBundle.build_model` can build for this
+    bundle, meaningful or not: ``model``, ``per-organ`` (with every ``organ:<organ>``), ``adapt`` and
+    every variant. Experiments measure controls from it (a FedBN model's untrained ``model``
+    BatchNorm); inference offers :func:`batchnorm_choices`."""
     variants = sorted(manifest.get("batchnorm_variants", []))
     choices = ["model", "adapt", *variants]
     if all(f"organ:{o}" in variants for o in manifest.get("network", {}).get("organs", ORGAN_NAMES)):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import SegVizError
 from .organs import ORGANS
+from .training_setup import add_setup_arguments
 
 __all__ = ["add_progress_argument", "build_parser", "main", "triple_argument"]
 
@@ -69,37 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site", type=Path)
     p.set_defaults(func=_cmd_validate_site)
 
-    p = sub.add_parser("train", help="train on one site, or on several pooled sites (central training)")
+    p = sub.add_parser(
+        "train",
+        help="train on one site, or on several pooled sites (central training)",
+        description="Train a local model (one --site) or a central model (several, pooled) and write the "
+        "best-validation epoch as a model bundle. The setup comes from --preset or --config; flags override it.",
+    )
     p.add_argument("--site", action="append", required=True, type=Path, help="site folder (repeat to pool sites)")
     p.add_argument("--out", required=True, type=Path, help="model bundle to write (*.segviz)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--spacing",
-        type=triple_argument(float),
-        default=(1.5, 1.5, 2.0),
-        help="resampling spacing in mm (default 1.5,1.5,2)",
-    )
-    p.add_argument(
-        "--patch",
-        type=triple_argument(int),
-        default=(128, 128, 32),
-        help="training patch in voxels (default 128,128,32)",
-    )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--samples-per-case", type=int, default=8)
-    p.add_argument(
-        "--label-mode",
-        choices=("partial", "naive"),
-        default="partial",
-        help="partial: loss on annotated organs only; naive: the paper's pooled baseline (unannotated = background)",
-    )
-    p.add_argument("--channels", type=lambda t: tuple(int(c) for c in t.split(",")), default=(16, 32, 64, 128, 256))
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="write a bundle after every epoch here")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite --out")
     add_progress_argument(p)
+    add_setup_arguments(p, "train")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("infer", help="segment a CT volume with a model bundle")
@@ -133,18 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
 
-    p = sub.add_parser("evaluate", help="Dice and HD95 per organ of a prediction against a reference")
-    p.add_argument("--pred", required=True, type=Path)
-    p.add_argument("--ref", required=True, type=Path)
-    p.add_argument(
-        "--ref-map", default=None, help="reference values per organ, e.g. liver=5,spleen=1,pancreas=7,kidney=2+3"
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice, HD95 and volume difference per organ of predictions against references (files or folders)",
+        description="Score a prediction against a reference, or a folder of predictions against a folder of "
+        "references paired by case name. A reference that stores the same voxels in another orientation is "
+        "compared on the prediction's grid exactly; one on another grid is refused unless --resample-ref.",
     )
-    p.add_argument("--json", type=Path, default=None, help="write the scores as JSON")
-    p.add_argument("--no-hd95", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--pred", required=True, type=Path, help="predicted label map, or a folder of them")
+    p.add_argument("--ref", required=True, type=Path, help="reference label map, or a folder of them (same case names)")
+    p.add_argument(
+        "--ref-map",
+        default=None,
+        help="reference values per organ, e.g. liver=5,spleen=1,pancreas=7,kidney=2+3 (TotalSegmentator); "
+        "organs not named are left out (default: SegViz values 1-4)",
+    )
+    p.add_argument(
+        "--pred-map", default=None, help="prediction values per organ, for another tool's prediction (default: SegViz)"
+    )
+    p.add_argument(
+        "--resample-ref",
+        action="store_true",
+        help="resample a reference on another grid onto the prediction's grid (nearest neighbour); the report says so",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write every score, the means and notes as JSON")
+    p.add_argument("--csv", type=Path, default=None, help="write the table: one row per case and organ, then means")
+    p.add_argument("--png", type=Path, default=None, help="write a figure of the per-case Dice, HD95 and volume error")
+    p.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest score)")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    add_progress_argument(p)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("model-info", help="show a model bundle's organs, rounds, sites, date and settings")
+    p = sub.add_parser(
+        "model-info",
+        help="show how a model bundle was trained: every setting, sites and held-out case counts, BatchNorm "
+        "choices, validation metrics",
+    )
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_model_info)
@@ -246,35 +253,29 @@ def _cmd_validate_site(args) -> int:
 
 def _cmd_train(args) -> int:
     from .local_training import train_bundle
-    from .network import NetworkConfig
-    from .preprocessing import Preprocessing
-    from .training import TrainingConfig
+    from .training_setup import setup_from_args
 
-    network = NetworkConfig(
-        channels=args.channels,
-        strides=(2,) * (len(args.channels) - 1),
-        output="softmax" if args.label_mode == "naive" else "sigmoid",
+    setup = setup_from_args(args)
+    # The naive pooled baseline competes organs against background in one softmax; the
+    # partial-label model gives each organ its own sigmoid.
+    setup = setup.override(
+        {"network": {"output": "softmax" if setup.training.label_mode == "naive" else "sigmoid"}}, source=setup.source
     )
-    training = TrainingConfig(
-        patch_size=args.patch,
-        batch_size=args.batch_size,
-        samples_per_case=args.samples_per_case,
-        label_mode=args.label_mode,
-        seed=args.seed,
-    )
+    epochs = args.epochs if args.epochs is not None else setup.total_epochs
     reporter = _reporter(args)
     path = train_bundle(
         args.site,
         args.out,
-        network=network,
-        preprocessing=Preprocessing(spacing=args.spacing),
-        training=training,
-        epochs=args.epochs,
-        lr=args.lr,
+        network=setup.network,
+        preprocessing=setup.preprocessing,
+        training=setup.training,
+        epochs=epochs,
+        lr=setup.federation.lr,
         device=args.device,
         reporter=reporter,
         checkpoint_dir=args.checkpoint_dir,
         force=args.force,
+        setup_source=setup.source,
     )
     reporter.emit("done", outputs={"model": str(path)})
     return 0
@@ -363,57 +364,99 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_label_maps, parse_ref_map
-    from .io import read_label_map
+    from .evaluation import check_report_paths, evaluate_case, pair_cases, parse_ref_map, summarize, write_evaluation
+    from .progress import ProgressReporter
 
-    if args.json is not None and args.json.exists() and not args.force:
-        raise SegVizError(f"{args.json}: already exists; use --force to overwrite")
+    reports = {"json": args.json, "csv": args.csv, "png": args.png}
+    check_report_paths(reports, args.force)
     try:
-        ref_map = parse_ref_map(args.ref_map)
+        ref_map = parse_ref_map(args.ref_map, "--ref-map")
+        pred_map = parse_ref_map(args.pred_map, "--pred-map") if args.pred_map else None
     except ValueError as error:
         raise SegVizError(str(error)) from None
-    scores = evaluate_label_maps(
-        read_label_map(args.pred),
-        read_label_map(args.ref),
-        ref_map,
-        hd95=not args.no_hd95,
-        pred_path=str(args.pred),
-        ref_path=str(args.ref),
+    for path in (args.pred, args.ref):
+        if not path.exists():
+            raise SegVizError(f"{path}: not found")
+    if args.pred.is_dir() != args.ref.is_dir():
+        raise SegVizError(f"--pred {args.pred} and --ref {args.ref}: give two files or two folders")
+    if args.pred.is_dir():
+        pairs, pred_only, ref_only = pair_cases(args.pred, args.ref)
+        if not pairs:
+            raise SegVizError(f"{args.pred} and {args.ref}: no case name appears in both folders")
+    else:
+        pairs, pred_only, ref_only = [(None, args.pred, args.ref)], [], []
+    reporter = _reporter(args)
+    cases = []
+    # A bar for a folder; one case is over before a bar would say anything.
+    bar = reporter if len(pairs) > 1 else ProgressReporter("none")
+    with bar.task("evaluate", total=len(pairs)) as advance:
+        for case, pred, ref in pairs:
+            cases.append(
+                evaluate_case(
+                    pred, ref, ref_map, pred_map, hd95=not args.no_hd95, resample_ref=args.resample_ref, case=case
+                )
+            )
+            advance(1)
+    document = write_evaluation(
+        cases,
+        {"predictions_without_reference": pred_only, "references_without_prediction": ref_only},
+        json_path=args.json,
+        csv_path=args.csv,
+        png_path=args.png,
+        sources={"pred": str(args.pred), "ref": str(args.ref), "ref_map": ref_map, "pred_map": pred_map},
     )
-    print(f"{'organ':<9} {'Dice':>6} {'HD95 mm':>8}  status")
-    for name, s in scores.items():
-        dice = "-" if s["dice"] is None else f"{s['dice']:.3f}"
-        hd = "-" if s.get("hd95_mm") is None else f"{s['hd95_mm']:.1f}"
-        print(f"{name:<9} {dice:>6} {hd:>8}  {s['status']}")
-    if args.json is not None:
-        _write_json_atomic(args.json, {"pred": str(args.pred), "ref": str(args.ref), "organs": scores})
+    written = {kind: str(path) for kind, path in reports.items() if path is not None}
+    if reporter.mode == "json":
+        reporter.emit("done", outputs=written, metrics={o: s["dice_mean"] for o, s in document["mean"].items()})
+        return 0
+    print(_evaluation_text(cases, summarize(cases), pred_only, ref_only))
     return 0
 
 
+def _number(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _evaluation_text(cases, summary, pred_only, ref_only) -> str:
+    """The evaluation for people: the organ table of one case, or per-organ means of many."""
+    lines = []
+    if len(cases) == 1:
+        lines.append(f"{'organ':<9} {'Dice':>6} {'HD95 mm':>8} {'pred mL':>9} {'ref mL':>9} {'diff mL':>9}  status")
+        for name, s in cases[0].organs.items():
+            lines.append(
+                f"{name:<9} {_number(s['dice']):>6} {_number(s['hd95_mm'], 1):>8} {s['pred_ml']:>9.1f} "
+                f"{s['ref_ml']:>9.1f} {_number(s['volume_diff_ml'], 1, True):>9}  {s['status']}"
+            )
+    else:
+        lines.append(f"{len(cases)} cases")
+        lines.append(
+            f"{'organ':<9} {'cases':>5} {'Dice mean':>9} {'sd':>6} {'HD95 mm':>8} {'diff mL':>9} {'diff %':>7}"
+        )
+        for name, s in summary.items():
+            lines.append(
+                f"{name:<9} {s['n']:>5} {_number(s['dice_mean']):>9} {_number(s['dice_sd']):>6} "
+                f"{_number(s['hd95_mean_mm'], 1):>8} {_number(s['volume_diff_mean_ml'], 1, True):>9} "
+                f"{_number(s['volume_diff_mean_percent'], 1, True):>7}"
+            )
+    for case in cases:
+        for note in case.notes:
+            lines.append(f"note: {case.case + ': ' if len(cases) > 1 else ''}{note}")
+    if pred_only:
+        lines.append(f"unmatched: {len(pred_only)} predictions without a reference: {', '.join(pred_only)}")
+    if ref_only:
+        lines.append(f"unmatched: {len(ref_only)} references without a prediction: {', '.join(ref_only)}")
+    return "\n".join(lines)
+
+
 def _cmd_model_info(args) -> int:
-    from .bundle_manifest import batchnorm_choices, read_manifest
+    from .bundle_description import describe_bundle, format_bundle_description
+    from .bundle_manifest import read_manifest
 
     # The manifest alone describes a bundle: no torch, no weights read.
-    manifest = read_manifest(args.model)
-    prov = manifest.get("provenance", {})
-    info = {
-        "path": str(args.model),
-        "organs": list(manifest.get("network", {}).get("organs", [])),
-        "strategy": prov.get("strategy", "local"),
-        "rounds": prov.get("rounds"),
-        "sites": prov.get("sites", []),
-        "created": manifest.get("created"),
-        "segviz_version": manifest.get("segviz_version"),
-        "spacing_mm": list(manifest.get("preprocessing", {}).get("spacing", [])),
-        "default_batchnorm": manifest.get("default_batchnorm", "model"),
-        "batchnorm_choices": batchnorm_choices(manifest),
-        "metrics": manifest.get("metrics", {}).get("final", {}),
-    }
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            print(f"{key:<18} {value}")
+    info = describe_bundle(read_manifest(args.model), args.model)
+    print(json.dumps(info, indent=2) if args.json else format_bundle_description(info))
     return 0
 
 

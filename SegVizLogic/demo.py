@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .bundle import load_bundle
@@ -27,44 +27,77 @@ from .preprocessing import Preprocessing
 from .progress import ProgressReporter
 from .site import load_case, validate_site
 from .training import TrainingConfig
+from .training_setup import TrainingSetup, load_preset
 
 __all__ = ["DemoSettings", "run_demo"]
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo trains with: sized for 2 CPU cores in under ten minutes.
+    """What the demo trains with: the ``demo`` preset (:data:`SegVizLogic.training_setup.DEMO_PRESET`,
+    sized for 2 CPU cores in under ten minutes) and the FedBN strategy.
 
-    The paper's UNet (16-256 channels, four down-samplings, two residual units) at
-    1.5x1.5x2 mm needs a GPU. On two CPU cores the demo keeps its design (MONAI UNet with
-    BatchNorm, one head per organ) one level shallower with one residual unit, and resamples to
-    4 mm so that a 48x48x32 patch sees 19x19x13 cm of abdomen: about 0.35 s per training step,
-    so each site makes 216 steps of 8 patches in the federation (24 rounds x 3 local epochs).
+    Args:
+        setup: the training setup (default: the ``demo`` preset, the one place its values live).
+        strategy: ``"fedbn"`` or ``"fedavg"``.
     """
 
-    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
-    patch_size: tuple[int, int, int] = (48, 48, 32)
-    batch_size: int = 4
-    samples_per_case: int = 8
-    rounds: int = 24
-    local_epochs: int = 3
-    lr: float = 2e-3
+    setup: TrainingSetup = field(default_factory=lambda: load_preset("demo"))
     strategy: str = "fedbn"
-    weighting: str = "uniform"
-    network: NetworkConfig = field(
-        default_factory=lambda: NetworkConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
-    )
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Resampling spacing in mm."""
+        return self.setup.preprocessing.spacing
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Training patch in voxels."""
+        return self.setup.training.patch_size
+
+    @property
+    def batch_size(self) -> int:
+        """Patches per step."""
+        return self.setup.training.batch_size
+
+    @property
+    def samples_per_case(self) -> int:
+        """Patches per case and epoch."""
+        return self.setup.training.samples_per_case
+
+    @property
+    def rounds(self) -> int:
+        """Federated rounds."""
+        return self.setup.federation.rounds
+
+    @property
+    def local_epochs(self) -> int:
+        """Local epochs per round."""
+        return self.setup.federation.local_epochs
+
+    @property
+    def lr(self) -> float:
+        """Learning rate."""
+        return self.setup.federation.lr
+
+    @property
+    def weighting(self) -> str:
+        """How sites are averaged."""
+        return self.setup.federation.weighting
+
+    @property
+    def network(self) -> NetworkConfig:
+        """The demo's network."""
+        return self.setup.network
 
     @property
     def preprocessing(self) -> Preprocessing:
         """The demo's preprocessing."""
-        return Preprocessing(spacing=self.spacing)
+        return self.setup.preprocessing
 
     def training(self, seed: int) -> TrainingConfig:
-        """The demo's training config."""
-        return TrainingConfig(
-            patch_size=self.patch_size, batch_size=self.batch_size, samples_per_case=self.samples_per_case, seed=seed
-        )
+        """The demo's training config with ``seed``."""
+        return replace(self.setup.training, seed=seed)
 
 
 def run_demo(

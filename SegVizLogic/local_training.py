@@ -33,11 +33,16 @@ def train_bundle(
     reporter: ProgressReporter | None = None,
     checkpoint_dir: str | Path | None = None,
     force: bool = False,
+    setup_source: str | None = None,
 ) -> Path:
     """Train on the given sites and write the best-validation model as a bundle.
 
     One site gives that site's local model; several sites are pooled (``central-partial``
     with the partial-label loss, ``central-naive`` with ``training.label_mode="naive"``).
+    Without validation cases (``training.val_fraction = 0``) the last epoch is kept.
+
+    Args:
+        setup_source: where the settings came from (``"preset demo with --epochs 1"``), for provenance.
 
     Returns:
         The path of the written bundle.
@@ -46,7 +51,7 @@ def train_bundle(
     if out.exists() and not force:
         raise SegVizInputError(out, "already exists; use --force to overwrite")
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise SegVizInputError(None, f"--epochs must be >= 1, got {epochs}")
     network = network or NetworkConfig()
     preprocessing = preprocessing or Preprocessing()
     training = training or TrainingConfig()
@@ -72,14 +77,22 @@ def train_bundle(
             "strategy": kind,
             "rounds": None,
             "epochs": epoch,
+            "lr": lr,
             "sites": [s.name for s in sites],
             "site_organs": {s.name: list(s.organs) for s in sites},
+            # Counts only: which cases were held out stays at the site.
+            "cases_per_site": {s.name: {"training": len(s.train_items), "validation": len(s.val_items)} for s in sites},
+            "setup": setup_source,
             "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": torch_device.type,
         }
 
+    validated = any(s.val_items for s in sites)
+
     def on_epoch_end(epoch: int, loss: float, dice: dict[str, float]) -> None:
-        score = float(np.mean(list(dice.values()))) if dice else -loss
+        # The best mean validation Dice; with no validation case nothing can choose an epoch
+        # honestly (the training loss would pick an over-fitted one), so the last one stays.
+        score = float(np.mean(list(dice.values()))) if dice else (epoch if not validated else -loss)
         history.append({"epoch": epoch, "loss": loss, "val_dice": dice})
         if score >= best["score"]:
             best.update(score=score, state=copy.deepcopy(model.state_dict()), epoch=epoch)
@@ -111,7 +124,11 @@ def train_bundle(
         out,
         model.cpu(),
         preprocessing,
-        provenance(epochs) | {"best_epoch": best["epoch"]},
+        provenance(epochs)
+        | {
+            "best_epoch": best["epoch"],
+            "selection": "best mean validation Dice" if validated else "last epoch (no validation cases)",
+        },
         metrics={"history": history, "final": {"val_dice": final}},
         training=training.to_dict(),
         trained_organs=sorted({o for s in sites for o in s.organs}),

@@ -8,7 +8,9 @@ exactly these lines. Events used across SegViz:
 event              fields
 =================  ==========================================================
 ``stage``          ``stage`` (name), ``message``
-``progress``       ``stage``, ``current``, ``total`` (and optional ``loss``)
+``progress``       ``stage``, ``current``, ``total``, optional ``elapsed_s``,
+                   ``remaining_s`` (estimate) and ``loss``; a task reports at most
+                   4 per second and at least one every 2 seconds
 ``epoch``          ``epoch``, ``epochs``, ``loss``, optional ``dice`` {organ: x}
 ``connected``      ``superlink``
 ``waiting``        ``message``
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,13 +155,76 @@ class ProgressReporter:
                 yield advance
             return
 
-        state = {"current": 0}
+        if self.mode == "none" and type(self).emit is ProgressReporter.emit:
+            yield lambda n=1, **fields: None  # nobody listens: no events, no timer thread
+            return
+        steady = _SteadyProgress(self, stage, total)
+        try:
+            yield steady.advance
+        finally:
+            steady.stop()
 
-        def advance(n: int = 1, **fields: Any) -> None:
-            state["current"] += n
-            self.emit("progress", stage=stage, current=state["current"], total=total, **fields)
 
-        yield advance
+class _SteadyProgress:
+    """``progress`` events of one task at a steady rate: at most one per :attr:`MIN_INTERVAL`
+    however short the steps (the last step always reported, at the latest when the task ends), and a heartbeat every
+    :attr:`HEARTBEAT` seconds however long one step takes (a full-size case's preprocessing, a
+    GPU epoch), each with the elapsed and the estimated remaining seconds."""
+
+    MIN_INTERVAL = 0.25
+    HEARTBEAT = 2.0
+
+    def __init__(self, reporter: ProgressReporter, stage: str, total: int | None) -> None:
+        self.reporter, self.stage, self.total = reporter, stage, total
+        self.current = 0
+        self.reported = 0
+        self.fields: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.last = float("-inf")
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"segviz-progress-{stage}", daemon=True)
+        self.thread.start()
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        with self.lock:
+            self.current += n
+            self.fields = fields
+            now = time.monotonic()
+            done = self.total is not None and self.current >= self.total
+            if done or now - self.last >= self.MIN_INTERVAL:
+                self._send(now)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.HEARTBEAT / 4):
+            with self.lock:
+                now = time.monotonic()
+                if now - self.last >= self.HEARTBEAT:
+                    self._send(now)
+
+    def _send(self, now: float) -> None:
+        elapsed = now - self.started
+        remaining = None
+        if self.total and self.current:
+            remaining = round(elapsed / self.current * max(self.total - self.current, 0), 1)
+        self.last, self.reported = now, self.current
+        self.reporter.emit(
+            "progress",
+            stage=self.stage,
+            current=self.current,
+            total=self.total,
+            elapsed_s=round(elapsed, 1),
+            remaining_s=remaining,
+            **self.fields,
+        )
+
+    def stop(self) -> None:
+        """End the heartbeat; a step not reported yet is reported now, so the last event is the final state."""
+        self.stopped.set()
+        self.thread.join()
+        with self.lock:
+            if self.current != self.reported:
+                self._send(time.monotonic())
 
 
 def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:

@@ -155,8 +155,11 @@ def _evaluate(
 
 
 def batchnorm_to_measure(bundle: ModelBundle, wanted: Sequence[str]) -> list[str]:
-    """The BatchNorm choices of ``bundle`` to evaluate: ``wanted`` (``"all"`` = every choice) that the bundle offers."""
-    available = bundle.batchnorm_choices()
+    """The BatchNorm choices of ``bundle`` to evaluate: ``wanted`` (``"all"`` = every choice) that the bundle can build
+    (including controls inference does not offer, such as a FedBN model's untrained ``model`` BatchNorm)."""
+    from ..bundle_manifest import buildable_batchnorm
+
+    available = buildable_batchnorm(bundle.manifest)
     if "all" in wanted:
         return available
     return [c for c in wanted if c in available]

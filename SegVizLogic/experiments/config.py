@@ -47,6 +47,8 @@ import tomllib
 from ..network import NetworkConfig
 from ..preprocessing import Preprocessing
 from ..training import TrainingConfig
+from ..training_setup import FederationConfig, setup_sections
+from ..training_setup import config_section as _section
 
 __all__ = [
     "ARMS",
@@ -80,37 +82,6 @@ _TOP_KEYS = {
     "arms",
 }
 _PHANTOM_KEYS = {"size", "seed", "cases_per_site", "external_cases"}
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """The shared training budget and the federated settings.
-
-    Args:
-        rounds: federated rounds.
-        local_epochs: local epochs per round (local and central arms train
-            ``rounds * local_epochs`` epochs).
-        lr: AdamW learning rate of every arm.
-        weighting: ``"uniform"`` (the paper's) or ``"examples"``.
-    """
-
-    rounds: int = 3
-    local_epochs: int = 2
-    lr: float = 1e-3
-    weighting: str = "uniform"
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise ValueError(f"rounds and local_epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weighting not in ("uniform", "examples"):
-            raise ValueError(f"weighting must be 'uniform' or 'examples', got {self.weighting!r}")
-
-    @property
-    def total_epochs(self) -> int:
-        """Epochs every arm trains: ``rounds * local_epochs``."""
-        return self.rounds * self.local_epochs
 
 
 @dataclass(frozen=True)
@@ -220,13 +191,6 @@ class ExperimentConfig:
         }
 
 
-def _section(data: Mapping, key: str) -> dict:
-    value = data.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ValueError(f"[{key}] must be a table, got {type(value).__name__}")  # noqa: TRY004 - a config error, reported as such
-    return dict(value)
-
-
 def config_from_dict(
     data: Mapping[str, Any], base_dir: str | Path = ".", source: str | None = None
 ) -> ExperimentConfig:
@@ -258,26 +222,11 @@ def config_from_dict(
         external=resolve(raw_data["external"]) if raw_data.get("external") else None,
         phantom_dir=str(Path(raw_data["phantom_dir"]).expanduser()) if raw_data.get("phantom_dir") else None,
     )
-    network = NetworkConfig.from_dict(_section(data, "network"))
-    pre = _section(data, "preprocessing")
-    unknown = set(pre) - set(Preprocessing.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown [preprocessing] keys {sorted(unknown)}")
-    defaults = Preprocessing()
-    preprocessing = Preprocessing(
-        spacing=tuple(pre.get("spacing", defaults.spacing)),
-        hu_window=tuple(pre.get("hu_window", defaults.hu_window)),
-        orientation=pre.get("orientation", defaults.orientation),
-    )
-    training_raw = _section(data, "training")
-    if "label_mode" in training_raw:
+    if "label_mode" in _section(data, "training"):
         raise ValueError("[training] label_mode is set per arm (central-naive uses 'naive'); remove it")
-    training = TrainingConfig.from_dict(training_raw)
-    fed = _section(data, "federation")
-    unknown = set(fed) - set(FederationConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown [federation] keys {sorted(unknown)}: expected rounds, local_epochs, lr, weighting")
-    federation = FederationConfig(**fed)
+    # [network], [preprocessing], [training] and [federation] are a training setup: one parser for
+    # these sections serves `segviz train --config` and `segviz federation --config` too.
+    network, preprocessing, training, federation = setup_sections(data)
     arms_raw = _section(data, "arms")
     unknown = set(arms_raw) - {"run", "batchnorm"}
     if unknown:

@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..cli import add_progress_argument, triple_argument
+from ..cli import add_progress_argument
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter
+from ..training_setup import TrainingSetup, add_setup_arguments, setup_from_args
 
 __all__ = ["FederationProgress", "add_federation_commands"]
 
@@ -70,13 +71,21 @@ class FederationProgress(ProgressReporter):
 
     def _ensure_bar(self, total: int) -> None:
         if self._bar is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
+                TimeRemainingColumn(),
                 console=self._console,
             )
             self._bar.start()
@@ -105,8 +114,7 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
+    """The run's strategy and its training setup (``--preset``/``--config`` and single-field flags)."""
     parser.add_argument(
         "--strategy",
         choices=("fedbn", "fedavg"),
@@ -114,62 +122,51 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
         help="fedbn: BatchNorm stays on each site (default); fedavg: BatchNorm averaged too",
     )
     parser.add_argument(
-        "--weighting",
-        choices=("uniform", "examples"),
-        default="uniform",
-        help="average sites equally (paper, default) or by their training cases",
-    )
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--spacing",
-        type=triple_argument(float),
-        default=(1.5, 1.5, 2.0),
-        help="resampling spacing in mm (default 1.5,1.5,2)",
-    )
-    parser.add_argument(
-        "--patch",
-        type=triple_argument(int),
-        default=(128, 128, 32),
-        help="training patch in voxels (default 128,128,32)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--samples-per-case", type=int, default=8)
-    parser.add_argument(
-        "--channels",
-        type=lambda t: tuple(int(c) for c in t.split(",")),
-        default=(16, 32, 64, 128, 256),
-        help="UNet channels per level (default 16,32,64,128,256)",
-    )
-    parser.add_argument(
         "--no-share-final-batchnorm",
         dest="share_final_batchnorm",
         action="store_false",
         help="FedBN: never send a site's BatchNorm, not even once at the end (bundles then default to adapt)",
     )
+    add_setup_arguments(parser, "federation")
 
 
-def _configs(args: argparse.Namespace):
-    from ..network import NetworkConfig
-    from ..preprocessing import Preprocessing
-    from ..training import TrainingConfig
+def _configs(args: argparse.Namespace) -> TrainingSetup:
+    """The training setup of a federated run (preset or file, then flags).
 
-    try:
-        network = NetworkConfig(channels=tuple(args.channels), strides=(2,) * (len(args.channels) - 1))
-        training = TrainingConfig(
-            patch_size=tuple(args.patch),
-            batch_size=args.batch_size,
-            samples_per_case=args.samples_per_case,
-            seed=args.seed,
-        )
-        preprocessing = Preprocessing(spacing=tuple(args.spacing))
-    except ValueError as error:
-        raise SegVizInputError(None, str(error)) from None
-    if args.rounds < 1 or args.local_epochs < 1:
+    Raises:
+        SegVizInputError: an invalid setup, or one a federation cannot train (the naive pooled baseline).
+    """
+    setup = setup_from_args(args)
+    if setup.training.label_mode != "partial" or setup.network.output != "sigmoid":
         raise SegVizInputError(
-            None, f"--rounds and --local-epochs must be >= 1, got {args.rounds} and {args.local_epochs}"
+            args.config,
+            "a federation trains with partial labels and one sigmoid per organ; label_mode 'naive' "
+            "(softmax) is the pooled baseline of `segviz train`",
         )
-    return network, training, preprocessing
+    return setup
+
+
+def _run_settings(args: argparse.Namespace):
+    """The :class:`~SegVizLogic.federated.task.FederationSettings` of ``segviz federation run``:
+    the training setup mapped onto ``[tool.flwr.app.config]``, plus the run's own options."""
+    from .task import FederationSettings
+
+    setup = _configs(args)
+    return FederationSettings(
+        rounds=setup.federation.rounds,
+        local_epochs=setup.federation.local_epochs,
+        lr=setup.federation.lr,
+        strategy=args.strategy,
+        weighting=setup.federation.weighting,
+        min_clients=args.min_clients,
+        round_timeout=args.round_timeout,
+        wait_timeout=args.wait_timeout,
+        share_final_batchnorm=args.share_final_batchnorm,
+        seed=setup.training.seed,
+        network=setup.network,
+        training=setup.training.to_dict(),
+        preprocessing=setup.preprocessing,
+    )
 
 
 def _tls_group(parser: argparse.ArgumentParser, cert_flag: str, cert_help: str) -> None:
@@ -289,22 +286,22 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .simulation import run_federated_simulation
 
-    network, training, preprocessing = _configs(args)
-    reporter = FederationProgress(args.progress, args.rounds)
+    setup = _configs(args)
+    reporter = FederationProgress(args.progress, setup.federation.rounds)
     try:
         path = run_federated_simulation(
             args.site,
             args.out,
-            rounds=args.rounds,
-            local_epochs=args.local_epochs,
+            rounds=setup.federation.rounds,
+            local_epochs=setup.federation.local_epochs,
             strategy=args.strategy,
-            weighting=args.weighting,
-            lr=args.lr,
-            preprocessing=preprocessing,
-            training_config=training,
+            weighting=setup.federation.weighting,
+            lr=setup.federation.lr,
+            preprocessing=setup.preprocessing,
+            training_config=setup.training,
             reporter=reporter,
-            seed=args.seed,
-            network_config=network,
+            seed=setup.training.seed,
+            network_config=setup.network,
             share_final_batchnorm=args.share_final_batchnorm,
             device=args.device,
         )
@@ -370,31 +367,15 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runs import follow_run, start_run
-    from .task import FederationSettings
 
-    network, training, preprocessing = _configs(args)
-    settings = FederationSettings(
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        lr=args.lr,
-        strategy=args.strategy,
-        weighting=args.weighting,
-        min_clients=args.min_clients,
-        round_timeout=args.round_timeout,
-        wait_timeout=args.wait_timeout,
-        share_final_batchnorm=args.share_final_batchnorm,
-        seed=args.seed,
-        network=network,
-        training=training.to_dict(),
-        preprocessing=preprocessing,
-    )
+    settings = _run_settings(args)
     run_config = settings.to_run_config()
     run_config.pop("out-dir")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "progress.jsonl"
     offset = progress.stat().st_size if progress.exists() else 0
-    reporter = FederationProgress(args.progress, args.rounds)
+    reporter = FederationProgress(args.progress, settings.rounds)
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="segviz-run-") as work:
         try:
             run_id = start_run(

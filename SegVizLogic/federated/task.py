@@ -399,6 +399,8 @@ def train_client_round(
 
     metrics = {
         "num-examples": int(result.num_examples),
+        # A count only (the held-out cases stay unnamed): model-info reports it per site.
+        "num-val-examples": len(data.val_items),
         "loss": float(result.loss),
         "steps": int(result.steps),
         "train-seconds": float(seconds),
