@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import SegVizError
+from .errors import SegVizError, SegVizInputError
 from .organs import ORGANS
 from .training_setup import add_setup_arguments
 
@@ -376,7 +376,7 @@ def _cmd_evaluate(args) -> int:
         raise SegVizError(str(error)) from None
     for path in (args.pred, args.ref):
         if not path.exists():
-            raise SegVizError(f"{path}: not found")
+            raise SegVizInputError(path, "no such file or folder")
     if args.pred.is_dir() != args.ref.is_dir():
         raise SegVizError(f"--pred {args.pred} and --ref {args.ref}: give two files or two folders")
     if args.pred.is_dir():

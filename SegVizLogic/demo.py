@@ -172,7 +172,7 @@ def run_demo(
             },
             "seconds": round(elapsed, 1),
         }
-        (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         case = min(result.predictions)
         site = validate_site(layout.external, check_images=False)  # evaluate_on_site read them all
         image, reference = load_case(next(c for c in site.cases if c.name == case), site)
@@ -190,7 +190,8 @@ def run_demo(
             f"device {torch_device.type}), evaluated on {len(result.per_case)} external cases from an unseen scanner "
             f"with BatchNorm `{bundle.default_batchnorm}`.\n\n"
             f"## External Dice (mean ± std)\n\n{table}\n\n![overlay](overlay.png)\n\n"
-            f"Total time {elapsed:.0f} s. Reproduce: `segviz demo --out {out} --seed {seed}`.\n"
+            f"Total time {elapsed:.0f} s. Reproduce: `segviz demo --out {out} --seed {seed}`.\n",
+            encoding="utf-8",
         )
         if out.exists():
             shutil.rmtree(out)

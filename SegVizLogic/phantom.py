@@ -1112,7 +1112,9 @@ class PhantomLayout:
 def _write_site_json(folder: Path, name: str, organs: list[str]) -> None:
     organs = [organ_by_name(o).name for o in organs]
     labels = {str(i + 1): organ for i, organ in enumerate(organs)}
-    (folder / "site.json").write_text(json.dumps({"name": name, "organs": organs, "labels": labels}, indent=2) + "\n")
+    (folder / "site.json").write_text(
+        json.dumps({"name": name, "organs": organs, "labels": labels}, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 def generate_phantom_sites(
@@ -1199,7 +1201,7 @@ def generate_phantom_sites(
             "seed": seed,
             "sites": {name: {"organs": organs, "cases": n, "scanner": asdict(sc)} for name, organs, sc, n in plan},
         }
-        (tmp / "phantom.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "phantom.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.is_dir():
             for child in sorted(tmp.iterdir()):
                 target = out / child.name
@@ -1245,13 +1247,13 @@ def render_phantom_montage(layout: PhantomLayout, path: str | Path, case: int = 
 
     folders = [*layout.sites, layout.external]
     manifest_path = layout.root / "phantom.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"sites": {}}
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {"sites": {}}
     fig, axes = plt.subplots(
         len(folders), 3, figsize=(12.5, 3.1 * len(folders)), gridspec_kw={"width_ratios": [1.3, 1.3, 0.95]}
     )
     fig.patch.set_facecolor("black")
     for row, folder in enumerate(folders):
-        info = json.loads((folder / "site.json").read_text())
+        info = json.loads((folder / "site.json").read_text(encoding="utf-8"))
         image_file = sorted((folder / "images").iterdir())[case]
         ct = sitk.DICOMOrient(sitk.ReadImage(str(image_file)), "LPS")
         lab = sitk.DICOMOrient(sitk.ReadImage(str(folder / "labels" / image_file.name)), "LPS")

@@ -177,7 +177,7 @@ def memory_limit_bytes() -> int:
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = Path(cgroup).read_text().strip()
+            text = Path(cgroup).read_text(encoding="utf-8").strip()
         except OSError:
             continue
         if text.isdigit():

@@ -432,7 +432,7 @@ def dicom_missing_slice(tmp, kit):
 @row("no DICOM series found in folder")
 def dicom_empty_folder(tmp, kit):
     (tmp / "dicom").mkdir()
-    (tmp / "dicom" / "notes.txt").write_text("scanned 2026-11-02")
+    (tmp / "dicom" / "notes.txt").write_text("scanned 2026-11-02", encoding="utf-8")
     return infer(kit, tmp / "dicom", tmp / "out.nii.gz"), tmp / "dicom"
 
 
@@ -452,7 +452,7 @@ def bundle_missing(tmp, kit):
 
 @row("is not a readable SegViz model bundle")
 def bundle_not_a_zip(tmp, kit):
-    (tmp / "fake.segviz").write_text("hello")
+    (tmp / "fake.segviz").write_text("hello", encoding="utf-8")
     return infer(kit, kit.ct, tmp / "out.nii.gz", model=tmp / "fake.segviz"), tmp / "fake.segviz"
 
 
@@ -559,7 +559,7 @@ def bundle_unknown_batchnorm(tmp, kit):
 
 @row("cannot be created: ")
 def output_parent_is_file(tmp, kit):
-    (tmp / "notes").write_text("a file where a folder should be")
+    (tmp / "notes").write_text("a file where a folder should be", encoding="utf-8")
     return infer(kit, kit.ct, tmp / "notes" / "labels.nii.gz"), tmp / "notes" / "labels.nii.gz"
 
 
@@ -593,14 +593,14 @@ def output_stats_same_as_output(tmp, kit):
 
 @row("cannot be created: ")
 def output_stats_parent_is_file(tmp, kit):
-    (tmp / "report").write_text("a file")
+    (tmp / "report").write_text("a file", encoding="utf-8")
     stats = tmp / "report" / "volumes.json"
     return infer(kit, kit.ct, tmp / "labels.nii.gz", "--stats", str(stats)), stats
 
 
 @row("is a file; expected a folder to write into")
 def output_certs_into_file(tmp, kit):
-    (tmp / "tls").write_text("a file")
+    (tmp / "tls").write_text("a file", encoding="utf-8")
     return ["federation", "certs", "--out", str(tmp / "tls")], tmp / "tls"
 
 
@@ -769,12 +769,12 @@ def test_nonstandard_intensities_allowed_when_asked(tmp_path, kit, capfd):
     out = tmp_path / "labels.nii.gz"
     _infer_ok(infer(kit, path, out, "--allow-nonstandard-intensities", "--stats", str(tmp_path / "v.json")), capfd)
     assert io.geometry_differences(io.read_label_map(out), io.read_image(path)) == []
-    assert set(json.loads((tmp_path / "v.json").read_text())["organs"]) == set(TINY.organs)
+    assert set(json.loads((tmp_path / "v.json").read_text(encoding="utf-8"))["organs"]) == set(TINY.organs)
 
 
 def test_site_json_with_bom_and_waiver_is_valid(tmp_path, capfd):
     root = good_site(tmp_path / "s")
-    text = (root / "site.json").read_text()
+    text = (root / "site.json").read_text(encoding="utf-8")
     (root / "site.json").write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Notepad writes
     assert main(["validate-site", str(root)]) == 0
     assert "valid" in capfd.readouterr().out

@@ -115,7 +115,7 @@ def test_incompatible_bundles_are_refused(saved, tmp_path, change, message):
 
 def test_not_a_bundle_and_missing_file(tmp_path):
     fake = tmp_path / "fake.segviz"
-    fake.write_text("hello")
+    fake.write_text("hello", encoding="utf-8")
     with pytest.raises(BundleError, match="fake.segviz: is not a readable SegViz model bundle"):
         load_bundle(fake)
     with pytest.raises(BundleError, match="model bundle not found"):

@@ -120,7 +120,7 @@ def test_flipped_and_permuted_real_reference_is_compared_exactly(real_data, tmp_
             ["evaluate", "--pred", str(pred_path), "--ref", str(path), "--ref-map", TOTALSEG_MAP, "--json", str(report)]
         )
         assert code == 0
-        case = json.loads(report.read_text())["cases"]["pred"]
+        case = json.loads(report.read_text(encoding="utf-8"))["cases"]["pred"]
         # voxel for voxel: a perfect copy scores a perfect Dice, zero HD95, zero volume difference
         for organ in ("liver", "spleen", "pancreas", "kidney"):
             scores = case["organs"][organ]
@@ -129,7 +129,10 @@ def test_flipped_and_permuted_real_reference_is_compared_exactly(real_data, tmp_
         assert len(case["notes"]) == 1 and "same voxels in another orientation" in case["notes"][0]
         assert "exact" in case["notes"][0]
         assert "note: the reference stores the same voxels" in capsys.readouterr().out
-    assert "x = -x, y = y, z = z" in json.loads((tmp_path / "flipped.json").read_text())["cases"]["pred"]["notes"][0]
+    assert (
+        "x = -x, y = y, z = z"
+        in json.loads((tmp_path / "flipped.json").read_text(encoding="utf-8"))["cases"]["pred"]["notes"][0]
+    )
 
 
 def test_reference_on_another_grid_is_refused_or_resampled(real_data, tmp_path, capsys):
@@ -167,7 +170,7 @@ def test_reference_on_another_grid_is_refused_or_resampled(real_data, tmp_path, 
     assert not report.exists()
 
     assert main([*args, "--json", str(report), "--resample-ref"]) == 0
-    case = json.loads(report.read_text())["cases"]["pred"]
+    case = json.loads(report.read_text(encoding="utf-8"))["cases"]["pred"]
     liver = case["organs"]["liver"]
     assert 0.85 < liver["dice"] < 0.99  # the same liver, once at 6 mm
     assert case["notes"][0].startswith("reference resampled onto the prediction's grid (nearest neighbour)")
@@ -237,7 +240,7 @@ def test_folders_are_paired_by_case_name_into_one_table_and_figure(tmp_path, cap
     assert [(r["case"], r["organ"]) for r in rows] == [("case-a", "liver"), ("case-b", "liver"), ("mean", "liver")]
     assert float(rows[1]["dice"]) == pytest.approx(2 / 3, abs=1e-5) and float(rows[1]["volume_diff_percent"]) == -50
     assert float(rows[2]["dice"]) == pytest.approx((1 + 2 / 3) / 2, abs=1e-5)
-    document = json.loads(outputs[1].read_text())
+    document = json.loads(outputs[1].read_text(encoding="utf-8"))
     assert set(document["cases"]) == {"case-a", "case-b"} and set(document["cases"]["case-a"]["organs"]) == {"liver"}
     assert document["mean"]["liver"]["n"] == 2 and document["mean"]["liver"]["dice_mean"] == pytest.approx(5 / 6)
     assert document["unmatched"] == {

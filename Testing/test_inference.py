@@ -109,7 +109,7 @@ def test_cli_infer_dicom_series_with_stats_and_json_progress(real_data, constant
     assert events[-1]["outputs"]["labels"] == str(out)
     image = sitk.ReadImage(str(out))
     assert image.GetSize() == (512, 512, 3)
-    data = json.loads(stats.read_text())
+    data = json.loads(stats.read_text(encoding="utf-8"))
     voxels = data["organs"]["liver"]["voxels"]
     assert voxels == int((sitk.GetArrayViewFromImage(image) == 1).sum()) > 0
     assert data["organs"]["liver"]["volume_ml"] == pytest.approx(voxels * np.prod(image.GetSpacing()) / 1000, rel=1e-3)

@@ -179,7 +179,7 @@ def test_site_layout(layout):
     assert layout.external == root / "external"
     formats, directions = set(), set()
     for folder, organ in zip(layout.sites, ["liver", "spleen", "pancreas", "kidney"]):
-        info = json.loads((folder / "site.json").read_text())
+        info = json.loads((folder / "site.json").read_text(encoding="utf-8"))
         assert info == {"name": folder.name, "organs": [organ], "labels": {"1": organ}}
         images = sorted(p.name for p in (folder / "images").iterdir())
         assert images == sorted(p.name for p in (folder / "labels").iterdir()) and len(images) == 2
@@ -195,7 +195,7 @@ def test_site_layout(layout):
             assert centroid[0] < -30  # patient's right, read back from disk
         if organ == "spleen":
             assert centroid[0] > 40
-    info = json.loads((layout.external / "site.json").read_text())
+    info = json.loads((layout.external / "site.json").read_text(encoding="utf-8"))
     assert info == {
         "name": "external",
         "organs": ["liver", "spleen", "pancreas", "kidney"],
@@ -206,7 +206,7 @@ def test_site_layout(layout):
     directions.add(tuple(np.round(ext_lab.GetDirection(), 3)))
     assert formats == {".nii.gz", ".nrrd", ".mha"}
     assert len(directions) == 5  # LPS, RAS, LAS, PIR, RAI
-    manifest = json.loads((root / "phantom.json").read_text())
+    manifest = json.loads((root / "phantom.json").read_text(encoding="utf-8"))
     assert manifest["sites"]["site-spleen"]["scanner"]["phase"] == "non-contrast"
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
 
@@ -214,12 +214,12 @@ def test_site_layout(layout):
 def test_refuses_non_empty_folder(tmp_path):
     out = tmp_path / "data"
     out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
     with pytest.raises(SegVizInputError, match="not empty"):
         generate_phantom_sites(out, cases_per_site=1, external_cases=1)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     layout = generate_phantom_sites(out, cases_per_site=1, external_cases=1, force=True)
-    assert (out / "notes.txt").read_text() == "mine" and layout.external.is_dir()
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine" and layout.external.is_dir()
     with pytest.raises(ValueError):
         generate_phantom_sites(tmp_path / "x", layout="pooled")
 

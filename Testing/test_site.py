@@ -113,7 +113,7 @@ def test_valid_site_loads_and_pairs(tmp_path):
     assert [c.name for c in site.cases] == ["case001", "case002"]
     assert site.cases[0] == Case("case001", root / "images" / "case001.nii.gz", root / "labels" / "case001.nrrd")
     assert load_site(root) == site
-    assert json.loads((root / SITE_FILE).read_text()) == {
+    assert json.loads((root / SITE_FILE).read_text(encoding="utf-8")) == {
         "name": "site-a",
         "organs": ["liver", "kidney"],
         "labels": {"1": "liver", "2": "kidney"},
@@ -248,13 +248,13 @@ def test_missing_site_json(tmp_path):
 
 def test_invalid_json(tmp_path):
     root = make_site(tmp_path / "s")
-    (root / SITE_FILE).write_text('{"name": "s", "organs": ["liver",]}')
+    (root / SITE_FILE).write_text('{"name": "s", "organs": ["liver",]}', encoding="utf-8")
     one_problem(root, "site.json: invalid JSON (", "line 1 column")
 
 
 def test_missing_keys(tmp_path):
     root = make_site(tmp_path / "s")
-    (root / SITE_FILE).write_text(json.dumps({"name": "s"}))
+    (root / SITE_FILE).write_text(json.dumps({"name": "s"}), encoding="utf-8")
     problems = problems_of(root)
     assert problems == [f"{root / SITE_FILE}: missing key 'organs'", f"{root / SITE_FILE}: missing key 'labels'"]
     with pytest.raises(SiteValidationError) as info:
@@ -265,11 +265,13 @@ def test_missing_keys(tmp_path):
 def test_unknown_organ_names_the_valid_ones(tmp_path):
     root = make_site(tmp_path / "s")
     (root / SITE_FILE).write_text(
-        json.dumps({"name": "s", "organs": ["liver", "livr", "kidney"], "labels": {"1": "liver", "2": "kidney"}})
+        json.dumps({"name": "s", "organs": ["liver", "livr", "kidney"], "labels": {"1": "liver", "2": "kidney"}}),
+        encoding="utf-8",
     )
     one_problem(root, "site.json: unknown organ 'livr' in 'organs' (valid: liver, spleen, pancreas, kidney)")
     (root / SITE_FILE).write_text(
-        json.dumps({"name": "s", "organs": ["liver", "kidney"], "labels": {"1": "liver", "2": "kidney", "3": "heart"}})
+        json.dumps({"name": "s", "organs": ["liver", "kidney"], "labels": {"1": "liver", "2": "kidney", "3": "heart"}}),
+        encoding="utf-8",
     )
     one_problem(root, "site.json: unknown organ 'heart' for label value 3 in 'labels'")
 
@@ -277,11 +279,12 @@ def test_unknown_organ_names_the_valid_ones(tmp_path):
 def test_organ_in_labels_not_in_organs_and_vice_versa(tmp_path):
     root = make_site(tmp_path / "s")
     (root / SITE_FILE).write_text(
-        json.dumps({"name": "s", "organs": ["liver"], "labels": {"1": "liver", "2": "kidney"}})
+        json.dumps({"name": "s", "organs": ["liver"], "labels": {"1": "liver", "2": "kidney"}}), encoding="utf-8"
     )
     one_problem(root, "site.json: label value 2 is 'kidney', which is not in 'organs' [liver]")
     (root / SITE_FILE).write_text(
-        json.dumps({"name": "s", "organs": ["liver", "kidney", "spleen"], "labels": {"1": "liver", "2": "kidney"}})
+        json.dumps({"name": "s", "organs": ["liver", "kidney", "spleen"], "labels": {"1": "liver", "2": "kidney"}}),
+        encoding="utf-8",
     )
     one_problem(root, "site.json: organ 'spleen' is in 'organs' but no label value in 'labels' maps to it")
 
@@ -295,7 +298,8 @@ def test_bad_label_keys(tmp_path):
                 "organs": ["liver", "kidney"],
                 "labels": {"one": "liver", "0": "liver", "2": "kidney", "1": "liver"},
             }
-        )
+        ),
+        encoding="utf-8",
     )
     problems = problems_of(root)
     assert [p.split(": ", 1)[1] for p in problems] == [
@@ -332,7 +336,7 @@ def test_no_cases(tmp_path):
 def test_duplicate_and_unsupported_entries(tmp_path):
     root = make_site(tmp_path / "s", cases=("case001",))
     sitk.WriteImage(label_image(), str(root / "labels" / "case001.nii.gz"))
-    (root / "images" / "notes.txt").write_text("x")
+    (root / "images" / "notes.txt").write_text("x", encoding="utf-8")
     (root / "images" / "slice.dcm").write_bytes(b"")
     problems = problems_of(root)
     assert len(problems) == 4
@@ -425,9 +429,9 @@ def test_write_site_refuses_overwrite_and_bad_declarations(tmp_path):
     assert path == root / SITE_FILE and (root / "images").is_dir() and (root / "labels").is_dir()
     with pytest.raises(SegVizInputError, match=r"site.json: exists; use --force to overwrite"):
         write_site(root, "s", ["spleen"], {1: "spleen"})
-    assert json.loads(path.read_text())["organs"] == ["liver"]
+    assert json.loads(path.read_text(encoding="utf-8"))["organs"] == ["liver"]
     write_site(root, "s", ["spleen"], {1: "spleen"}, force=True, description="test site")
-    assert json.loads(path.read_text()) == {
+    assert json.loads(path.read_text(encoding="utf-8")) == {
         "name": "s",
         "organs": ["spleen"],
         "labels": {"1": "spleen"},
@@ -457,7 +461,7 @@ def test_state_dir(tmp_path):
 
 def test_site_json_with_byte_order_mark_is_read(tmp_path):
     root = make_site(tmp_path / "s")
-    text = (root / SITE_FILE).read_text()
+    text = (root / SITE_FILE).read_text(encoding="utf-8")
     (root / SITE_FILE).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     assert validate_site(root).organs == ("liver", "kidney")
 
@@ -465,7 +469,7 @@ def test_site_json_with_byte_order_mark_is_read(tmp_path):
 def test_duplicate_keys_are_refused(tmp_path):
     root = make_site(tmp_path / "s")
     (root / SITE_FILE).write_text(
-        '{"name": "s", "organs": ["liver", "kidney"], "labels": {"1": "liver", "1": "kidney"}}'
+        '{"name": "s", "organs": ["liver", "kidney"], "labels": {"1": "liver", "1": "kidney"}}', encoding="utf-8"
     )
     one_problem(root, "site.json: key '1' appears twice; keep one", check_images=False)
 
@@ -488,8 +492,8 @@ def test_duplicate_keys_are_refused(tmp_path):
 )
 def test_site_names_that_could_name_a_path_or_forge_a_line(tmp_path, name, fragment):
     root = make_site(tmp_path / "s")
-    data = json.loads((root / SITE_FILE).read_text())
-    (root / SITE_FILE).write_text(json.dumps({**data, "name": name}))
+    data = json.loads((root / SITE_FILE).read_text(encoding="utf-8"))
+    (root / SITE_FILE).write_text(json.dumps({**data, "name": name}), encoding="utf-8")
     one_problem(root, fragment, check_images=False)
     with pytest.raises(SiteValidationError, match=re.escape(fragment)):
         write_site(tmp_path / "t", name, ["liver"], {1: "liver"})
@@ -499,7 +503,7 @@ def test_site_names_that_could_name_a_path_or_forge_a_line(tmp_path, name, fragm
 @pytest.mark.parametrize("name", ["site-a", "Hôpital Saint-Éloi", "CHU_Lyon.2", "病院A"])
 def test_good_site_names(tmp_path, name):
     root = make_site(tmp_path / "s")
-    data = json.loads((root / SITE_FILE).read_text())
+    data = json.loads((root / SITE_FILE).read_text(encoding="utf-8"))
     (root / SITE_FILE).write_text(json.dumps({**data, "name": name}), encoding="utf-8")
     assert load_site(root).name == name
 
@@ -530,8 +534,8 @@ def test_nonstandard_intensities_allowed_by_the_site(tmp_path):
     assert site.allow_nonstandard_intensities
     image, labels = load_case(site.cases[0], site)
     assert sitk.GetArrayViewFromImage(image).min() == 0 and sitk.GetArrayViewFromImage(labels).max() == 4
-    data = json.loads((root / SITE_FILE).read_text())
-    (root / SITE_FILE).write_text(json.dumps({**data, "allow_nonstandard_intensities": "yes"}))
+    data = json.loads((root / SITE_FILE).read_text(encoding="utf-8"))
+    (root / SITE_FILE).write_text(json.dumps({**data, "allow_nonstandard_intensities": "yes"}), encoding="utf-8")
     one_problem(root, "'allow_nonstandard_intensities' must be true or false, got 'yes'", check_images=False)
 
 

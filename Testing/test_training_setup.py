@@ -87,7 +87,7 @@ def test_help_shows_every_presets_value(capsys):
 
 def test_flags_override_the_file_and_channels_bring_their_strides(tmp_path):
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY_SETUP_TOML)
+    config.write_text(TINY_SETUP_TOML, encoding="utf-8")
     args = build_parser().parse_args(
         ["train", "--site", "s", "--out", "o", "--config", str(config), "--lr", "0.01", "--channels", "4,8"]
     )
@@ -104,7 +104,7 @@ def test_flags_override_the_file_and_channels_bring_their_strides(tmp_path):
 def test_setup_round_trips_through_its_toml(tmp_path):
     setup = load_preset("demo").override({"training": {"val_fraction": 0.0}, "network": {"num_res_units": 2}})
     path = tmp_path / "again.toml"
-    path.write_text(setup.to_toml())
+    path.write_text(setup.to_toml(), encoding="utf-8")
     assert load_setup_file(path).to_dict() == setup.to_dict()
     # an experiment file is a valid setup file: its data, arms and seeds are ignored
     assert (
@@ -126,7 +126,7 @@ def test_setup_round_trips_through_its_toml(tmp_path):
 )
 def test_bad_setup_files_are_refused_with_the_file_name(tmp_path, text, message):
     path = tmp_path / "bad.toml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     with pytest.raises(SegVizInputError, match=r"bad\.toml: .*" + message.replace("[", r"\[").replace("]", r"\]")):
         load_setup_file(path)
 
@@ -174,7 +174,7 @@ def test_train_with_a_preset_records_the_presets_settings(small_phantom, tmp_pat
 
 def test_train_with_a_config_file_records_it_and_model_info_shows_it(small_phantom, tmp_path, capsys):
     config = tmp_path / "tiny.toml"
-    config.write_text(TINY_SETUP_TOML)
+    config.write_text(TINY_SETUP_TOML, encoding="utf-8")
     out = tmp_path / "central.segviz"
     sites = [str(small_phantom.sites[0]), "--site", str(small_phantom.sites[1])]
     code = main(
@@ -212,9 +212,9 @@ def test_preset_sections_of_a_missing_file_name_the_way_out(monkeypatch, tmp_pat
 
 
 def test_the_readme_setup_file_is_a_valid_setup(tmp_path):
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "readme.toml"
-    path.write_text(block)
+    path.write_text(block, encoding="utf-8")
     setup = load_setup_file(path)
     assert setup.network.num_res_units == 1 and setup.total_epochs == 72 and setup.training.val_fraction == 0.25

@@ -183,7 +183,7 @@ def latency_breakdown(bundle_path: Path, sites: list[Path]) -> list[dict]:
     def events(path: Path) -> list[dict]:
         if not path.exists():
             return []
-        return [e for e in map(parse_progress_line, path.read_text().splitlines()) if e]
+        return [e for e in map(parse_progress_line, path.read_text(encoding="utf-8").splitlines()) if e]
 
     server = events(bundle_path.parent / "progress.jsonl")
     starts = {e["round"]: e["time"] for e in server if e["event"] == "round_started"}
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency": latency,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    args.json.write_text(json.dumps(result, indent=2))
+    args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(
         f"\nworst overhead per mode: {', '.join(f'{m} {100 * f:.0f} %' for m, f in worst.items())} (target <= {100 * TARGET_OVERHEAD:.0f} %)"
     )

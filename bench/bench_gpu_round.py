@@ -125,7 +125,7 @@ def main() -> int:
         )
     print(json.dumps(out, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.write_text(json.dumps(out, indent=2), encoding="utf-8")
     return 0
 
 

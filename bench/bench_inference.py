@@ -206,7 +206,7 @@ def run_infer_benchmark(
             wall, peak, status, output, started_at = _run_child(command)
             if status != 0:
                 raise RuntimeError(f"segviz infer failed with exit status {status}: {' '.join(command)}")
-            timings = json.loads(stats.read_text())["timings_s"]
+            timings = json.loads(stats.read_text(encoding="utf-8"))["timings_s"]
             runs.append(
                 {
                     "wall_s": round(wall, 2),
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_infer_benchmark(args.device, args.model, args.ct, args.repeats)
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
 
 

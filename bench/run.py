@@ -68,7 +68,7 @@ def bench_federation(quick: bool, device: str) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench_federation.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
-        return json.loads(out.read_text())
+        return json.loads(out.read_text(encoding="utf-8"))
 
 
 def _federation_rows(fed: dict) -> list[tuple[str, str, str, str]]:
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
         print(f"wrote {args.json}")
     failed = [s for s in only if isinstance(results.get(s), dict) and "error" in results[s]]
     return 1 if failed else 0

@@ -93,7 +93,7 @@ def prepare_data(config: ExperimentConfig, out_dir: str | Path, reporter: Progre
     root = Path(config.data.phantom_dir) if config.data.phantom_dir else Path(out_dir) / "data"
     sites = [str(root / name) for name, _ in PAPER_SITES]
     try:
-        manifest = json.loads((root / "phantom.json").read_text())
+        manifest = json.loads((root / "phantom.json").read_text(encoding="utf-8"))
         counts = {name: info["cases"] for name, info in manifest["sites"].items()}
         if (manifest["size"], manifest["seed"]) == (size, phantom["seed"]) and counts == {
             **{n: n_site for n, _ in PAPER_SITES},

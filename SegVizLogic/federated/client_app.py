@@ -102,7 +102,7 @@ def run_site_round(
 
 def _worker_address(site_dir: Path) -> dict | None:
     try:
-        info = json.loads((site_dir / LOCAL_STATE_DIR / WORKER_FILE).read_text())
+        info = json.loads((site_dir / LOCAL_STATE_DIR / WORKER_FILE).read_text(encoding="utf-8"))
         os.kill(int(info["pid"]), 0)
         return info
     except (OSError, ValueError, KeyError):

@@ -159,7 +159,7 @@ class FlowerProcess:
     def log_text(self) -> str:
         """Everything the process wrote so far."""
         try:
-            return self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace", encoding="utf-8")
         except OSError:
             return ""
 

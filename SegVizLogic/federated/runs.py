@@ -66,7 +66,7 @@ def stage_app(folder: str | Path) -> Path:
     if app.exists():
         shutil.rmtree(app)
     app.mkdir(parents=True)
-    (app / "pyproject.toml").write_text(tomli_w.dumps(_app_pyproject()))
+    (app / "pyproject.toml").write_text(tomli_w.dumps(_app_pyproject()), encoding="utf-8")
     return app
 
 
@@ -81,7 +81,9 @@ def _write_flower_config(home: Path, superlink: str, root_cert: str | Path | Non
             raise SegVizInputError(None, "TLS is the default: pass --root-cert ca.crt or ask for --insecure")
         connection["root-certificates"] = str(Path(root_cert).resolve())
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "segviz", "segviz": connection}}))
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "segviz", "segviz": connection}}), encoding="utf-8"
+    )
 
 
 def _flwr(args: Sequence[str], home: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -159,7 +161,7 @@ def start_run(
     app = stage_app(work)
     overrides = {**run_config, "out-dir": str(Path(out_dir).resolve())}
     config_file = work / "run-config.toml"
-    config_file.write_text(tomli_w.dumps(overrides))
+    config_file.write_text(tomli_w.dumps(overrides), encoding="utf-8")
     done = _flwr(["run", str(app), "segviz", "--format", "json", "--run-config", str(config_file)], home)
     payload = _json_from_output(done.stdout)
     if done.returncode != 0 or not payload.get("success"):

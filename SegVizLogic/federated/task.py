@@ -212,7 +212,8 @@ def save_local_batchnorm(site_dir: str | Path, batchnorm: Mapping[str, np.ndarra
     os.replace(tmp, folder / "batchnorm.npz")
     tmp_info = folder / f".state-{os.getpid()}.json"
     tmp_info.write_text(
-        json.dumps({**info, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2)
+        json.dumps({**info, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2),
+        encoding="utf-8",
     )
     os.replace(tmp_info, folder / "state.json")
     return folder / "batchnorm.npz"
@@ -229,7 +230,7 @@ def load_local_batchnorm(
     """
     folder = local_state_dir(site_dir)
     try:
-        info = json.loads((folder / "state.json").read_text())
+        info = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if info.get("lineage") != lineage or info.get("network") != _network_fingerprint(network):
             return None
         with np.load(folder / "batchnorm.npz", allow_pickle=False) as npz:

@@ -56,7 +56,7 @@ def read_requirements(path: str | Path) -> dict[str, Requirement]:
         ValueError: a line is not a valid requirement (names the file and line).
     """
     requirements = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue

@@ -185,7 +185,7 @@ def case_label_array(case: Case, organs: tuple[str, ...]) -> np.ndarray:
 def _read_record(site_dir: Path) -> dict[str, dict]:
     path = site_dir / CASE_RECORD
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, json.JSONDecodeError) as error:
@@ -197,7 +197,7 @@ def _write_record(site_dir: Path, record: dict[str, dict]) -> None:
     path = site_dir / CASE_RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
@@ -285,7 +285,7 @@ def read_declaration(site_dir: str | Path) -> tuple[str, tuple[str, ...]] | None
     """``(site name, declared organs)`` from the folder's ``site.json``, None when it has none."""
     path = Path(site_dir) / "site.json"
     try:
-        description = json.loads(path.read_text())
+        description = json.loads(path.read_text(encoding="utf-8"))
         return str(description["name"]), parse_organ_list(list(description["organs"]))
     except FileNotFoundError:
         return None
@@ -309,7 +309,7 @@ def write_declaration(site_dir: str | Path, site_name: str, organs) -> Path:
         "organs": list(organs),
         "labels": {str(organ_by_name(n).label): n for n in organs},
     }
-    site_json.write_text(json.dumps(description, indent=2) + "\n")
+    site_json.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
     return site_json
 
 

@@ -66,7 +66,7 @@ def test_invalid_configs_name_the_problem(data, message):
 
 def test_load_config_names_the_file(tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text("seeds = [0, 0]\n[data]\nphantom = {}\n")
+    path.write_text("seeds = [0, 0]\n[data]\nphantom = {}\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.toml: seeds"):
         load_config(path)
 

@@ -56,7 +56,7 @@ def run(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return out, results, events
 
 
@@ -82,7 +82,7 @@ def test_every_arm_has_per_case_dice(run):
 
 def test_report_has_table_and_figures(run):
     out, results, _ = run
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     table = [line for line in report.splitlines() if line.startswith("| ")]
     for arm in results["rows"]:
         assert any(line.startswith((f"| {arm} |", f"| **{arm}** |")) for line in table), arm
@@ -141,7 +141,7 @@ def test_fedbn_keeps_batchnorm_per_site_fedavg_shares_it(run):
     assert not all(np.allclose(fedbn.state[k], averaged[k]) for k in averaged)
     # ... and kept on site between rounds (the sites' .segviz state, written by the last run: fedbn).
     for s in results["sites"]:
-        state = json.loads((Path(s["path"]) / ".segviz" / "federated" / "state.json").read_text())
+        state = json.loads((Path(s["path"]) / ".segviz" / "federated" / "state.json").read_text(encoding="utf-8"))
         assert state["strategy"] == "fedbn"
         with np.load(Path(s["path"]) / ".segviz" / "federated" / "batchnorm.npz") as saved:
             for key in per_site[s["name"]]:

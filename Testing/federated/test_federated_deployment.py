@@ -61,7 +61,7 @@ def _events(text: str) -> list[dict]:
 
 
 def test_app_config_in_pyproject_matches_the_code():
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]
     assert config["config"] == APP_CONFIG_DEFAULTS
     assert config["components"] == {
         "serverapp": "SegVizLogic.federated.server_app:app",
@@ -303,7 +303,7 @@ def test_failure_reason_is_flowers_explanation_not_the_shutdown_chatter(tmp_path
     from SegVizLogic.federated.processes import FlowerProcess
 
     log = tmp_path / "supernode.log"
-    log.write_text("ERROR :     Exit Code: 999\nan earlier run's failure\n")
+    log.write_text("ERROR :     Exit Code: 999\nan earlier run's failure\n", encoding="utf-8")
     since = log.stat().st_size
     script = (
         "printf 'INFO :      Starting Flower SuperNode\\n"

@@ -53,7 +53,7 @@ def test_run_maps_the_setup_onto_the_flower_run_config(tmp_path):
     from SegVizLogic.federated.cli import _run_settings
 
     config = tmp_path / "setup.toml"
-    config.write_text(SETUP)
+    config.write_text(SETUP, encoding="utf-8")
     args = build_parser().parse_args(
         ["federation", "run", "--out", "o", "--config", str(config), "--rounds", "5", "--strategy", "fedavg"]
     )
@@ -74,7 +74,7 @@ def test_run_maps_the_setup_onto_the_flower_run_config(tmp_path):
 
 def test_naive_label_mode_is_refused_for_a_federation(tmp_path, capsys):
     config = tmp_path / "naive.toml"
-    config.write_text('[training]\nlabel_mode = "naive"\n')
+    config.write_text('[training]\nlabel_mode = "naive"\n', encoding="utf-8")
     code = main(
         ["federation", "simulate", "--site", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)]
     )
@@ -85,7 +85,7 @@ def test_naive_label_mode_is_refused_for_a_federation(tmp_path, capsys):
 @pytest.mark.skipif(not simulation_available(), reason="Flower's simulation engine needs ray")
 def test_simulate_with_a_config_file_records_it_and_model_info_shows_each_site(make_sites, tmp_path):
     config = tmp_path / "setup.toml"
-    config.write_text(SETUP)
+    config.write_text(SETUP, encoding="utf-8")
     sites = make_sites(("site-liver", "site-kidney"))
     out = tmp_path / "run"
     command = [sys.executable, "-m", "SegVizLogic.cli", "federation", "simulate", "--config", str(config)]

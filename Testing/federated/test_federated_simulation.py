@@ -60,7 +60,7 @@ def _run(sites, out, strategy, tmp_path):
         }
 
     lines = tmp_path / f"progress-{strategy}.jsonl"
-    with open(lines, "w") as stream:
+    with open(lines, "w", encoding="utf-8") as stream:
         path = run_federated_simulation(
             sites,
             out,
@@ -78,7 +78,7 @@ def _run(sites, out, strategy, tmp_path):
             client_mods=[recording_mod(str(records))],
             on_round=on_round,
         )
-    events = [e for e in map(parse_progress_line, lines.read_text().splitlines()) if e]
+    events = [e for e in map(parse_progress_line, lines.read_text(encoding="utf-8").splitlines()) if e]
     sent = {(r["partition"], r["round"]): r for r in (pickle.loads(p.read_bytes()) for p in records.glob("*.pkl"))}
     return path, rounds, sent, events
 
@@ -190,10 +190,10 @@ def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
     )
     # across runs: the site keeps its BatchNorm and round info on disk
     for site in sites:
-        state = json.loads((site / ".segviz" / "federated" / "state.json").read_text())
+        state = json.loads((site / ".segviz" / "federated" / "state.json").read_text(encoding="utf-8"))
         assert state["round"] == 2 and state["strategy"] == "fedbn"
         with np.load(site / ".segviz" / "federated" / "batchnorm.npz") as npz:
-            name = json.loads((site / "site.json").read_text())["name"]
+            name = json.loads((site / "site.json").read_text(encoding="utf-8"))["name"]
             np.testing.assert_array_equal(npz[mean_key], by_site[name][mean_key])
 
 

@@ -164,7 +164,7 @@ def test_terminology_loads_through_slicers_logic_and_reads_back():
     with pytest.raises(ValueError, match="liver"):
         terminology.organ("liver", "left")
     broken = Path(tempfile.mkdtemp()) / "broken.term.json"
-    broken.write_text("{}")
+    broken.write_text("{}", encoding="utf-8")
     with pytest.raises(RuntimeError, match="broken.term.json"):
         SegVizTerminology(logic=slicer.vtkSlicerTerminologiesModuleLogic(), path=broken)
 

@@ -264,7 +264,7 @@ time.sleep(600)
 def _fake_python(tmp_path, fail=False) -> tuple[str, Path]:
     argv_file = tmp_path / "argv.json"
     script = tmp_path / ("fake-python-fail" if fail else "fake-python")
-    script.write_text(FAKE_JOIN.format(python=sys.executable, argv_file=str(argv_file), fail=fail))
+    script.write_text(FAKE_JOIN.format(python=sys.executable, argv_file=str(argv_file), fail=fail), encoding="utf-8")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return str(script), argv_file
 
@@ -307,7 +307,7 @@ def test_join_poll_leave_with_a_real_child(scene, tmp_path):
     assert controller.close_question() is None
 
     controller.join(_request(site, share_final_batchnorm=True, trust_file=str(argv_file.parent / "fake-python")))
-    assert json.loads((site / "site.json").read_text())["organs"] == ["liver"]
+    assert json.loads((site / "site.json").read_text(encoding="utf-8"))["organs"] == ["liver"]
     polls, seen = [], set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -317,7 +317,7 @@ def test_join_poll_leave_with_a_real_child(scene, tmp_path):
         if poll.global_dice != "–" and "last round took" in poll.round_time:
             break
         time.sleep(0.05)
-    argv = json.loads(argv_file.read_text())
+    argv = json.loads(argv_file.read_text(encoding="utf-8"))
     assert argv[2:5] == ["federation", "join", "--superlink"] and "--share-final-batchnorm" in argv
     assert argv[argv.index("--trust") + 1] == str(argv_file.parent / "fake-python")
     assert "Connecting to 127.0.0.1:9093…" in seen and "Connected, training" in seen
@@ -472,7 +472,8 @@ def test_missing_packages_name_the_version_needed_and_installed(tmp_path):
     requirements = tmp_path / "requirements.txt"
     requirements.write_text(
         "# comment\ntorch>=99\nmonai>=1.4,<2\nnibabel>=5.0,<6\nscipy>=1.11,<2\nrich>=13\npsutil>=5.9\n"
-        "flwr>=1.42,<1.43\ncryptography>=42\n"
+        "flwr>=1.42,<1.43\ncryptography>=42\n",
+        encoding="utf-8",
     )
     missing = missing_packages("infer", requirements)
     assert [m.name for m in missing] == ["torch"]
@@ -480,13 +481,16 @@ def test_missing_packages_name_the_version_needed_and_installed(tmp_path):
     assert missing[0].describe() == f"torch (needs >=99; {torch_version} installed)"
     assert install_plan(missing) == (">=99", [])
     assert status_line([]) == "All Python packages SegViz needs are installed."
-    requirements.write_text(requirements.read_text().replace("rich>=13", "rich>=13\nsegviz-absent-package>=1"))
+    requirements.write_text(
+        requirements.read_text(encoding="utf-8").replace("rich>=13", "rich>=13\nsegviz-absent-package>=1"),
+        encoding="utf-8",
+    )
     assert "torch (needs >=99" in status_line(missing)
     with pytest.raises(ValueError, match="feature"):
         missing_packages("train", requirements)
-    requirements.write_text("torch>=2\n")
+    requirements.write_text("torch>=2\n", encoding="utf-8")
     with pytest.raises(ValueError, match="does not list monai"):
         missing_packages("infer", requirements)
-    requirements.write_text("torch>=2 ===\n")
+    requirements.write_text("torch>=2 ===\n", encoding="utf-8")
     with pytest.raises(ValueError, match="requirements.txt:1"):
         missing_packages("infer", requirements)

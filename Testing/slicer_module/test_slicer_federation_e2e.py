@@ -80,7 +80,7 @@ def _free_port() -> int:
 
 def _load_site_into_scene(scene, site_dir: Path) -> tuple[list[Case], list[str]]:
     """The site's cases as a person would have them in Slicer: CT volume + organ segmentation."""
-    description = json.loads((site_dir / "site.json").read_text())
+    description = json.loads((site_dir / "site.json").read_text(encoding="utf-8"))
     cases = []
     for image_path in sorted((site_dir / "images").iterdir()):
         label_path = site_dir / "labels" / image_path.name
@@ -189,7 +189,7 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
             process.stop(timeout=5.0, wait=True)
 
     # What "Join round" wrote is a valid site folder holding the MRML cases.
-    site_json = json.loads((tmp_path / "work" / "sites" / "site-liver" / "site.json").read_text())
+    site_json = json.loads((tmp_path / "work" / "sites" / "site-liver" / "site.json").read_text(encoding="utf-8"))
     assert site_json == {"name": "site-liver", "organs": ["liver"], "labels": {"1": "liver"}}
 
     model = tmp_path / "run" / "model.segviz"

@@ -49,7 +49,7 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").split()[2] == "Z"
     except (FileNotFoundError, IndexError):
         return True
 
@@ -370,7 +370,9 @@ def test_real_cli_join_to_an_unreachable_superlink_ends_in_failed(tmp_path, tota
     liver = sitk.GetImageFromArray((sitk.GetArrayFromImage(ts) == 5).astype(np.uint8))
     liver.CopyInformation(ts)
     sitk.WriteImage(liver, str(site / "labels" / "case.nii.gz"))
-    (site / "site.json").write_text(json.dumps({"name": "site-a", "organs": ["liver"], "labels": {"1": "liver"}}))
+    (site / "site.json").write_text(
+        json.dumps({"name": "site-a", "organs": ["liver"], "labels": {"1": "liver"}}), encoding="utf-8"
+    )
     superlink = f"127.0.0.1:{_free_port()}"
     job = FederationJob(
         join_command(superlink, site, insecure=True, python=sys.executable), superlink=superlink, connect_timeout=120.0

@@ -138,7 +138,7 @@ def test_leave_ends_a_real_join_and_its_supernode(tmp_path):
         while not all(_gone(pid) for pid in [job.process.pid, *tree]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert [pid for pid in [job.process.pid, *tree] if not _gone(pid)] == []
-        assert json.loads((site / "site.json").read_text())["organs"]  # the site folder is untouched
+        assert json.loads((site / "site.json").read_text(encoding="utf-8"))["organs"]  # the site folder is untouched
     finally:
         job.leave(timeout=5.0, wait=True)
         superlink.stop(timeout=5.0, wait=True)

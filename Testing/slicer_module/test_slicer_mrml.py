@@ -169,7 +169,7 @@ def test_ticks_are_the_declaration_and_an_absent_organ_is_an_annotation(scene, e
     assert saved.present == () and not labels.any(), "both organs declared, both absent: all zero"
     write_declaration(site, "site-a", ["kidney", "liver"])
     assert read_declaration(site) == ("site-a", ("liver", "kidney"))
-    assert json.loads((site / "site.json").read_text())["labels"] == {"1": "liver", "4": "kidney"}
+    assert json.loads((site / "site.json").read_text(encoding="utf-8"))["labels"] == {"1": "liver", "4": "kidney"}
     assert declaration_problems(site, ["liver", "kidney"]) == [
         "liver is ticked but no case in the site folder contains it",
         "kidney is ticked but no case in the site folder contains it",

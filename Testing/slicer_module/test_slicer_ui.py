@@ -21,7 +21,7 @@ def ui_tree() -> ET.Element:
 
 @pytest.fixture(scope="module")
 def module_source() -> str:
-    return MODULE.read_text()
+    return MODULE.read_text(encoding="utf-8")
 
 
 def _widgets(root: ET.Element) -> dict[str, str]:
@@ -125,7 +125,7 @@ def test_module_source_compiles_and_has_the_four_classes(module_source):
 
 def test_headless_library_imports_no_qt():
     for path in (REPO / "SegVizSlicer" / "SegVizSlicerLib").glob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not names & {"qt", "ctk", "PythonQt", "PySide6"}, path.name
@@ -136,7 +136,7 @@ def test_headless_library_imports_no_qt():
 
 def test_s4ext_has_every_field():
     fields = {}
-    for line in (REPO / "SegVizSlicer.s4ext").read_text().splitlines():
+    for line in (REPO / "SegVizSlicer.s4ext").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition(" ")
             fields[key] = value.strip()
@@ -161,7 +161,7 @@ def test_s4ext_has_every_field():
 
 
 def test_cmake_lists_name_files_that_exist():
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for word in (
         "cmake_minimum_required",
         "project(SegVizSlicer)",
@@ -176,7 +176,7 @@ def test_cmake_lists_name_files_that_exist():
         "EXTENSION_SCREENSHOTURLS",
     ):
         assert word in top, word
-    module = (REPO / "SegVizSlicer" / "CMakeLists.txt").read_text()
+    module = (REPO / "SegVizSlicer" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert (
         "slicerMacroBuildScriptedModule" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
     )
@@ -219,13 +219,15 @@ CATALOG_PROPERTIES = {
 def test_extensions_index_entry_is_valid_and_agrees_with_the_metadata():
     import json
 
-    entry = json.loads((REPO / "SegVizSlicer.json").read_text())
+    entry = json.loads((REPO / "SegVizSlicer.json").read_text(encoding="utf-8"))
     assert set(entry) <= CATALOG_PROPERTIES and {"$schema", "category", "scm_url"} <= set(entry)
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert isinstance(entry["tier"], int) and 1 <= entry["tier"] <= 5
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     s4ext = dict(
-        line.split(" ", 1) for line in (REPO / "SegVizSlicer.s4ext").read_text().splitlines() if line[:1].isalpha()
+        line.split(" ", 1)
+        for line in (REPO / "SegVizSlicer.s4ext").read_text(encoding="utf-8").splitlines()
+        if line[:1].isalpha()
     )
     assert entry["category"] == s4ext["category"] and f'EXTENSION_CATEGORY "{entry["category"]}"' in top
     assert entry["build_dependencies"] == s4ext["depends"].split() == ["PyTorch"]
