@@ -39,6 +39,16 @@ def triple_argument(kind):
     return parse
 
 
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust",
+        type=Path,
+        default=None,
+        help="the federation's federation-trust.yaml, to tell whether the bundle is signed by the federation "
+        "(default: $SEGVIZ_TRUST, else ~/.segviz/federation-trust.yaml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``segviz`` (all subcommands)."""
     parser = argparse.ArgumentParser(
@@ -118,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)"
     )
     p.add_argument("--stats", type=Path, default=None, help="write organ volumes (mL) as JSON")
+    _add_trust_argument(p)
     p.add_argument("--force", action="store_true", help="overwrite --output / --stats")
     add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
@@ -136,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model-info", help="show a model bundle's organs, rounds, sites, date and settings")
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true")
+    _add_trust_argument(p)
     p.set_defaults(func=_cmd_model_info)
 
     p = sub.add_parser(
@@ -273,6 +285,7 @@ def _cmd_infer(args) -> int:
     from .bundle import load_bundle
     from .inference import organ_volumes_ml, resolve_device, segment_image
     from .io import read_image, write_label_map_like
+    from .signing import bundle_signature
 
     for target in (args.output, args.stats):
         if target is not None and target.exists() and not args.force:
@@ -281,6 +294,10 @@ def _cmd_infer(args) -> int:
     reporter.emit("stage", stage="load", message=f"loading {args.model.name} and {args.input.name}")
     clock = time.perf_counter()
     bundle = load_bundle(args.model)
+    signature = bundle_signature(args.model, args.trust)
+    if signature.status == "tampered":
+        raise SegVizError(f"{args.model}: {signature.message}")
+    reporter.emit("stage", stage="signature", message=f"model {signature.message}", signature=signature.to_dict())
     if args.batchnorm is not None and args.batchnorm not in bundle.batchnorm_choices():
         raise SegVizError(
             f"{args.model}: --batchnorm {args.batchnorm!r} is not available; choose from {', '.join(bundle.batchnorm_choices())}"
@@ -345,6 +362,7 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_model_info(args) -> int:
     from .bundle_manifest import batchnorm_choices, read_manifest
+    from .signing import bundle_signature
 
     # The manifest alone describes a bundle: no torch, no weights read.
     manifest = read_manifest(args.model)
@@ -361,12 +379,13 @@ def _cmd_model_info(args) -> int:
         "default_batchnorm": manifest.get("default_batchnorm", "model"),
         "batchnorm_choices": batchnorm_choices(manifest),
         "metrics": manifest.get("metrics", {}).get("final", {}),
+        "signature": bundle_signature(args.model, args.trust).to_dict(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key:<18} {value}")
+            print(f"{key:<18} {value['message'] if key == 'signature' else value}")
     return 0
 
 
