@@ -363,8 +363,8 @@ def verify_bundle(path: str | Path, trusted: dict[str, ed25519.Ed25519PublicKey]
     raw = _raw(public)
     if trusted and any(_raw(k) == raw for k in trusted.values()):
         return BundleSignature("federation", f"signed by the federation key {key_id} on {signed_at}", key_id, signed_at)
-    why = "not in the trust file" if trusted else "no trust file to check it against (--trust federation-trust.yaml)"
-    return BundleSignature("unknown-key", f"signed by an unknown key {key_id} ({why})", key_id, signed_at)
+    why = "not in the trust file" if trusted else "no trust file given (--trust federation-trust.yaml)"
+    return BundleSignature("unknown-key", f"signed by an unknown key {key_id}: {why}", key_id, signed_at)
 
 
 def bundle_signature(path: str | Path, trust: str | Path | None = None) -> BundleSignature:

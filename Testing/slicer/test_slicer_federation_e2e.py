@@ -105,6 +105,8 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
     scene = slicer.vtkMRMLScene()
     port = _free_port()
     superlink_address = f"127.0.0.1:{port}"
+    # `run` submits through the SuperLink's Control API, which listens on loopback apart from the sites' address.
+    control_address = f"127.0.0.1:{_free_port()}"
     jobs, processes = [], []
     try:
         superlink = ProcessJob(
@@ -114,6 +116,10 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
                 "superlink",
                 "--address",
                 superlink_address,
+                "--control-address",
+                control_address,
+                "--app-registry-port",
+                str(_free_port()),
                 "--insecure",
                 "--state-dir",
                 str(tmp_path / "superlink"),
@@ -149,7 +155,7 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
                 "federation",
                 "run",
                 "--superlink",
-                superlink_address,
+                control_address,
                 "--insecure",
                 "--out",
                 str(tmp_path / "run"),
