@@ -278,6 +278,7 @@ def join_federation(
     reporter = reporter or ProgressReporter("none")
     stop = stop or threading.Event()
     site = validate_site(site_dir)
+    _tls_args_client(root_cert, insecure)  # a missing ca.crt is named before the trust file next to it
     trust_file = find_trust_file(trust, root_cert)
     if trust_file is None and not insecure:
         raise SegVizInputError(
