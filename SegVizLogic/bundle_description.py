@@ -186,6 +186,8 @@ def format_bundle_description(info: dict[str, Any]) -> str:
     if info.get("flower_version"):
         made += f", Flower {info['flower_version']}"
     lines.append(f"{'created':<14} {made}")
+    if info.get("signature"):
+        lines.append(f"{'signature':<14} {info['signature']['message']}")
     if info.get("setup_source"):
         lines.append(f"{'setup':<14} {info['setup_source']}")
 

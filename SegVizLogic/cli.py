@@ -40,6 +40,16 @@ def triple_argument(kind):
     return parse
 
 
+def _add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust",
+        type=Path,
+        default=None,
+        help="the federation's federation-trust.yaml, to tell whether the bundle is signed by the federation "
+        "(default: $SEGVIZ_TRUST, else ~/.segviz/federation-trust.yaml)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``segviz`` (all subcommands)."""
     parser = argparse.ArgumentParser(
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="segment an image whose values are not Hounsfield units (NaN, infinite or constant images are refused regardless)",
     )
+    _add_trust_argument(p)
     p.add_argument("--force", action="store_true", help="overwrite --output / --stats (never the input)")
     add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
@@ -154,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path)
     p.add_argument("--json", action="store_true")
+    _add_trust_argument(p)
     p.set_defaults(func=_cmd_model_info)
 
     p = sub.add_parser(
@@ -320,6 +332,7 @@ def _cmd_infer(args) -> int:
     from .bundle import load_bundle
     from .inference import organ_volumes_ml, resolve_device, segment_image
     from .io import write_label_map_like
+    from .signing import bundle_signature
 
     _check_infer_outputs(args)
     reporter = _reporter(args)
@@ -329,6 +342,9 @@ def _cmd_infer(args) -> int:
         reporter.emit("stage", stage="load", message=f"loading {args.model.name} and {args.input.name}")
     clock = time.perf_counter()
     bundle = load_bundle(args.model)
+    signature = bundle_signature(args.model, args.trust)
+    if signature.status == "tampered":
+        raise SegVizError(f"{args.model}: {signature.message}")
     if args.batchnorm is not None and args.batchnorm not in bundle.batchnorm_choices():
         raise SegVizError(
             f"{args.model}: --batchnorm {args.batchnorm!r} is not available; choose from {', '.join(bundle.batchnorm_choices())}"
@@ -337,6 +353,8 @@ def _cmd_infer(args) -> int:
     clock = time.perf_counter()
     image = _read_infer_input(args, bundle)
     read_s = time.perf_counter() - clock
+    # Said only once the inputs passed their checks (a refusal stays the one line a person reads).
+    reporter.emit("stage", stage="signature", message=f"model {signature.message}", signature=signature.to_dict())
     device = resolve_device(args.device)
     result = segment_image(
         bundle, image, device, batchnorm=args.batchnorm, cleanup=not args.no_cleanup, reporter=reporter
@@ -453,9 +471,11 @@ def _evaluation_text(cases, summary, pred_only, ref_only) -> str:
 def _cmd_model_info(args) -> int:
     from .bundle_description import describe_bundle, format_bundle_description
     from .bundle_manifest import read_manifest
+    from .signing import bundle_signature
 
     # The manifest alone describes a bundle: no torch, no weights read.
     info = describe_bundle(read_manifest(args.model), args.model)
+    info["signature"] = bundle_signature(args.model, args.trust).to_dict()
     print(json.dumps(info, indent=2) if args.json else format_bundle_description(info))
     return 0
 

@@ -18,6 +18,7 @@ event              fields
 ``update_sent``    ``round``, ``num_examples``
 ``round_finished`` ``round``, ``rounds``, ``metrics`` {name: number}
 ``run_finished``   ``rounds``, ``outputs`` {name: path}
+``refused``        ``run``, ``reason``, ``message`` (a site refused a run's unsigned or foreign app)
 ``done``           ``outputs`` {name: path}, optional ``metrics``
 ``error``          ``message``
 =================  ==========================================================

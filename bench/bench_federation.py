@@ -60,9 +60,9 @@ def _fresh_sites(sites: list[Path], work: Path, tag: str) -> list[Path]:
 
 def run_deployment(sites: list[Path], work: Path, args) -> Path:
     """A real federation with TLS; returns the final bundle."""
-    from SegVizLogic.federated.certs import write_certificates
+    from SegVizLogic.federated.certs import write_certificates, write_node_key_pair
     from SegVizLogic.federated.processes import free_port
-    from SegVizLogic.federated.runs import follow_run, start_run
+    from SegVizLogic.federated.runs import follow_run, register_node, start_run
     from SegVizLogic.federated.site_node import join_federation
     from SegVizLogic.federated.superlink import start_superlink
     from SegVizLogic.federated.task import FederationSettings
@@ -71,15 +71,27 @@ def run_deployment(sites: list[Path], work: Path, args) -> Path:
     demo, training = _settings(args)
     tls = write_certificates(work / "tls", force=True)
     address = f"127.0.0.1:{free_port()}"
-    link = start_superlink(address, tls_dir=work / "tls", state_dir=work / "superlink")
+    link = start_superlink(
+        address, tls_dir=work / "tls", state_dir=work / "superlink", control_address=f"127.0.0.1:{free_port()}"
+    )
     stops, threads = [], []
     try:
         for site in sites:
+            # As deployed: each site's key registered, the signed app verified, final BatchNorm
+            # shared (as the simulation arm does).
+            key, public = write_node_key_pair(work / "keys" / site.name, force=True)
+            register_node(link.control_address, public, tls["ca.crt"], name=site.name)
             stop = threading.Event()
             thread = threading.Thread(
                 target=join_federation,
                 args=(address, site),
-                kwargs={"root_cert": tls["ca.crt"], "stop": stop, "device": args.device},
+                kwargs={
+                    "root_cert": tls["ca.crt"],
+                    "auth_key": key,
+                    "stop": stop,
+                    "device": args.device,
+                    "share_final_batchnorm": True,
+                },
                 daemon=True,
             )
             thread.start()
@@ -100,7 +112,14 @@ def run_deployment(sites: list[Path], work: Path, args) -> Path:
         )
         config = settings.to_run_config()
         config.pop("out-dir")
-        run_id = start_run(address, work / "out-deployment", config, root_cert=tls["ca.crt"], work_dir=work / "run")
+        run_id = start_run(
+            link.control_address,
+            work / "out-deployment",
+            config,
+            root_cert=tls["ca.crt"],
+            work_dir=work / "run",
+            registry_port=link.registry_port,
+        )
         return follow_run(
             work / "out-deployment",
             ProgressReporter(args.progress),

@@ -1,5 +1,6 @@
-"""TLS material for a SegViz federation: a private CA and the SuperLink's certificate, and
-SuperNode authentication key pairs."""
+"""Keys and certificates of a SegViz federation: a private CA and the SuperLink's certificate,
+the federation's Ed25519 signing key with the sites' trust file, and SuperNode authentication
+key pairs (docs/SECURITY.md says who holds which)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import SegVizInputError
 from ..output_paths import check_output_folder
+from ..signing import FEDERATION_KEY_FILE, TRUST_FILE, write_signing_key
 
-__all__ = ["CERT_FILES", "write_certificates", "write_node_key_pair"]
+__all__ = ["CERT_FILES", "SITE_FILES", "write_certificates", "write_node_key_pair"]
 
 CERT_FILES = ("ca.crt", "server.crt", "server.key")
+SITE_FILES = ("ca.crt", TRUST_FILE)
+"""What every site receives from the coordinator; everything else in the folder stays with it."""
 
 
 def _name(common_name: str) -> x509.Name:
@@ -40,13 +44,15 @@ def _write_private(path: Path, data: bytes) -> None:
 def write_certificates(
     out_dir: str | Path, hosts: Sequence[str] = (), days: int = 365, force: bool = False
 ) -> dict[str, Path]:
-    """Write ``ca.crt``, ``server.crt`` and ``server.key`` for the SuperLink.
+    """Write the federation's files: ``ca.crt``, ``server.crt``, ``server.key`` for the SuperLink,
+    and ``federation.key`` with ``federation-trust.yaml`` (:func:`~SegVizLogic.signing.write_signing_key`).
 
     The server certificate names ``localhost``, ``127.0.0.1`` and every host in ``hosts``
-    (DNS names or IP addresses the sites use to reach the coordinator). Sites get
-    ``ca.crt`` (``segviz federation join --root-cert ca.crt``); ``server.key`` stays on the
-    coordinator (written with mode 0600). The CA's private key is not kept: to add a host,
-    write new certificates and hand out the new ``ca.crt``.
+    (DNS names or IP addresses the sites use to reach the coordinator). Sites get ``ca.crt``
+    and ``federation-trust.yaml`` (:data:`SITE_FILES`); ``server.key`` and ``federation.key``
+    stay on the coordinator (mode 0600). The CA's private key is not kept: to add a host,
+    write new certificates with ``force`` and hand out the new ``ca.crt`` (the signing key is
+    kept, so bundles signed before stay verifiable).
 
     Args:
         out_dir: folder to write into (created).
@@ -54,13 +60,17 @@ def write_certificates(
         days: validity.
         force: replace existing files.
 
+    Returns:
+        The paths by file name (``ca.crt``, ``server.crt``, ``server.key``, ``federation.key``,
+        ``federation-trust.yaml``).
+
     Raises:
         SegVizInputError: the files exist and ``force`` is false.
     """
     out = check_output_folder(out_dir)  # a file in the way is one line, not a traceback
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in CERT_FILES}
-    existing = [str(p) for p in paths.values() if p.exists()]
+    existing = [str(p) for p in [*paths.values(), out / TRUST_FILE] if p.exists()]
     if existing and not force:
         raise SegVizInputError(existing[0], "already exists; use --force to replace the federation's certificates")
     now = dt.datetime.now(dt.timezone.utc)
@@ -125,6 +135,7 @@ def write_certificates(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ),
     )
+    paths[FEDERATION_KEY_FILE], paths[TRUST_FILE] = write_signing_key(out, force=True)
     return paths
 
 

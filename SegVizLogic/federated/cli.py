@@ -15,6 +15,7 @@ from ..cli import add_progress_argument
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter
 from ..training_setup import TrainingSetup, add_setup_arguments, setup_from_args
+from .superlink import DEFAULT_CONTROL_ADDRESS
 
 __all__ = ["FederationProgress", "add_federation_commands"]
 
@@ -63,6 +64,9 @@ class FederationProgress(ProgressReporter):
             return
         if event == "waiting":
             self._print(f"[dim]{fields.get('message', 'waiting')}[/]")
+            return
+        if event == "refused":
+            self._print(f"[bold red]{fields.get('message', 'refused a run')}[/]")
             return
         self._print(self._describe(event, fields))
 
@@ -193,16 +197,36 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("superlink", help="coordinator: start the Flower SuperLink (TLS by default) and keep it running")
-    p.add_argument("--address", default="0.0.0.0:9093", help="HOST:PORT to listen on (default 0.0.0.0:9093)")
+    p.add_argument(
+        "--address",
+        default="0.0.0.0:9093",
+        help="HOST:PORT the sites connect to; serves only the Fleet API (default 0.0.0.0:9093)",
+    )
     _tls_group(p, "--tls-dir", "folder with ca.crt, server.crt, server.key (from `segviz federation certs`)")
     p.add_argument(
         "--state-dir", type=Path, default=None, help="folder for the SuperLink's log and state (default: temporary)"
     )
     p.add_argument(
-        "--require-node-auth",
-        action="store_true",
-        help="only sites whose public key was registered (`segviz federation register`) may join",
+        "--control-address",
+        default=None,
+        help="loopback HOST:PORT of the Control API for `segviz federation run` / `register` "
+        "(default 127.0.0.1:<port of --address + 1>; never reachable from other hosts)",
     )
+    p.add_argument(
+        "--app-registry-port",
+        type=int,
+        default=None,
+        help="loopback port `segviz federation run` serves the signed app on (default: control port + 1)",
+    )
+    enrolment = p.add_mutually_exclusive_group()
+    enrolment.add_argument(
+        "--open-enrolment",
+        action="store_true",
+        help="let any SuperNode that holds ca.crt join (default with TLS: only keys registered with "
+        "`segviz federation register`; --insecure implies it)",
+    )
+    # Node authentication is the default now; the old opt-in flag is still accepted.
+    enrolment.add_argument("--require-node-auth", action="store_true", help=argparse.SUPPRESS)
     add_progress_argument(p)
     p.set_defaults(func=_cmd_superlink)
 
@@ -211,10 +235,24 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--site", required=True, type=Path, help="the site folder (site.json, images/, labels/)")
     _tls_group(p, "--root-cert", "the federation's ca.crt (from the coordinator)")
     p.add_argument(
+        "--trust",
+        type=Path,
+        default=None,
+        help="the federation's federation-trust.yaml (from the coordinator): only apps its key signed run here "
+        "(default: federation-trust.yaml next to --root-cert)",
+    )
+    p.add_argument(
         "--auth-key",
         type=Path,
         default=None,
-        help="this site's private key, when the SuperLink requires node authentication",
+        help="this site's private key (`segviz federation node-key`), registered by the coordinator",
+    )
+    p.add_argument(
+        "--share-final-batchnorm",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="agree to send this site's final-round BatchNorm (feature intensity statistics, no images) when "
+        "the coordinator asks, so the model carries BatchNorm for new sites (default: no)",
     )
     p.add_argument(
         "--connect-timeout",
@@ -230,7 +268,11 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p = sub.add_parser(
         "run", help="coordinator: start a federated run on the SuperLink and follow it; bundles land in --out"
     )
-    p.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's HOST:PORT (default 127.0.0.1:9093)")
+    p.add_argument(
+        "--superlink",
+        default=DEFAULT_CONTROL_ADDRESS,
+        help=f"the SuperLink's loopback Control API HOST:PORT (default {DEFAULT_CONTROL_ADDRESS})",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -238,6 +280,19 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
         help="folder on the coordinator for round-NNN.segviz, model.segviz, progress.jsonl",
     )
     _tls_group(p, "--root-cert", "the federation's ca.crt")
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="the federation's federation.key: signs the app and every bundle (default: federation.key next to "
+        "--root-cert)",
+    )
+    p.add_argument(
+        "--app-registry-port",
+        type=int,
+        default=None,
+        help="the app registry port the SuperLink was started with (default: control port + 1)",
+    )
     p.add_argument("--min-clients", type=int, default=2, help="sites needed for a round (default 2)")
     p.add_argument(
         "--wait-timeout", type=float, default=600, help="seconds to wait for --min-clients sites (default 600)"
@@ -272,10 +327,12 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_cmd_node_key)
 
-    p = sub.add_parser(
-        "register", help="coordinator: allow a site's public key on a SuperLink started with --require-node-auth"
+    p = sub.add_parser("register", help="coordinator: allow a site's public key (node.pub) to join the SuperLink")
+    p.add_argument(
+        "--superlink",
+        default=DEFAULT_CONTROL_ADDRESS,
+        help=f"the SuperLink's loopback Control API (default {DEFAULT_CONTROL_ADDRESS})",
     )
-    p.add_argument("--superlink", default="127.0.0.1:9093")
     p.add_argument("--public-key", required=True, type=Path)
     p.add_argument("--root-cert", required=True, type=Path, help="the federation's ca.crt")
     p.add_argument("--name", default=None, help="a name for the site")
@@ -317,28 +374,35 @@ def _cmd_superlink(args: argparse.Namespace) -> int:
 
     reporter = ProgressReporter(args.progress)
     with _terminate_as_interrupt():
-        process = start_superlink(
+        service = start_superlink(
             args.address,
             tls_dir=args.tls_dir,
             insecure=args.insecure,
             state_dir=args.state_dir,
-            node_auth=args.require_node_auth,
+            node_auth=False if args.open_enrolment else None,
+            control_address=args.control_address,
+            registry_port=args.app_registry_port,
         )
         try:
             reporter.emit(
                 "stage",
                 stage="superlink",
-                message=f"SuperLink listening on {args.address} (TLS {'off' if args.insecure else 'on'}"
-                f"{', node authentication on' if args.require_node_auth else ''}); log: {process.log_path}; Ctrl-C stops it",
+                message=f"SuperLink ready: sites connect to {service.fleet_address} (Fleet API only; TLS "
+                f"{'off' if args.insecure else 'on'}; "
+                f"{'node authentication on: register each node.pub' if service.node_auth else 'open enrolment'}); "
+                f"Control API on {service.control_address} (this machine only); app registry port "
+                f"{service.registry_port}; log: {service.log_path}; Ctrl-C stops it",
+                fleet=service.fleet_address,
+                control=service.control_address,
             )
-            while process.alive():
+            while service.alive():
                 time.sleep(0.5)
-            raise SegVizError(f"the SuperLink stopped (exit code {process.process.returncode}):\n{process.log_tail()}")
+            raise SegVizError(f"the SuperLink stopped (exit code {service.process.returncode}): {service.log_tail(3)}")
         except KeyboardInterrupt:
             reporter.emit("stage", stage="superlink", message="stopping the SuperLink")
             return 0
         finally:
-            process.stop()
+            service.stop()
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
@@ -357,6 +421,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
                 reporter=reporter,
                 once=args.once,
                 device=args.device,
+                trust=args.trust,
+                share_final_batchnorm=args.share_final_batchnorm,
             )
         except KeyboardInterrupt:
             reporter.emit("stage", stage="leave", message="left the federation")
@@ -379,7 +445,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="segviz-run-") as work:
         try:
             run_id = start_run(
-                args.superlink, out, run_config, root_cert=args.root_cert, insecure=args.insecure, work_dir=work
+                args.superlink,
+                out,
+                run_config,
+                root_cert=args.root_cert,
+                insecure=args.insecure,
+                work_dir=work,
+                signing_key=args.signing_key,
+                registry_port=args.app_registry_port,
             )
             reporter.emit(
                 "stage",
@@ -409,8 +482,10 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     paths = write_certificates(args.out, hosts=args.host, days=args.days, force=args.force)
     print(
         f"wrote {', '.join(str(p) for p in paths.values())}\n"
-        f"coordinator: segviz federation superlink --tls-dir {args.out}\n"
-        f"sites get {paths['ca.crt']} and join with --root-cert ca.crt (server.key stays on the coordinator)"
+        f"coordinator keeps server.key and federation.key (mode 0600): "
+        f"segviz federation superlink --tls-dir {args.out}\n"
+        f"every site gets {paths['ca.crt']} and {paths['federation-trust.yaml']}: "
+        f"segviz federation join --root-cert ca.crt --trust federation-trust.yaml ..."
     )
     return 0
 

@@ -13,32 +13,43 @@ from __future__ import annotations
 import json
 import os
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import PARTITION_ID_KEY
+from flwr.common.constant import PARTITION_ID_KEY, ErrorCode
 
+from .. import __version__
 from ..errors import SegVizInputError
 from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
+from .site_failures import SiteRoundError, failure_category, site_name_for_reports
 
 __all__ = [
+    "ERRORS_FILE",
     "EVENTS_FILE",
+    "SHARE_FINAL_BATCHNORM_KEY",
     "WORKER_FILE",
     "app",
     "handle_train",
     "make_client_app",
     "run_site_round",
+    "site_consents_to_share_batchnorm",
     "site_dir_from_context",
 ]
 
 EVENTS_FILE = "events.jsonl"
 WORKER_FILE = "worker.json"
+ERRORS_FILE = "errors.log"
+SHARE_FINAL_BATCHNORM_KEY = "share-final-batchnorm"
+"""Node config key of the site's consent to send its final BatchNorm (``segviz federation join
+--share-final-batchnorm``). Absent (simulation): the coordinator's ``share-final-batchnorm`` decides."""
 
 
 def site_dir_from_context(context: Context) -> Path:
@@ -132,7 +143,7 @@ def _train(site_dir: Path, groups: dict, config: dict, context: Context, events:
                 )
                 status, payload = connection.recv()
             if status != "ok":
-                raise RuntimeError(payload)
+                raise SiteRoundError(payload["category"], payload["detail"])
             state = payload.pop("state")
             for name in list(state.keys()):
                 context.state[name] = state[name]
@@ -144,10 +155,26 @@ def _record(arrays) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _scrub(text: str, site_dir: Path) -> str:
-    from .task import scrub_paths
+def site_consents_to_share_batchnorm(context: Context) -> bool:
+    """Whether this site agreed to send its final-round BatchNorm (node config
+    :data:`SHARE_FINAL_BATCHNORM_KEY`; absent, as in simulation, means yes: the coordinator's
+    ``share-final-batchnorm`` then decides alone)."""
+    value = context.node_config.get(SHARE_FINAL_BATCHNORM_KEY, True)
+    return value is True or str(value).strip().lower() in ("true", "1", "yes")
 
-    return scrub_paths(text, site_dir)
+
+def _keep_failure_on_site(site_dir: Path, events: Path | None, server_round: int, detail: str) -> None:
+    """The full story of a failed round, for the site's own people only."""
+    folder = site_dir / LOCAL_STATE_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ERRORS_FILE, "a", encoding="utf-8") as log:
+            log.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} round {server_round}\n{detail}\n")
+    except OSError:
+        pass  # an unwritable site folder must not turn the failure report itself into a crash
+    with _event_reporter(events) as reporter:
+        if reporter:
+            reporter.emit("error", message=f"round {server_round}: {detail.strip().splitlines()[-1]}")
 
 
 def handle_train(
@@ -163,25 +190,41 @@ def handle_train(
         device: training device; default: node config ``device``, else ``$SEGVIZ_DEVICE``, else auto.
     """
     started = time.perf_counter()
-    if device is None:
-        device = str(context.node_config.get("device", os.environ.get("SEGVIZ_DEVICE", "auto")))
-    config = dict(message.content.config_records["config"])
-    server_round, rounds = int(config["server-round"]), int(config["num-server-rounds"])
-    with _event_reporter(events) as reporter:
-        if reporter:
-            reporter.emit("round_started", round=server_round, rounds=rounds)
-    groups = {name: {k: v.numpy() for k, v in record.items()} for name, record in message.content.array_records.items()}
+    server_round, coordinator_version = 0, __version__
     try:
-        result = _train(site_dir, groups, config, context, events, device)
-    except Exception as error:  # noqa: BLE001
+        if device is None:
+            device = str(context.node_config.get("device", os.environ.get("SEGVIZ_DEVICE", "auto")))
+        config = dict(message.content.config_records["config"])
+        server_round, rounds = int(config["server-round"]), int(config["num-server-rounds"])
+        coordinator_version = str(config.get("segviz-version", __version__))
+        if coordinator_version.split(".")[:2] != __version__.split(".")[:2]:
+            raise ValueError(f"the coordinator runs SegViz {coordinator_version} and this site SegViz {__version__}")
         with _event_reporter(events) as reporter:
             if reporter:
-                reporter.emit("error", message=f"round {server_round}: {error}")
-        # What the coordinator sees: the error without this site's paths.
-        raise RuntimeError(_scrub(f"{type(error).__name__}: {error}", site_dir)) from None
+                reporter.emit("round_started", round=server_round, rounds=rounds)
+        groups = {
+            name: {k: v.numpy() for k, v in record.items()} for name, record in message.content.array_records.items()
+        }
+        result = _train(site_dir, groups, config, context, events, device)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a fixed category for the coordinator
+        detail = error.detail if isinstance(error, SiteRoundError) else traceback.format_exc()
+        _keep_failure_on_site(site_dir, events, server_round, detail)
+        category = failure_category(error, __version__, coordinator_version)
+        # What the coordinator sees: the site's name and a fixed sentence, never a path or a file name.
+        reason = f"{site_name_for_reports(site_dir)}: {category}"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
     content = RecordDict({name: _record(arrays) for name, arrays in result["partition"].items()})
     if result["final_batchnorm"] is not None:
-        content[FINAL_BATCHNORM_RECORD] = _record(result["final_batchnorm"])
+        if site_consents_to_share_batchnorm(context):
+            content[FINAL_BATCHNORM_RECORD] = _record(result["final_batchnorm"])
+        else:
+            with _event_reporter(events) as reporter:
+                if reporter:
+                    reporter.emit(
+                        "stage",
+                        stage="batchnorm",
+                        message="the coordinator asked for this site's final BatchNorm; not sent (not agreed)",
+                    )
     metrics: dict[str, Any] = dict(result["metrics"])
     # Time in this handler (data, model, training, packing): the rest of a round is Flower's.
     metrics["client-seconds"] = time.perf_counter() - started

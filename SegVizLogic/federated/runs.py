@@ -1,11 +1,10 @@
-"""Starting and following a federated run from the coordinator: the SegViz Flower app that
-``flwr run`` submits, SuperNode registration, and relaying a run's progress.
+"""Starting and following a federated run from the coordinator: submitting the signed SegViz
+Flower app with ``flwr run``, SuperNode registration, and relaying a run's progress.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -13,61 +12,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter, parse_progress_line, read_new_lines, relay_event
+from ..signing import FEDERATION_KEY_FILE
+from .app_registry import AppRegistry, app_spec, build_app_fab, sign_fab, stage_app
 from .processes import (
     flower_environment,
     flower_executable,
+    parse_host_port,
 )
 from .task import APP_CONFIG_DEFAULTS
 
-__all__ = ["follow_run", "register_node", "stage_app", "start_run"]
-
-
-def _app_pyproject() -> dict:
-    return {
-        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
-        "project": {
-            "name": "segviz",
-            "version": __version__,
-            "license": "Apache-2.0",
-            "description": "SegViz federated multi-organ CT segmentation (FedBN)",
-            "dependencies": [],
-        },
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "segviz",
-                    "components": {
-                        "serverapp": "SegVizLogic.federated.server_app:app",
-                        "clientapp": "SegVizLogic.federated.client_app:app",
-                    },
-                    "config": dict(APP_CONFIG_DEFAULTS),
-                }
-            }
-        },
-    }
-
-
-def stage_app(folder: str | Path) -> Path:
-    """Write the Flower app that ``flwr run`` packs into a FAB: only a ``pyproject.toml`` with
-    the ``[tool.flwr.app]`` section (components and run config), no code.
-
-    Flower puts a FAB's folder first on ``sys.path``; a FAB without Python files makes every
-    SuperNode load ``SegVizLogic.federated.client_app`` from the SegViz its site installed,
-    so no code sent by the coordinator runs at a hospital. (The repository's own
-    ``pyproject.toml`` is not used either: ``flwr run`` 1.42 rewrites one that still has a
-    legacy ``[tool.flwr.federations]`` section.)
-    """
-    import tomli_w
-
-    app = Path(folder) / "segviz"
-    if app.exists():
-        shutil.rmtree(app)
-    app.mkdir(parents=True)
-    (app / "pyproject.toml").write_text(tomli_w.dumps(_app_pyproject()), encoding="utf-8")
-    return app
+__all__ = ["find_signing_key", "follow_run", "register_node", "stage_app", "start_run"]
 
 
 def _write_flower_config(home: Path, superlink: str, root_cert: str | Path | None, insecure: bool) -> None:
@@ -132,6 +88,18 @@ def register_node(superlink: str, public_key: str | Path, root_cert: str | Path 
         return int(payload.get("node-id", 0))
 
 
+def find_signing_key(signing_key: str | Path | None, root_cert: str | Path | None) -> Path | None:
+    """The federation's signing key: ``signing_key`` if given, else ``federation.key`` next to
+    ``root_cert`` (``segviz federation certs`` writes both into one folder), else ``None``."""
+    if signing_key is not None:
+        return Path(signing_key).expanduser().resolve()
+    if root_cert is not None:
+        candidate = Path(root_cert).expanduser().resolve().parent / FEDERATION_KEY_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def start_run(
     superlink: str,
     out_dir: str | Path,
@@ -139,33 +107,82 @@ def start_run(
     root_cert: str | Path | None = None,
     insecure: bool = False,
     work_dir: str | Path | None = None,
+    signing_key: str | Path | None = None,
+    registry_port: int | None = None,
 ) -> int:
-    """Submit a SegViz run to a SuperLink with ``flwr run`` and return its run id.
+    """Submit a SegViz run to the SuperLink's Control API and return its run id.
+
+    With a signing key (the default with TLS: ``--signing-key``, or ``federation.key`` next to
+    ``ca.crt``) the SegViz FAB is built, signed and submitted by app spec
+    (``flwr run @segviz/segviz==<version>``): the SuperLink fetches it, with its signature, from
+    an :class:`~SegVizLogic.federated.app_registry.AppRegistry` served on 127.0.0.1 for the
+    seconds of the submission, and every site's SuperNode verifies the signature before it runs
+    anything. The key's path (never the key) also goes to the ServerApp in the run config, so it
+    signs every bundle it writes. Without a key (only with ``insecure``) the app is submitted
+    unsigned from a folder, and sites that verify apps refuse it.
 
     Args:
-        superlink: ``HOST:PORT`` of the SuperLink.
+        superlink: ``HOST:PORT`` of the SuperLink's (loopback) Control API.
         out_dir: where the ServerApp writes bundles and ``progress.jsonl`` (a folder on the
             coordinator's machine: the ServerApp runs there).
         run_config: overrides of ``[tool.flwr.app.config]`` (``num-server-rounds``...).
         root_cert: the federation's ``ca.crt``; or ``insecure``.
         work_dir: where the staged app and Flower's config go (temporary by default).
+        signing_key: ``federation.key``; default: :func:`find_signing_key`.
+        registry_port: the app registry's port the SuperLink was started with (default: the
+            Control API's port + 1, as ``segviz federation superlink`` does).
+
+    Raises:
+        SegVizInputError: unknown settings, no signing key with TLS, an unusable key.
+        SegVizError: the SuperLink refused the run or did not fetch the signed app.
     """
     import tomli_w
+
+    from ..signing import load_signing_key
+    from .superlink import default_registry_port
 
     unknown = sorted(set(run_config) - set(APP_CONFIG_DEFAULTS))
     if unknown:
         raise SegVizInputError(None, f"unknown run settings {unknown}; known: {', '.join(APP_CONFIG_DEFAULTS)}")
+    key_path = find_signing_key(signing_key, root_cert)
+    if key_path is None and not insecure:
+        raise SegVizInputError(
+            None,
+            "sites run only apps signed by the federation: pass --signing-key federation.key "
+            "(from `segviz federation certs`, kept on the coordinator)",
+        )
+    key = load_signing_key(key_path) if key_path is not None else None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="segviz-run-"))
     home = work / "flwr-home"
     _write_flower_config(home, superlink, root_cert, insecure)
-    app = stage_app(work)
     overrides = {**run_config, "out-dir": str(Path(out_dir).resolve())}
+    if key_path is not None:
+        overrides["signing-key"] = str(key_path)
     config_file = work / "run-config.toml"
     config_file.write_text(tomli_w.dumps(overrides), encoding="utf-8")
-    done = _flwr(["run", str(app), "segviz", "--format", "json", "--run-config", str(config_file)], home)
+    options = ["segviz", "--format", "json", "--run-config", str(config_file)]
+    if key is None:
+        done = _flwr(["run", str(stage_app(work)), *options], home)
+        fetched = True
+    else:
+        fab = build_app_fab(work)
+        port = registry_port or default_registry_port(parse_host_port(superlink)[1])
+        with AppRegistry(fab, sign_fab(fab, key), port) as registry:
+            done = _flwr(["run", app_spec(), *options], home)
+        fetched = any(request.startswith("GET") for request in registry.requests)
     payload = _json_from_output(done.stdout)
     if done.returncode != 0 or not payload.get("success"):
         message = payload.get("error-message") or done.stderr.strip() or done.stdout.strip()
+        if "403 Forbidden" in message:
+            message += (
+                " (that address serves only the Fleet API for the sites: pass the Control API's address, "
+                "127.0.0.1:<port + 1> on the coordinator unless the SuperLink was given --control-address)"
+            )
+        elif not fetched:
+            message += (
+                f" (the SuperLink did not fetch the signed app from 127.0.0.1:{port}: start it with "
+                "`segviz federation superlink`, which points it there, and pass the same --app-registry-port)"
+            )
         raise SegVizError(f"the SuperLink at {superlink} did not accept the run: {message}")
     return int(payload["run-id"])
 

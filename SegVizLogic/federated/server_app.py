@@ -19,6 +19,7 @@ leaves a site. Under FedAvg BatchNorm is averaged every round like ``shared``.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -96,7 +97,9 @@ def run_federation(
         reporter: progress events (round_started, update_sent, round_finished, run_finished).
         on_round: called as ``(round, replies, global partition after aggregation)``
             (tests, benchmarks).
-        mode: ``"deployment"`` or ``"simulation"`` (provenance).
+        mode: ``"deployment"`` or ``"simulation"`` (provenance). With ``settings.signing_key``
+            every bundle is signed before it appears under its name
+            (:func:`SegVizLogic.signing.sign_bundle`).
 
     Returns:
         The final bundle's path.
@@ -115,6 +118,7 @@ class _Federation:
         on_round: Callable[[int, list[Message], dict], None] | None,
         mode: str,
     ) -> None:
+        from ..signing import load_signing_key
         from ..training import seed_everything
 
         if not settings.out_dir:
@@ -122,6 +126,8 @@ class _Federation:
                 "the run has no out-dir: pass --run-config \"out-dir='/path'\" or use `segviz federation run --out`"
             )
         self.grid, self.settings, self.reporter, self.on_round, self.mode = grid, settings, reporter, on_round, mode
+        # Loaded now: a bad key fails the run before any round, not after the first bundle.
+        self.signing_key = load_signing_key(settings.signing_key) if settings.signing_key else None
         self.out_dir = Path(settings.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(settings.seed)
@@ -242,8 +248,19 @@ class _Federation:
 
     def _save(self, path: Path, model, metrics: dict, bundle_args: dict) -> Path:
         from ..bundle import save_bundle
+        from ..signing import sign_bundle
 
-        return save_bundle(path, model, self.settings.preprocessing, metrics=metrics, **bundle_args)
+        if self.signing_key is None:
+            return save_bundle(path, model, self.settings.preprocessing, metrics=metrics, **bundle_args)
+        # Signed under a temporary name, so no unsigned bundle ever carries the final name.
+        unsigned = path.with_name(f".unsigned-{path.name}")
+        try:
+            save_bundle(unsigned, model, self.settings.preprocessing, metrics=metrics, **bundle_args)
+            sign_bundle(unsigned, self.signing_key)
+            os.replace(unsigned, path)
+        finally:
+            unsigned.unlink(missing_ok=True)
+        return path
 
     def _provenance(self, server_round: int, shared_batchnorm: bool) -> dict[str, Any]:
         settings = self.settings

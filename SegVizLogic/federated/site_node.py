@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from ..errors import SegVizError, SegVizInputError
@@ -26,9 +28,10 @@ from .processes import (
     parse_host_port,
     wait_for_port,
 )
+from .site_failures import failure_category
 from .task import local_state_dir
 
-__all__ = ["SiteWorker", "join_federation", "start_supernode"]
+__all__ = ["SiteWorker", "app_refusals", "find_trust_file", "join_federation", "start_supernode"]
 
 
 _CONNECTED_MARK = "SuperNode ID:"
@@ -40,6 +43,46 @@ _FATAL_MARKS = (
     "Traceback (most recent call last)",
     "Unable to parse",
 )
+# What Flower 1.42's SuperNode logs when it refuses a run's FAB under --trusted-entities
+# (flwr/supernode/start_client_internal.py): the run id comes in the "[RUN <id>" line before.
+_REFUSALS = {
+    "App verification is not supported by the connected SuperLink": (
+        "its app is unsigned (submitted from a folder, not the federation's signed SegViz app)"
+    ),
+    "the provided trusted entities could not verify the FAB": "its app is not signed by the federation key",
+}
+_RUN_LINE = re.compile(r"\[RUN (\d+)")
+
+
+def app_refusals(log_text: str) -> list[tuple[int, str]]:
+    """The runs a SuperNode refused to run, from its log: ``[(run id, why)]`` in log order."""
+    refusals, run_id = [], None
+    for line in log_text.splitlines():
+        if found := _RUN_LINE.search(line):
+            run_id = int(found.group(1))
+        for mark, why in _REFUSALS.items():
+            if mark in line and run_id is not None:
+                refusals.append((run_id, why))
+    return refusals
+
+
+def find_trust_file(trust: str | Path | None, root_cert: str | Path | None) -> Path | None:
+    """The federation's trust file: ``trust`` if given, else ``federation-trust.yaml`` next to
+    ``ca.crt`` (the coordinator hands both out together), else ``None``.
+
+    Raises:
+        SegVizInputError: ``trust`` is not a readable trust file of Ed25519 keys.
+    """
+    from ..signing import TRUST_FILE, read_trust_file
+
+    if trust is None and root_cert is not None:
+        candidate = Path(root_cert).expanduser().resolve().parent / TRUST_FILE
+        trust = candidate if candidate.is_file() else None
+    if trust is None:
+        return None
+    path = Path(trust).expanduser().resolve()
+    read_trust_file(path)  # a clear line now, not Flower's exit code later
+    return path
 
 
 def _tls_args_client(root_cert: str | Path | None, insecure: bool) -> list[str]:
@@ -63,16 +106,28 @@ def start_supernode(
     runtime_port: int | None = None,
     log_path: str | Path | None = None,
     device: str | None = None,
+    trust_file: str | Path | None = None,
+    share_final_batchnorm: bool = False,
 ) -> FlowerProcess:
     """Start ``flower-supernode`` for one site (``--node-config site-dir=...``).
 
     Each SuperNode also serves a local Runtime API for its ClientApp processes; several sites
     on one machine need different ``runtime_port`` values (a free one by default).
+
+    Args:
+        trust_file: the federation's ``federation-trust.yaml``: the SuperNode runs only apps
+            signed by its key (Flower's ``--trusted-entities``).
+        share_final_batchnorm: the site's consent to send its final-round BatchNorm when the
+            coordinator asks (node config ``share-final-batchnorm``).
     """
+    from .client_app import SHARE_FINAL_BATCHNORM_KEY
+
     site = Path(site_dir).resolve()
     state = local_state_dir(site)
     state.mkdir(parents=True, exist_ok=True)
-    node_config = f'site-dir="{site}"' + (f' device="{device}"' if device else "")
+    node_config = f'site-dir="{site}" {SHARE_FINAL_BATCHNORM_KEY}={str(bool(share_final_batchnorm)).lower()}' + (
+        f' device="{device}"' if device else ""
+    )
     command = [
         flower_executable("flower-supernode"),
         "--superlink",
@@ -91,6 +146,8 @@ def start_supernode(
                 auth_key, "SuperNode private key not found (create one with `segviz federation node-key`)"
             )
         command += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
+    if trust_file is not None:
+        command += ["--trusted-entities", str(Path(trust_file).resolve())]
     return FlowerProcess(
         f"SuperNode {site.name}",
         command,
@@ -154,8 +211,10 @@ class SiteWorker:
                     result["state"] = state
                     connection.send(("ok", result))
                 except Exception as error:  # noqa: BLE001 - reported to the ClientApp, which fails the round
+                    # The category may leave the site; the detail (file names) stays in its log.
+                    failure = {"category": failure_category(error), "detail": traceback.format_exc()}
                     try:
-                        connection.send(("error", f"{type(error).__name__}: {error}"))
+                        connection.send(("error", failure))
                     except OSError:
                         pass
 
@@ -179,6 +238,8 @@ def join_federation(
     stop: threading.Event | None = None,
     linger: float = 15.0,
     warm: bool = True,
+    trust: str | Path | None = None,
+    share_final_batchnorm: bool = False,
 ) -> int:
     """Join a federation as one site: validate the site, start its SuperNode, relay progress.
 
@@ -198,6 +259,12 @@ def join_federation(
         linger: with ``once``, seconds to stay connected after the final reply was sent.
         warm: train in a warm :class:`SiteWorker` of this process instead of paying torch's
             imports in every ClientApp process.
+        trust: the federation's ``federation-trust.yaml`` (default: next to ``root_cert``). With
+            TLS it is required: the site runs only the app the federation's key signed, and a
+            refused run is reported as a ``refused`` event naming the run and why. With
+            ``insecure`` and no trust file, apps are not checked (development only).
+        share_final_batchnorm: the site agrees to send its final-round BatchNorm (intensity
+            statistics of its features) when the coordinator asks; off by default.
 
     Returns:
         0 when the node left normally.
@@ -211,10 +278,28 @@ def join_federation(
     reporter = reporter or ProgressReporter("none")
     stop = stop or threading.Event()
     site = validate_site(site_dir)
+    _tls_args_client(root_cert, insecure)  # a missing ca.crt is named before the trust file next to it
+    trust_file = find_trust_file(trust, root_cert)
+    if trust_file is None and not insecure:
+        raise SegVizInputError(
+            None,
+            "a site runs only the app signed by its federation: pass --trust federation-trust.yaml "
+            "(from the coordinator, with ca.crt)",
+        )
     host, port = parse_host_port(superlink)
     address = format_address(host, port)
     reporter.emit(
         "stage", stage="connect", message=f"site {site.name} ({', '.join(site.organs)}): connecting to {address}"
+    )
+    reporter.emit(
+        "stage",
+        stage="trust",
+        message=(
+            f"runs only apps signed by the key in {trust_file.name}"
+            if trust_file
+            else "WARNING: no trust file, so any app submitted to the SuperLink would run here (development only)"
+        )
+        + f"; final BatchNorm {'shared if the coordinator asks' if share_final_batchnorm else 'never shared'}",
     )
     started = time.monotonic()
     error = wait_for_port(host, port, connect_timeout, alive=lambda: not stop.is_set())
@@ -228,7 +313,16 @@ def join_federation(
     offset = events.stat().st_size if events.exists() else 0
     worker = SiteWorker(site_dir) if warm else None
     try:
-        process = start_supernode(address, site_dir, root_cert, insecure, auth_key, device=device)
+        process = start_supernode(
+            address,
+            site_dir,
+            root_cert,
+            insecure,
+            auth_key,
+            device=device,
+            trust_file=trust_file,
+            share_final_batchnorm=share_final_batchnorm,
+        )
     except BaseException:
         if worker:
             worker.close()
@@ -257,7 +351,17 @@ def join_federation(
         reporter.emit("connected", superlink=address)
         reporter.emit("waiting", message="connected; waiting for the coordinator to start a round")
         leaving, sent_at = False, None
+        refused: set[int] = set()
         while not stop.is_set():
+            for run_id, why in app_refusals(process.log_text()[log_offset:]):
+                if run_id not in refused:
+                    refused.add(run_id)
+                    reporter.emit(
+                        "refused",
+                        run=run_id,
+                        reason=why,
+                        message=f"refused run {run_id}: {why}; nothing of it ran here",
+                    )
             lines, offset = read_new_lines(events, offset)
             for line in lines:
                 event = parse_progress_line(line)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -33,7 +32,6 @@ __all__ = [
     "local_state_dir",
     "new_lineage",
     "save_local_batchnorm",
-    "scrub_paths",
     "train_client_round",
 ]
 
@@ -57,6 +55,7 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "preprocessing": "",
     "resume-from": "",
     "wait-timeout": 600,
+    "signing-key": "",
 }
 
 _STATE_BATCHNORM = "segviz-batchnorm"
@@ -98,6 +97,8 @@ class FederationSettings:
         training: local training configuration (``TrainingConfig.to_dict()``).
         preprocessing: preprocessing of every site.
         resume_from: a bundle to start from (its weights; sites resume their BatchNorm).
+        signing_key: path of the federation's ``federation.key`` on the coordinator; the ServerApp
+            signs every bundle with it (the path travels in the run config, never the key).
     """
 
     rounds: int = 3
@@ -116,6 +117,7 @@ class FederationSettings:
     training: dict = field(default_factory=dict)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     resume_from: str = ""
+    signing_key: str = ""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -150,6 +152,7 @@ class FederationSettings:
             if cfg["preprocessing"]
             else Preprocessing(),
             resume_from=str(cfg["resume-from"]),
+            signing_key=str(cfg["signing-key"]),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -171,6 +174,7 @@ class FederationSettings:
             "training-config": json.dumps(self.training),
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
             "resume-from": self.resume_from,
+            "signing-key": self.signing_key,
         }
 
     def client_config(self, server_round: int, lineage: str) -> dict[str, Any]:
@@ -262,15 +266,6 @@ def load_partition_into_model(model: torch.nn.Module, groups: Mapping[str, Mappi
                 )
             state[key] = torch.as_tensor(np.array(value)).to(state[key].dtype)
     model.load_state_dict(state)
-
-
-def scrub_paths(text: str, *paths: str | Path) -> str:
-    """Remove local paths from a message before it leaves the site."""
-    for path in paths:
-        for variant in {str(path), str(Path(path).resolve())}:
-            if variant and variant != ".":
-                text = text.replace(variant, "<site>")
-    return re.sub(r"(/[^\s:'\"]+)+", "<path>", text)
 
 
 # --- one site's round -----------------------------------------------------------------------

@@ -51,12 +51,24 @@ def test_federation_commands_parse():
     assert [str(s) for s in args.site] == ["a", "b"] and args.strategy == "fedavg" and args.share_final_batchnorm
     args = parser.parse_args(["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure"])
     assert args.insecure and args.root_cert is None and args.connect_timeout == 30
+    assert args.trust is None and not args.share_final_batchnorm  # a site shares its BatchNorm only if it agrees
+    args = parser.parse_args(
+        ["federation", "join", "--superlink", "h:1", "--site", "s", "--root-cert", "ca.crt", "--trust", "t.yaml"]
+        + ["--auth-key", "node.key", "--share-final-batchnorm"]
+    )
+    assert args.share_final_batchnorm and str(args.trust) == "t.yaml" and str(args.auth_key) == "node.key"
     with pytest.raises(SystemExit):  # TLS and --insecure are exclusive
         parser.parse_args(
             ["federation", "join", "--superlink", "h:1", "--site", "s", "--insecure", "--root-cert", "ca.crt"]
         )
     args = parser.parse_args(["federation", "run", "--out", "o", "--no-share-final-batchnorm"])
-    assert not args.share_final_batchnorm and args.superlink == "127.0.0.1:9093"
+    # run and register talk to the loopback Control API, one port above the sites' Fleet port.
+    assert not args.share_final_batchnorm and args.superlink == "127.0.0.1:9094" and args.signing_key is None
+    args = parser.parse_args(["federation", "superlink", "--tls-dir", "tls"])
+    assert not args.open_enrolment and args.control_address is None and args.address == "0.0.0.0:9093"
+    assert parser.parse_args(["federation", "register", "--public-key", "p", "--root-cert", "c"]).superlink == (
+        "127.0.0.1:9094"
+    )
 
 
 def test_certificates_name_localhost_and_extra_hosts(tmp_path):

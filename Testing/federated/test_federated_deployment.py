@@ -25,6 +25,7 @@ from SegVizLogic.federated.site_node import join_federation
 from SegVizLogic.federated.superlink import start_superlink
 from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS
 from SegVizLogic.progress import ProgressReporter, parse_progress_line
+from SegVizLogic.signing import read_trust_file, verify_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,48 +80,58 @@ def test_staged_app_is_a_valid_flower_app(tmp_path):
 
 
 def test_real_federation_with_tls(make_sites, tmp_path):
+    """The README's "A real federation" walked through as written, from one working folder with
+    relative paths: certificates, SuperLink, node keys registered, three joins (two agree to share
+    their final BatchNorm), one signed run."""
     sites = make_sites()
-    tls = tmp_path / "tls"
-    write_certificates(tls)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    out = tmp_path / "out"
+    work = tmp_path
+    fleet, control, registry = free_port(), free_port(), free_port()
+
+    def segviz(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "SegVizLogic.cli", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=work,
+            timeout=300,
+            env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    segviz("federation", "certs", "--out", "tls")
     link = _segviz(
-        "federation",
-        "superlink",
-        "--address",
-        address,
-        "--tls-dir",
-        str(tls),
-        "--state-dir",
-        str(tmp_path / "link"),
-        "--progress",
-        "json",
-    )
+        "federation", "superlink", "--address", f"127.0.0.1:{fleet}", "--control-address", f"127.0.0.1:{control}",
+        "--app-registry-port", str(registry), "--tls-dir", "tls", "--state-dir", "link", "--progress", "json",
+        cwd=work,
+    )  # fmt: skip
     joins = []
     try:
-        deadline = time.monotonic() + 60
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        deadline = time.monotonic() + 120
+        while socket.socket().connect_ex(("127.0.0.1", control)) != 0:  # the Fleet gateway starts right after
             assert link.poll() is None, link.stderr.read()
             assert time.monotonic() < deadline, "the SuperLink did not start"
             time.sleep(0.3)
-        joins = [
-            _segviz(
-                "federation",
-                "join",
-                "--superlink",
-                address,
-                "--site",
-                str(s),
-                "--root-cert",
-                str(tls / "ca.crt"),
-                "--progress",
-                "json",
-                "--device",
-                "cpu",
+        for site in sites:
+            segviz("federation", "node-key", "--out", f"keys/{site.name}")
+            segviz(
+                "federation", "register", "--superlink", f"127.0.0.1:{control}", "--public-key",
+                f"keys/{site.name}/node.pub", "--root-cert", "tls/ca.crt", "--name", site.name,
+            )  # fmt: skip
+        for site in sites:
+            consent = "--share-final-batchnorm" if site.name != "site-kidney" else "--no-share-final-batchnorm"
+            join_args = ["--superlink", f"127.0.0.1:{fleet}", "--site", f"sites/{site.name}", "--root-cert"]
+            join_args += [
+                "tls/ca.crt",
+                "--trust",
+                "tls/federation-trust.yaml",
+                "--auth-key",
+                f"keys/{site.name}/node.key",
+            ]
+            joins.append(
+                _segviz("federation", "join", *join_args, "--progress", "json", "--device", "cpu", consent, cwd=work)
             )
-            for s in sites
-        ]
         run = subprocess.run(
             [
                 sys.executable,
@@ -129,11 +140,15 @@ def test_real_federation_with_tls(make_sites, tmp_path):
                 "federation",
                 "run",
                 "--superlink",
-                address,
+                f"127.0.0.1:{control}",
                 "--root-cert",
-                str(tls / "ca.crt"),
+                "tls/ca.crt",
+                "--signing-key",
+                "tls/federation.key",
+                "--app-registry-port",
+                str(registry),
                 "--out",
-                str(out),
+                "out",
                 "--rounds",
                 "2",
                 "--local-epochs",
@@ -141,7 +156,7 @@ def test_real_federation_with_tls(make_sites, tmp_path):
                 "--min-clients",
                 "3",
                 "--wait-timeout",
-                "120",
+                "180",
                 "--channels",
                 ",".join(map(str, TINY_NETWORK.channels)),
                 "--patch",
@@ -161,6 +176,7 @@ def test_real_federation_with_tls(make_sites, tmp_path):
             check=False,
             text=True,
             timeout=480,
+            cwd=work,
             env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
         )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -179,13 +195,19 @@ def test_real_federation_with_tls(make_sites, tmp_path):
         site_events = [e["event"] for e in _events(stdout)]
         for name in ("connected", "round_started", "epoch", "update_sent", "round_finished", "run_finished"):
             assert name in site_events, (name, site_events)
+        assert "refused" not in site_events
     assert link.returncode == 0
+    out = work / "out"
     for name in ("round-001.segviz", "round-002.segviz", "model.segviz"):
         assert (out / name).is_file()
+        assert verify_bundle(out / name, read_trust_file(work / "tls" / "federation-trust.yaml")).trusted
     bundle = load_bundle(out / "model.segviz")
     assert bundle.provenance["mode"] == "deployment" and bundle.provenance["rounds"] == 2
     assert set(bundle.provenance["sites"]) == {"site-liver", "site-spleen", "site-kidney"}
-    assert {"averaged", "organ:liver", "site:site-kidney"} <= set(bundle.batchnorm_variants)
+    # Final BatchNorm only from the sites that agreed: the kidney site's never left it.
+    assert {"averaged", "organ:liver", "organ:spleen", "site:site-liver", "site:site-spleen"} == set(
+        bundle.batchnorm_variants
+    )
     time.sleep(1)
     assert _processes_mentioning(str(tmp_path)) == [], "Flower processes outlived the commands"
 
@@ -260,11 +282,13 @@ def test_unknown_node_is_refused_with_node_authentication(make_sites, tmp_path):
     liver, spleen = make_sites(["site-liver", "site-spleen"])
     tls = write_certificates(tmp_path / "tls")
     address = f"127.0.0.1:{free_port()}"
-    link = start_superlink(address, tls_dir=tmp_path / "tls", state_dir=tmp_path / "link", node_auth=True)
+    link = start_superlink(
+        address, tls_dir=tmp_path / "tls", state_dir=tmp_path / "link", control_address=f"127.0.0.1:{free_port()}"
+    )  # node authentication is the default
     try:
         known_key, known_pub = write_node_key_pair(tmp_path / "known")
         unknown_key, _ = write_node_key_pair(tmp_path / "unknown")
-        assert register_node(address, known_pub, tls["ca.crt"], name="liver") > 0
+        assert register_node(link.control_address, known_pub, tls["ca.crt"], name="liver") > 0
         with pytest.raises(SegVizError, match="refused"):
             join_federation(address, spleen, root_cert=tls["ca.crt"], auth_key=unknown_key, connect_timeout=20)
         stop = threading.Event()

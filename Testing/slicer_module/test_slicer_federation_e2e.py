@@ -109,6 +109,8 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
     scene = slicer.vtkMRMLScene()
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    # `run` submits through the SuperLink's Control API, which listens on loopback apart from the sites' address.
+    control_address = f"127.0.0.1:{_free_port()}"
     jobs, processes = [], []
     try:
         superlink = ProcessJob(
@@ -118,6 +120,10 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
                 "superlink",
                 "--address",
                 address,
+                "--control-address",
+                control_address,
+                "--app-registry-port",
+                str(_free_port()),
                 "--insecure",
                 "--state-dir",
                 str(tmp_path / "superlink"),
@@ -150,7 +156,7 @@ def test_two_sites_join_a_real_federation_from_mrml_and_apply_its_model(tmp_path
                 "federation",
                 "run",
                 "--superlink",
-                address,
+                control_address,
                 "--insecure",
                 "--out",
                 str(tmp_path / "run"),
