@@ -483,7 +483,7 @@ def plot_selection(path: str | Path, scores: Mapping[str, Mapping], chosen: Mapp
         ax.set_title(arm, fontsize=9)
         ax.set_ylim(0, 1.0)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("validation Dice (mean over organs, seeds)")
+    axes[0][0].set_ylabel("validation Dice (mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
