@@ -242,15 +242,16 @@ class LearningCurveConfig:
         unequal: extra points with a different count per site, in the order of the sites
             (``[8, 4, 2, 1]``: the first site 8, the last 1).
         validation_cases: validation cases per site (held out of training at every point).
-        budget: ``"epochs"``: every point trains ``rounds × local_epochs`` epochs (a point with more
-            cases takes more steps); ``"steps"``: local epochs are scaled by the largest count over
-            the point's largest count, so every point takes about as many steps as the largest.
+        budget: ``"steps"``: local epochs are scaled by the largest count over the point's largest
+            count, so every point takes about as many optimisation steps as the largest and the
+            curve measures data, not compute; ``"epochs"``: every point trains ``rounds ×
+            local_epochs`` epochs (a point with fewer cases takes fewer steps).
     """
 
     cases_per_site: tuple[int, ...] = (1, 2, 4, 8)
     unequal: tuple[tuple[int, ...], ...] = ((8, 4, 2, 1),)
     validation_cases: int = 1
-    budget: str = "epochs"
+    budget: str = "steps"
 
     def __post_init__(self) -> None:
         counts = [*self.cases_per_site, *(c for point in self.unequal for c in point)]
