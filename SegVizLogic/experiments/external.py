@@ -9,6 +9,7 @@ only then lists and reads the folder; everything that scores the external set ta
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,6 @@ def score_external(
         hd95: also compute HD95.
         reporter: progress.
     """
-    import time
-
     reporter = reporter or ProgressReporter("none")
     out = ExternalScores()
     images: dict[str, tuple[sitk.Image, sitk.Image]] = {}
