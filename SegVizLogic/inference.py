@@ -226,6 +226,7 @@ def bundle_probabilities(
     roi_size: Sequence[int] | None = None,
     sw_batch_size: int = 1,
     on_batch: Callable[[int, int], None] | None = None,
+    overlap: float | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities ``(C, X, Y, Z)`` of a bundle on a preprocessed volume.
 
@@ -233,11 +234,12 @@ def bundle_probabilities(
     ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
     BatchNorm of the sites that trained that organ) or ``"adapt"`` (BatchNorm re-estimated on
     this volume). ``roi_size``: the sliding window (default: the bundle's, its training patch),
-    overlapping by :data:`INFERENCE_OVERLAP`.
+    overlapping by ``overlap`` (default :data:`INFERENCE_OVERLAP`).
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
     roi = tuple(roi_size or bundle.roi_size)
-    window = {"sw_batch_size": sw_batch_size, "overlap": INFERENCE_OVERLAP, "on_batch": on_batch}
+    overlap = INFERENCE_OVERLAP if overlap is None else overlap
+    window = {"sw_batch_size": sw_batch_size, "overlap": overlap, "on_batch": on_batch}
     if choice == "per-organ":
         channels = []
         for index, organ in enumerate(bundle.organs):
@@ -258,9 +260,15 @@ def segment_image(
     cleanup: bool = True,
     reporter: ProgressReporter | None = None,
     sw_batch_size: int = 1,
+    overlap: float | None = None,
+    threshold: float = 0.5,
 ) -> SegmentationResult:
     """Segment one CT image with a model bundle; the label map has the image's exact geometry
     (size, spacing, origin, direction) and SegViz label values.
+
+    ``overlap`` (default :data:`INFERENCE_OVERLAP`) and ``threshold`` (a voxel is an organ where
+    that organ's probability is the highest and above it) are the test-time options the
+    experiments choose on validation.
 
     Raises:
         SegVizInputError: the preprocessed grid would not fit in memory (checked before allocating).
@@ -292,6 +300,7 @@ def segment_image(
         batchnorm=batchnorm,
         sw_batch_size=sw_batch_size,
         on_batch=on_batch if reporter.mode == "json" else None,
+        overlap=overlap,
     )
     del prepared
     timings["network_s"] = time.perf_counter() - t1
@@ -307,7 +316,7 @@ def segment_image(
             channel = metatensor_to_sitk(probabilities[index], affine)
             on_input = sitk.Resample(channel, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
             p = sitk.GetArrayViewFromImage(on_input)
-            better = p > np.maximum(best, 0.5)
+            better = p > np.maximum(best, threshold)
             labels[better] = organ_by_name(name).label
             np.maximum(best, p, out=best)
             del on_input, p

@@ -1,4 +1,4 @@
-"""``segviz experiment``: the paper's comparison from a TOML file."""
+"""``segviz experiment``: the paper's comparison, or a learning curve, from a TOML file."""
 
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ def add_experiment_command(subparsers) -> argparse.ArgumentParser:
     """Add ``segviz experiment`` to the ``segviz`` sub-command parsers."""
     p = subparsers.add_parser(
         "experiment",
-        help="the paper's comparison: local vs central (naive, partial) vs FedAvg vs FedBN, with statistics and a report",
-        description="Train every arm on the same sites with the same budget, evaluate on the same external set, and write "
-        "results.json, report.md and PNG figures to --out.",
+        help="the paper's comparison (local vs central vs FedAvg vs FedBN) or a learning curve, with statistics and a report",
+        description="Train every arm on the same sites with the same budget for every seed, choose each arm's test-time "
+        "options on the sites' validation cases and freeze them, then score the external set once per arm and write "
+        "results.json, report.md and PNG figures to --out. A config with a [learning_curve] section repeats this at "
+        "several training-set sizes (experiments/learning-curve.toml).",
     )
     p.add_argument(
-        "--config", required=True, type=Path, help="experiment TOML (experiments/paper.toml, experiments/ci.toml)"
+        "--config",
+        required=True,
+        type=Path,
+        help="experiment TOML (experiments/cpu.toml, paper.toml, learning-curve.toml, ci.toml)",
     )
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, report.md, figures, bundles)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -28,7 +33,13 @@ def add_experiment_command(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="repeat the comparison with seeds 0..N-1 (overrides the config's seeds)",
+        help="train with seeds 0..N-1 (overrides the config's seeds)",
+    )
+    p.add_argument(
+        "--arms",
+        default=None,
+        metavar="ARM[,ARM...]",
+        help="run only these arms (overrides [arms] run; e.g. to time one arm of a config)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override the config's device")
     p.add_argument(
@@ -44,7 +55,7 @@ def add_experiment_command(subparsers) -> argparse.ArgumentParser:
 def _cmd_experiment(args) -> int:
     from ..errors import SegVizError
     from ..progress import ProgressReporter
-    from .comparison import run_comparison
+    from .comparison import run_experiment
     from .config import load_config
 
     try:
@@ -55,10 +66,12 @@ def _cmd_experiment(args) -> int:
             config = replace(config, seeds=tuple(range(args.seeds)))
         if args.device is not None:
             config = replace(config, device=args.device)
+        if args.arms is not None:
+            config = replace(config, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
     except ValueError as error:
         raise SegVizError(str(error)) from None
     reporter = ProgressReporter(args.progress)
-    results = run_comparison(
+    results = run_experiment(
         config,
         args.out,
         force=args.force,
@@ -67,5 +80,7 @@ def _cmd_experiment(args) -> int:
     )
     if args.progress != "json":
         print((args.out / "report.md").resolve())
-        print(f"recommended BatchNorm: {results['recommended_batchnorm']}")
+        for point, chosen in results["selection"].items():
+            prefix = "" if point == "main" else f"point {point}: "
+            print(prefix + "chosen on validation: " + "; ".join(f"{arm} {c['key']}" for arm, c in chosen.items()))
     return 0
