@@ -6,20 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from SegVizLogic.network import NetworkConfig
-from SegVizLogic.preprocessing import Preprocessing
-
-TINY_NETWORK = NetworkConfig(channels=(4, 8, 16), strides=(2, 2), num_res_units=1, body_features=4)
-TINY_PREPROCESSING = Preprocessing(spacing=(6.0, 6.0, 6.0))
-SITE_NAMES = ("site-liver", "site-spleen", "site-kidney")
-
-
-def tiny_training(seed: int = 0):
-    """A training config that makes one optimiser step per epoch on a 2-case phantom site."""
-    from SegVizLogic.training import TrainingConfig
-
-    return TrainingConfig(patch_size=(32, 32, 16), batch_size=2, samples_per_case=2, amp=False, seed=seed)
+from federated_tiny import SITE_NAMES, TINY_PREPROCESSING, tiny_training
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import TINY_NETWORK
+from federated_tiny import TINY_NETWORK
 
 from SegVizLogic.bundle import load_bundle
 from SegVizLogic.errors import SegVizError

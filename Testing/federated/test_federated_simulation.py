@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+from federated_tiny import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
 
 from SegVizLogic.bundle import load_bundle
 from SegVizLogic.federated.simulation import run_federated_simulation, simulation_available

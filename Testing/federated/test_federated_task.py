@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+from federated_tiny import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
 
 from SegVizLogic.federated.task import (
     APP_CONFIG_DEFAULTS,

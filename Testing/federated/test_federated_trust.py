@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_NETWORK
+from federated_tiny import TINY_NETWORK
 
 from SegVizLogic.federated.processes import free_port
 from SegVizLogic.federated.site_failures import failure_category
@@ -389,7 +389,7 @@ def test_failure_categories_carry_no_identifiers(error, category):
 def test_a_failed_round_replies_with_a_category_and_keeps_the_detail_on_site(make_sites):
     """The ClientApp's reply to a train message when the site has a damaged, patient-named case."""
     import numpy as np
-    from conftest import TINY_PREPROCESSING, tiny_training
+    from federated_tiny import TINY_PREPROCESSING, tiny_training
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
     from SegVizLogic.federated.client_app import handle_train
