@@ -111,6 +111,10 @@ def save_bundle(
     }
     bn_keys = set(partition_state(model).get(PARTITION_BATCHNORM, {}))
     for name, arrays in variants.items():
+        # Flower ships 0-d tensors (num_batches_tracked) as shape (1,): store each in the model's shape.
+        for key, array in arrays.items():
+            if key in state and array.shape != state[key].shape and array.size == state[key].size:
+                arrays[key] = array.reshape(state[key].shape)
         if set(arrays) != bn_keys:
             raise ValueError(f"BatchNorm variant {name!r} does not hold exactly the model's BatchNorm tensors")
     valid_defaults = {"model", "per-organ", "adapt", *variants}

@@ -698,6 +698,7 @@ def segviz_process(argv: list[str]) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "SegVizLogic.cli", *argv],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         env=env,
         timeout=300,
         check=False,

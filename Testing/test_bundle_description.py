@@ -79,7 +79,10 @@ def test_model_info_needs_no_torch():
     import subprocess
 
     code = "import sys; import SegVizLogic.bundle_description, SegVizLogic.cli; print('torch' in sys.modules)"
-    assert subprocess.check_output([sys.executable, "-c", code], text=True, timeout=120).strip() == "False"
+    assert (
+        subprocess.check_output([sys.executable, "-c", code], text=True, encoding="utf-8", timeout=120).strip()
+        == "False"
+    )
 
 
 def test_experiments_can_still_build_the_controls_inference_does_not_offer():

@@ -102,7 +102,7 @@ def test_cli_infer_dicom_series_with_stats_and_json_progress(real_data, constant
         "--device",
         "cpu",
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    run = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert events[0]["event"] == "stage" and events[-1]["event"] == "done"
@@ -114,7 +114,7 @@ def test_cli_infer_dicom_series_with_stats_and_json_progress(real_data, constant
     assert voxels == int((sitk.GetArrayViewFromImage(image) == 1).sum()) > 0
     assert data["organs"]["liver"]["volume_ml"] == pytest.approx(voxels * np.prod(image.GetSpacing()) / 1000, rel=1e-3)
     # a second run does not overwrite without --force, and says so on one line
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    again = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=300, check=False)
     assert again.returncode == 2
     assert again.stderr.strip() == f"error: {out}: already exists; use --force to overwrite"
 
@@ -141,6 +141,7 @@ def test_cli_infer_bad_input_fails_cleanly(constant_bundle, tmp_path):
         capture_output=True,
         check=False,
         text=True,
+        encoding="utf-8",
         timeout=120,
     )
     assert run.returncode == 2

@@ -215,6 +215,7 @@ def _segviz(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "SegVizLogic.cli", *args],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         check=False,
         timeout=300,
         env={**os.environ, **(env or {})},
@@ -231,7 +232,8 @@ def test_model_info_and_infer_report_the_signature(bundle, keys, tmp_path):
     done = _segviz("model-info", str(bundle), env={"SEGVIZ_TRUST": trust})  # the default trust location
     assert done.returncode == 0 and "signed by the federation key fpk_" in done.stdout, done.stdout + done.stderr
 
-    image = sitk.GetImageFromArray(np.full((12, 24, 24), -100, dtype=np.int16))
+    # A CT-like volume (a constant image is refused as "not a CT" before anything else).
+    image = sitk.GetImageFromArray(np.random.default_rng(0).integers(-1000, 400, (12, 24, 24)).astype(np.int16))
     image.SetSpacing((6.0, 6.0, 6.0))
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
     done = _segviz(

@@ -100,7 +100,7 @@ def _run_child(command: list[str], poll_s: float = 0.05) -> tuple[float, int, in
         psutil = None
     started_at = time.time()
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8")
     chunks: list[str] = []
     reader = threading.Thread(target=lambda: chunks.extend(child.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()

@@ -65,7 +65,7 @@ def bench_federation(quick: bool, device: str) -> dict:
             # The simulation engine's Ray actors ask for no GPU, and Ray then hides every GPU from them.
             env.setdefault("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "1")
             env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", cwd=REPO, env=env, check=False)
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench_federation.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
         return json.loads(out.read_text(encoding="utf-8"))

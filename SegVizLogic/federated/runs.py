@@ -49,6 +49,7 @@ def _flwr(args: Sequence[str], home: Path, timeout: float = 120.0) -> subprocess
             capture_output=True,
             check=False,
             text=True,
+            encoding="utf-8",
             timeout=timeout,
             env=flower_environment(home),
             stdin=subprocess.DEVNULL,

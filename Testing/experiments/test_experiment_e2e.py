@@ -115,6 +115,7 @@ def run(tmp_path_factory):
         capture_output=True,
         check=False,
         text=True,
+        encoding="utf-8",
         cwd=REPO,
         env=env,
         timeout=1800,

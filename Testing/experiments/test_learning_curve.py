@@ -102,6 +102,7 @@ def curve_run(tmp_path_factory):
         capture_output=True,
         check=False,
         text=True,
+        encoding="utf-8",
         cwd=REPO,
         env=env,
         timeout=1800,

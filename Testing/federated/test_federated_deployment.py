@@ -37,6 +37,7 @@ def _segviz(*args: str, **kwargs) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        encoding="utf-8",
         env=env,
         **kwargs,
     )
@@ -92,6 +93,7 @@ def test_real_federation_with_tls(make_sites, tmp_path):
             [sys.executable, "-m", "SegVizLogic.cli", *args],
             capture_output=True,
             text=True,
+            encoding="utf-8",
             check=False,
             cwd=work,
             timeout=300,
@@ -175,6 +177,7 @@ def test_real_federation_with_tls(make_sites, tmp_path):
             capture_output=True,
             check=False,
             text=True,
+            encoding="utf-8",
             timeout=480,
             cwd=work,
             env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"},
@@ -236,6 +239,7 @@ def test_join_fails_clearly_when_the_superlink_is_unreachable(make_sites):
         capture_output=True,
         check=False,
         text=True,
+        encoding="utf-8",
         timeout=60,
     )
     assert done.returncode == 2

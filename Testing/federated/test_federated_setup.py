@@ -96,6 +96,7 @@ def test_simulate_with_a_config_file_records_it_and_model_info_shows_each_site(m
         command,
         capture_output=True,
         text=True,
+        encoding="utf-8",
         timeout=600,
         check=False,
         env={**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_WAIT_POLICY": "PASSIVE"},
@@ -136,7 +137,7 @@ def test_simulate_with_a_config_file_records_it_and_model_info_shows_each_site(m
     assert "model" not in info["batchnorm_choices"] and info["default_batchnorm"] == "adapt"
     assert {"adapt", "averaged", "organ:liver", "site:site-kidney"} <= set(info["batchnorm"])
     text = subprocess.check_output(
-        [sys.executable, "-m", "SegVizLogic.cli", "model-info", str(bundle)], text=True, timeout=120
+        [sys.executable, "-m", "SegVizLogic.cli", "model-info", str(bundle)], text=True, encoding="utf-8", timeout=120
     )
     assert "FedBN federation (simulation) of 2 sites, 2 rounds x 1 local epochs, lr 0.005, examples weighting" in text
     assert "site-liver (liver): 1 training, 1 held out for validation" in text

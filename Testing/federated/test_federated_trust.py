@@ -85,6 +85,7 @@ class _Command:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            encoding="utf-8",
             cwd=cwd,
             env=_env(),
         )
@@ -129,6 +130,7 @@ def _segviz(cwd: Path, *args: str, timeout: float = 300) -> subprocess.Completed
         [sys.executable, "-m", "SegVizLogic.cli", *args],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         check=False,
         cwd=cwd,
         env=_env(),
@@ -147,6 +149,7 @@ def _flwr(home: Path, address: str, ca: Path, *args: str) -> dict:
         ["flwr", *args, "--format", "json"],
         capture_output=True,
         text=True,
+        encoding="utf-8",
         check=False,
         timeout=120,
         env={
@@ -314,6 +317,7 @@ def test_superlink_start_failures_say_one_line_and_leave_nothing(tmp_path):
             [sys.executable, "-m", "SegVizLogic.cli", "federation", "superlink", *args],
             capture_output=True,
             text=True,
+            encoding="utf-8",
             check=False,
             cwd=work,
             env={**_env(), **env_tmp},

@@ -460,7 +460,13 @@ def test_model_summary_comes_from_the_manifest_without_torch(tmp_path):
     )
     env = child_environment({"PYTHONPATH": os.pathsep.join([str(REPO / "SegVizSlicer"), str(REPO)])})
     done = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", "choosing a model must not import torch, MONAI or Flower"

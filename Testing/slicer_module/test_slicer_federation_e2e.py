@@ -64,6 +64,7 @@ def _cli_has(*words: str, option: str) -> bool:
         capture_output=True,
         check=False,
         text=True,
+        encoding="utf-8",
         env=child_environment(),
         timeout=120,
     )

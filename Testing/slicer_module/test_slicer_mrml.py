@@ -201,6 +201,7 @@ def test_saved_site_passes_the_real_segviz_validate_site(scene, example, tmp_pat
         capture_output=True,
         check=False,
         text=True,
+        encoding="utf-8",
         env=child_environment(),
         timeout=300,
     )
