@@ -10,11 +10,14 @@ event              fields
 ``stage``          ``stage`` (name), ``message``
 ``progress``       ``stage``, ``current``, ``total`` (and optional ``loss``)
 ``epoch``          ``epoch``, ``epochs``, ``loss``, optional ``dice`` {organ: x}
-``connected``      ``superlink``
+``connected``      ``superlink``, optional ``reconnected`` (true after an outage)
+``reconnecting``   ``message`` (a site lost its SuperLink and retries)
 ``waiting``        ``message``
 ``round_started``  ``round``, ``rounds``
 ``update_sent``    ``round``, ``num_examples``
 ``round_finished`` ``round``, ``rounds``, ``metrics`` {name: number}
+``site_dropped``   ``round``, ``site``, ``reason`` (no reply: left, or offline)
+``reply_rejected`` ``round``, ``site``, ``reason`` (the coordinator refused it)
 ``run_finished``   ``rounds``, ``outputs`` {name: path}
 ``done``           ``outputs`` {name: path}, optional ``metrics``
 ``error``          ``message``

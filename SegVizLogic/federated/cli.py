@@ -58,7 +58,21 @@ class FederationProgress(ProgressReporter):
             self._print(f"  {who} sent its update (round {fields.get('round')}, {fields.get('num_examples')} cases)")
             return
         if event == "connected":
-            self._print(f"[green]connected to the SuperLink {fields.get('superlink')}[/]")
+            again = "re" if fields.get("reconnected") else ""
+            self._print(f"[green]{again}connected to the SuperLink {fields.get('superlink')}[/]")
+            return
+        if event == "reconnecting":
+            self._print(f"[yellow]{fields.get('message', 'reconnecting')}[/]")
+            return
+        if event == "site_dropped":
+            self._print(
+                f"  [yellow]{fields.get('site')} dropped out of round {fields.get('round')}: {fields.get('reason')}[/]"
+            )
+            return
+        if event == "reply_rejected":
+            self._print(
+                f"  [red]rejected the update of {fields.get('site')} (round {fields.get('round')}): {fields.get('reason')}[/]"
+            )
             return
         if event == "waiting":
             self._print(f"[dim]{fields.get('message', 'waiting')}[/]")
@@ -249,6 +263,25 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
         "--round-timeout", type=float, default=3600, help="seconds to wait for a round's replies (default 3600)"
     )
     p.add_argument("--timeout", type=float, default=None, help="give up following the run after this many seconds")
+    p.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="continue a run after the round this round-NNN.segviz holds (same lineage, rounds, schedule)",
+    )
+    p.add_argument(
+        "--superlink-grace",
+        type=float,
+        default=45.0,
+        help="give up when the SuperLink has not answered for this many seconds (default 45)",
+    )
+    p.add_argument(
+        "--max-resumes",
+        type=int,
+        default=3,
+        help="continue a run whose ServerApp died (SuperLink restart) from its last round bundle "
+        "at most this many times (default 3; 0: never)",
+    )
     _add_training(p)
     add_progress_argument(p)
     p.set_defaults(func=_cmd_run)
@@ -388,6 +421,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         training=training.to_dict(),
         preprocessing=preprocessing,
     )
+    if args.resume_from is not None:
+        if not args.resume_from.is_file():
+            raise SegVizInputError(args.resume_from, "round bundle to resume from not found")
+        settings.resume_from = str(args.resume_from.resolve())
     run_config = settings.to_run_config()
     run_config.pop("out-dir")
     out = args.out.resolve()
@@ -405,8 +442,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 stage="run",
                 message=f"run {run_id} started on {args.superlink}; waiting for {args.min_clients} sites",
             )
+
+            def resubmit(bundle: Path | None) -> int:
+                resumed = {**run_config, "resume-from": str(bundle) if bundle else run_config["resume-from"]}
+                return start_run(
+                    args.superlink, out, resumed, root_cert=args.root_cert, insecure=args.insecure, work_dir=work
+                )
+
             path = follow_run(
-                out, reporter, run_id=run_id, flwr_home=Path(work) / "flwr-home", timeout=args.timeout, offset=offset
+                out,
+                reporter,
+                run_id=run_id,
+                flwr_home=Path(work) / "flwr-home",
+                timeout=args.timeout,
+                offset=offset,
+                resubmit=resubmit if args.max_resumes > 0 else None,
+                superlink_grace=args.superlink_grace,
+                max_resumes=args.max_resumes,
             )
         except KeyboardInterrupt:
             reporter.emit(

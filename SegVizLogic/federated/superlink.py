@@ -1,7 +1,9 @@
 """The coordinator's Flower SuperLink: ``segviz federation superlink``.
 
 Flower 1.42 serves the Fleet, Control and Runtime APIs of the SuperLink on one HTTPS port
-(``--host``/``--port``).
+(``--host``/``--port``). Its state (runs, registered nodes, messages) lives in
+``<state-dir>/state.db`` (Flower's ``--database``), so a SuperLink restarted with the same state
+folder still knows its runs and SuperNodes, which reconnect by themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from .processes import (
     wait_for_port,
 )
 
-__all__ = ["start_superlink"]
+__all__ = ["STATE_DATABASE", "start_superlink"]
+
+STATE_DATABASE = "state.db"
+"""The SuperLink's database in its state folder: a restart with the same folder resumes it."""
 
 
 def _tls_args_server(tls_dir: str | Path | None, insecure: bool) -> list[str]:
@@ -60,7 +65,8 @@ def start_superlink(
         address: ``HOST:PORT`` the sites and ``segviz federation run`` connect to.
         tls_dir: folder with ``ca.crt``, ``server.crt``, ``server.key``.
         insecure: no TLS (must be asked for).
-        state_dir: the SuperLink's working folder (log, Flower home); a temporary one by default.
+        state_dir: the SuperLink's working folder (log, Flower home, database ``state.db``); a
+            temporary one by default. Restart with the same folder to keep runs and nodes.
         node_auth: only SuperNodes registered with ``segviz federation register`` may join.
         startup_timeout: seconds to wait for the port.
 
@@ -77,6 +83,8 @@ def start_superlink(
         "--port",
         str(port),
         "--disable-runtime-dependency-installation",
+        "--database",
+        str((state / STATE_DATABASE).resolve()),
         *_tls_args_server(tls_dir, insecure),
     ]
     if node_auth:
