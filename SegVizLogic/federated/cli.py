@@ -156,6 +156,19 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
         help="UNet channels per level (default 16,32,64,128,256)",
     )
     parser.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=0.0,
+        help="differential privacy: Gaussian noise per averaged site update, in clipping norms "
+        "(with --dp-clipping-norm; needs uniform weighting; see docs/PRIVACY.md)",
+    )
+    parser.add_argument(
+        "--dp-clipping-norm",
+        type=float,
+        default=0.0,
+        help="differential privacy: each site clips its whole update to this L2 norm",
+    )
+    parser.add_argument(
         "--no-share-final-batchnorm",
         dest="share_final_batchnorm",
         action="store_false",
@@ -340,6 +353,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             network_config=network,
             share_final_batchnorm=args.share_final_batchnorm,
             device=args.device,
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_clipping_norm=args.dp_clipping_norm,
         )
     finally:
         reporter.close()
@@ -401,12 +416,10 @@ def _cmd_join(args: argparse.Namespace) -> int:
             reporter.close()
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .runs import follow_run, start_run
+def _run_settings(args: argparse.Namespace, network, training, preprocessing):
     from .task import FederationSettings
 
-    network, training, preprocessing = _configs(args)
-    settings = FederationSettings(
+    return FederationSettings(
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         lr=args.lr,
@@ -420,7 +433,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         network=network,
         training=training.to_dict(),
         preprocessing=preprocessing,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_clipping_norm=args.dp_clipping_norm,
     )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runs import follow_run, start_run
+
+    network, training, preprocessing = _configs(args)
+    try:
+        settings = _run_settings(args, network, training, preprocessing)
+    except ValueError as error:
+        raise SegVizInputError(None, str(error)) from None
     if args.resume_from is not None:
         if not args.resume_from.is_file():
             raise SegVizInputError(args.resume_from, "round bundle to resume from not found")

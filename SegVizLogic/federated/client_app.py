@@ -26,6 +26,7 @@ from flwr.common.constant import PARTITION_ID_KEY
 from ..errors import SegVizInputError
 from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
+from .privacy import dp_clipping_mod
 
 __all__ = [
     "EVENTS_FILE",
@@ -202,7 +203,8 @@ def handle_train(
 
 
 # Deployment: one SuperNode per site, ``flower-supernode --node-config 'site-dir="..."'``.
-app = ClientApp()
+# With differential privacy the site clips its update before it leaves (privacy.py).
+app = ClientApp(mods=[dp_clipping_mod])
 
 
 @app.train()
@@ -223,7 +225,7 @@ def make_client_app(site_dirs: Sequence[str | Path], mods: Sequence = (), device
         device: training device of every virtual site.
     """
     sites = [str(Path(s).resolve()) for s in site_dirs]
-    simulated = ClientApp(mods=list(mods))
+    simulated = ClientApp(mods=[*mods, dp_clipping_mod])  # clipping innermost: mods see what leaves
 
     @simulated.train()
     def train_simulated(message: Message, context: Context) -> Message:

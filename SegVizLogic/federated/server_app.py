@@ -51,6 +51,7 @@ from .. import __version__
 from ..errors import SegVizError
 from ..network import PARTITION_BATCHNORM, build_network, partition_state
 from ..progress import ProgressReporter
+from .privacy import privacy_report
 from .strategy import SegVizStrategy, SiteUpdate, batchnorm_variants, round_metrics
 from .task import FederationSettings, load_partition_into_model, new_lineage
 
@@ -207,6 +208,8 @@ class _Federation:
         self.sites: dict[str, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.min_clients)
+        self.strategy.privacy = settings.privacy
+        self.strategy.noise_rng = np.random.default_rng([settings.seed, 0x5E6])
         self.started = _now()
         if settings.resume_from:
             self._resume(Path(settings.resume_from))
@@ -270,12 +273,17 @@ class _Federation:
         round_start = time.perf_counter()
         config = ConfigRecord(settings.client_config(server_round, self.lineage))
         messages = strategy.configure_train(server_round, ArrayRecord(), config, self.grid)
+        # Names for a node that drops out before its first reply: the name it was registered
+        # under (node authentication); a reply's own site name takes precedence.
+        for node in self.grid.get_nodes():
+            if getattr(node, "name", ""):
+                self.node_sites.setdefault(node.node_id, str(node.name))
         replies, missing = collect_replies(self.grid, messages, settings.round_timeout)
         wire_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
         strategy.aggregate_train(server_round, replies)
         aggregate_seconds = time.perf_counter() - aggregate_start
-        self.node_sites.update(strategy.last_nodes)
+        self.node_sites.update(strategy.last_nodes)  # replies name their site
         dropped = {self.node_sites.get(node, f"node {node}"): why for node, why in missing.items()}
         for site, why in dropped.items():
             self.reporter.emit("site_dropped", round=server_round, site=site, reason=why)
@@ -383,6 +391,7 @@ class _Federation:
                 else "initial (FedBN keeps BatchNorm on site); re-estimate at inference (adapt)"
             ),
             "lineage": self.lineage,
+            "privacy": privacy_report(settings.privacy, server_round, len(self.sites)),
             "seed": settings.seed,
             "started": self.started,
             "finished": _now(),

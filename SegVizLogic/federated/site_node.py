@@ -327,7 +327,8 @@ def _join_locked(
                 )
             time.sleep(0.2)
 
-    current_round: int | None = None
+    current_round: int | None = None  # training now
+    last_round = 0  # its reply may still be on its way
     try:
         process, log_offset = connect()
         reporter.emit("connected", superlink=address)
@@ -338,7 +339,7 @@ def _join_locked(
             for event in new_events:
                 relay_event(event, reporter)
                 if event["event"] == "round_started":
-                    current_round = int(event.get("round", 0))
+                    current_round = last_round = int(event.get("round", 0))
                 elif event["event"] in ("round_finished", "error"):
                     current_round = None
                 if event["event"] == "run_finished" and once:
@@ -380,11 +381,16 @@ def _join_locked(
             stop.wait(0.5)
         return 0
     except KeyboardInterrupt:
+        for event in _events_since(events, offset)[0]:  # what the ClientApp wrote since the last look
+            if event["event"] == "round_started":
+                current_round = last_round = int(event.get("round", 0))
+            elif event["event"] in ("round_finished", "error"):
+                current_round = None
         in_round = current_round
         if process is not None:
             text = process.log_text()[log_offset:]
             if in_round is None and text.count(_RECEIVED_MARK) > text.count(_SENT_MARK):
-                in_round = 0
+                in_round = last_round  # trained, reply not sent yet
             # Signing off first is what tells the coordinator: its round stops waiting for us.
             process.stop()
         if in_round is not None:

@@ -439,6 +439,8 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         self.last_nodes: dict[int, str] = {}
         self.known_sites: dict[str, tuple[str, ...]] = {}
         self.extra_heads: tuple[str, ...] = ()
+        self.privacy = None  # a privacy.DifferentialPrivacy: clip-checked replies, noised averages
+        self.noise_rng = np.random.default_rng()
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -489,6 +491,19 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
             parsed, self.current, self.strategy, self.known_sites, extra_heads=self.extra_heads
         )
         rejected = {**malformed, **rejected}
+        if self.privacy is not None:
+            from .privacy import update_norm
+
+            bound = self.privacy.clipping_norm * 1.001  # float32 rounding of a clipped update
+            norms = {u.site: update_norm(u.partition, self.current) for u in updates}
+            rejected.update(
+                {
+                    s: f"update norm {n:.4g} exceeds the DP clipping norm {bound / 1.001:g}"
+                    for s, n in norms.items()
+                    if n > bound
+                }
+            )
+            updates = [u for u in updates if norms[u.site] <= bound]
         for update in updates:
             self.known_sites.setdefault(update.site, tuple(update.organs))
         self.last_updates, self.last_errors, self.last_rejected = updates, errors, rejected
@@ -499,6 +514,11 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         if len(updates) < self.min_clients:
             return None, None
         self.current = aggregate_updates(self.current, updates, self.strategy, self.weighting)
+        if self.privacy is not None:
+            from .privacy import add_group_noise, averaged_group_sizes
+
+            sizes = averaged_group_sizes(updates, self.strategy)
+            self.current = add_group_noise(self.current, sizes, self.privacy, self.noise_rng)
         metrics = round_metrics(updates)
         flat = {"loss": metrics["loss"], "num-examples": metrics["num_examples"]}
         flat.update({f"dice-{o}": v for o, v in metrics["dice"].items()})

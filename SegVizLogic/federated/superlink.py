@@ -92,7 +92,12 @@ def start_superlink(
             raise SegVizInputError(None, "SuperNode authentication needs TLS: drop --insecure")
         command.append("--enable-supernode-auth")
     process = FlowerProcess(
-        "SuperLink", command, state / "superlink.log", flower_environment(state / "flwr-home"), cwd=state
+        "SuperLink",
+        command,
+        state / "superlink.log",
+        flower_environment(state / "flwr-home"),
+        cwd=state,
+        lifeline=True,  # nothing outlives `segviz federation superlink` either
     )
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     error = wait_for_port(probe_host, port, startup_timeout, alive=process.alive)
