@@ -380,7 +380,8 @@ def _cmd_superlink(args: argparse.Namespace) -> int:
                 "stage",
                 stage="superlink",
                 message=f"SuperLink listening on {args.address} (TLS {'off' if args.insecure else 'on'}"
-                f"{', node authentication on' if args.require_node_auth else ''}); log: {process.log_path}; Ctrl-C stops it",
+                f"{', node authentication on' if args.require_node_auth else ''}); log: {process.log_path}; Ctrl-C stops it; "
+                f"restart with --state-dir {process.log_path.parent} to keep its runs and sites",
             )
             while process.alive():
                 time.sleep(0.5)
@@ -484,6 +485,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 resubmit=resubmit if args.max_resumes > 0 else None,
                 superlink_grace=args.superlink_grace,
                 max_resumes=args.max_resumes,
+                superlink=args.superlink,
             )
         except KeyboardInterrupt:
             reporter.emit(

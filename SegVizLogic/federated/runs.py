@@ -23,6 +23,8 @@ from ..progress import ProgressReporter, parse_progress_line, read_new_lines, re
 from .processes import (
     flower_environment,
     flower_executable,
+    parse_host_port,
+    wait_for_port,
 )
 from .task import APP_CONFIG_DEFAULTS
 
@@ -188,6 +190,12 @@ def _run_status(run_id: int, home: Path) -> str | None:
     return ""
 
 
+def _answers(address: str) -> bool:
+    """Whether the SuperLink's port accepts a TCP connection within a few seconds."""
+    host, port = parse_host_port(address)
+    return wait_for_port(host, port, timeout=5.0) is None
+
+
 def _intact_bundle(paths: Sequence[Path]) -> Path | None:
     """The newest of ``paths`` that exists and loads (a round bundle is written after its
     ``round_finished`` event, so the newest may be missing or cut short if the ServerApp died)."""
@@ -214,6 +222,7 @@ def follow_run(
     superlink_grace: float = 45.0,
     max_resumes: int = 3,
     status_every: float = 10.0,
+    superlink: str | None = None,
 ) -> Path:
     """Relay a run's ``<out_dir>/progress.jsonl`` until ``run_finished`` and return the model.
 
@@ -227,6 +236,9 @@ def follow_run(
       ``resubmit`` a new run continues from the newest intact round bundle this run wrote
       (``resubmit(path)`` submits it and returns its run id; ``path`` is ``None`` when no round
       had finished), at most ``max_resumes`` times.
+
+    ``superlink`` (``HOST:PORT``) is probed over TCP to tell a SuperLink that is gone from a
+    ``flwr list`` that was merely slow on a loaded machine (which decides nothing).
 
     Raises:
         SegVizError: the run reported an error, failed or was stopped, the SuperLink stayed
@@ -256,7 +268,10 @@ def follow_run(
             raise SegVizError(f"the federated run did not finish within {timeout:.0f} s")
         if run_id is not None and flwr_home is not None and now - last_status > status_every:
             last_status = now
-            status = _run_status(run_id, Path(flwr_home))
+            answers = _answers(superlink) if superlink else None
+            status = _run_status(run_id, Path(flwr_home)) if answers is not False else None
+            if answers is not False and status is None and superlink:
+                continue  # the port answers; `flwr list` was slow or failed: ask again later
             if status is None:
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > superlink_grace:
