@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -394,7 +396,7 @@ def _cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
-    from .site_node import join_federation
+    from .site_node import LeftMidRound, join_federation
 
     reporter = FederationProgress(args.progress)
     with _terminate_as_interrupt():
@@ -413,6 +415,15 @@ def _cmd_join(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             reporter.emit("stage", stage="leave", message="left the federation")
             return 0
+        except LeftMidRound as left:
+            reporter.close()
+            if args.progress == "json":
+                ProgressReporter("json").emit("error", message=str(left))
+            print(f"error: {left}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # The warm worker thread may still be inside torch, whose threads abort at interpreter
+            # shutdown; the SuperNode is stopped and every file closed, so end here.
+            os._exit(2)
         finally:
             reporter.close()
 

@@ -144,8 +144,9 @@ def add_group_noise(
     ``{group: k_g}``; groups with no contributor, and integer tensors, stay as they are).
 
     Uses Flower's ``compute_stdv`` for the standard deviation; the noise itself is drawn from
-    ``rng`` (seedable, unlike Flower's ``add_gaussian_noise_inplace`` which uses numpy's
-    global state)."""
+    ``rng`` (default: fresh OS entropy; Flower's ``add_gaussian_noise_inplace`` would use
+    numpy's global state, which the run's seed fixes, and noise that can be regenerated can be
+    subtracted). Tests pass a seeded ``rng``."""
     from flwr.supercore.differential_privacy import compute_stdv
 
     rng = rng or np.random.default_rng()

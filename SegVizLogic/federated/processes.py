@@ -42,6 +42,7 @@ __all__ = [
     "ExclusiveLock",
     "FlowerProcess",
     "LockHeld",
+    "exit_when_orphaned",
     "flower_environment",
     "flower_executable",
     "format_address",
@@ -49,6 +50,7 @@ __all__ = [
     "interrupt_process_group",
     "kill_process_group",
     "lifeline_command",
+    "parent_alive",
     "parse_host_port",
     "process_group_alive",
     "process_group_kwargs",
@@ -283,6 +285,39 @@ def _unlock_handle(handle: IO[str]) -> None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     except OSError:
         pass
+
+
+def parent_alive(parent_pid: int) -> bool:
+    """Whether the process that started this one still runs: on POSIX this process is
+    re-parented the moment its parent dies (so a zombie parent counts as gone); Windows does
+    not re-parent, so there the parent's pid is looked up (Flower's own check)."""
+    if _WINDOWS:
+        from flwr.supercore.app_utils import _pid_exists
+
+        return bool(_pid_exists(parent_pid))
+    return os.getppid() == parent_pid
+
+
+def exit_when_orphaned(grace: float = 10.0, poll: float = 1.0) -> threading.Thread:
+    """End this process ``grace`` seconds after its parent died, if it has not ended by then.
+
+    For processes that Flower starts and watches with ``--parent-pid`` (a ServerApp under its
+    SuperExec): Flower's parent monitor raises SIGINT, whose handler logs and runs exit
+    handlers, and a process whose main thread holds the logging lock at that moment (an HTTP
+    retry loop against a SuperLink that is gone logs every attempt) never gets out. This
+    watchdog does not depend on that handler.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while parent_alive(parent):
+            time.sleep(poll)
+        time.sleep(grace)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="segviz-orphan-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- the lifeline ---------------------------------------------------------------------------

@@ -208,8 +208,10 @@ class _Federation:
         self.sites: dict[str, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.min_clients)
+        # DP noise comes from fresh OS entropy, never from the run's seed: the bundle records
+        # the seed, and noise anyone can regenerate could be subtracted again.
         self.strategy.privacy = settings.privacy
-        self.strategy.noise_rng = np.random.default_rng([settings.seed, 0x5E6])
+        self.strategy.noise_rng = np.random.default_rng()
         self.started = _now()
         if settings.resume_from:
             self._resume(Path(settings.resume_from))
@@ -476,6 +478,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation configured by ``context.run_config``."""
+    from .processes import exit_when_orphaned
+
+    exit_when_orphaned()  # nothing outlives the SuperLink's SuperExec (see its docstring)
     settings = FederationSettings.from_run_config(context.run_config)
     stream = None
     if settings.out_dir:

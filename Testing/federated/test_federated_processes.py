@@ -132,3 +132,38 @@ def _group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 members.append(int(entry))
     return members
+
+
+def test_an_orphaned_process_ends_itself_after_the_grace(tmp_path):
+    if os.name == "nt":
+        pytest.skip("POSIX re-parenting")
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = (
+        "import os, sys, time; from SegVizLogic.federated.processes import exit_when_orphaned\n"
+        f"exit_when_orphaned(grace=0.5, poll=0.1); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the grandchild did not start"
+            time.sleep(0.1)
+        orphan = int(pid_file.read_text())
+        time.sleep(1.0)
+        assert Path(f"/proc/{orphan}").exists()  # its parent lives: it keeps running
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while (
+            Path(f"/proc/{orphan}").exists() and "Z" not in Path(f"/proc/{orphan}/stat").read_text().split(")")[-1][:3]
+        ):
+            assert time.monotonic() < deadline, "the orphan outlived its grace"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
