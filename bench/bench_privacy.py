@@ -15,8 +15,9 @@ Flower's message transport, so the arms can run side by side on a loaded machine
 start-up times out. Each arm has its own copy of the sites (their BatchNorm lives on disk).
 
 ``calibrate`` chooses the clipping norm before any DP arm runs: the median norm of the sites'
-updates over the first rounds of a run without DP (training-time norms only; nothing of the
-validation or external cases is looked at).
+updates over the rounds of a run without DP (training-time norms only; nothing of the
+validation or external cases is looked at to choose it). That run, scored on the external
+set like the others, is the reference for DP arms with the same number of rounds.
 """
 
 from __future__ import annotations
@@ -149,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "calibrate":
+        # Also the reference arm of DP arms with the same --rounds: the same run without DP.
         result = federate(args.out, "calibration", 0.0, 0.0, args.rounds, record_norms=True)
-        print(json.dumps({"clipping_norm": round(result["update_norm_median"], 3), "norms": result["update_norms"]}))
+        result["clipping_norm_chosen"] = round(result["update_norm_median"], 3)
+        print(json.dumps(result))
         return 0
     result = federate(args.out, args.name, args.noise, args.clip, args.rounds or DemoSettings().rounds)
     result["machine"] = machine_info()

@@ -5,8 +5,10 @@ the privacy parameters."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,14 +103,17 @@ def poison_mod(message, context, call_next):
     return reply
 
 
-def clip_check_mod(records: list):
-    """Records each reply's update norm as it leaves the site (after dp_clipping_mod)."""
+def clip_check_mod(folder: str):
+    """Writes each reply's update norm as it leaves the site (after dp_clipping_mod) and the
+    norm before clipping; a file per reply (the virtual sites run in Ray's processes)."""
 
     def mod(message, context, call_next):
         received = {n: {k: v.numpy() for k, v in r.items()} for n, r in message.content.array_records.items()}
         reply = call_next(message, context)
         sent = {n: {k: v.numpy() for k, v in r.items()} for n, r in reply.content.array_records.items()}
-        records.append((update_norm(sent, received), float(reply.content.metric_records["metrics"]["dp-update-norm"])))
+        before = float(reply.content.metric_records["metrics"]["dp-update-norm"])
+        name = f"{context.node_config['partition-id']}-{message.content.config_records['config']['server-round']}"
+        (Path(folder) / f"{name}.json").write_text(json.dumps([update_norm(sent, received), before]))
         return reply
 
     return mod
@@ -117,7 +122,7 @@ def clip_check_mod(records: list):
 @pytest.mark.skipif(not simulation_available(), reason="Flower's simulation engine needs ray")
 def test_live_round_rejects_a_nan_site_and_clips_every_reply(phantom_root, tmp_path):
     sites = [shutil.copytree(phantom_root / n, tmp_path / n) for n in ("site-liver", "site-spleen", "site-kidney")]
-    norms: list = []
+    (tmp_path / "norms").mkdir()
     progress = tmp_path / "progress.jsonl"
     with open(progress, "w") as stream:
         path = run_federated_simulation(
@@ -131,7 +136,7 @@ def test_live_round_rejects_a_nan_site_and_clips_every_reply(phantom_root, tmp_p
             network_config=TINY_NETWORK,
             reporter=ProgressReporter("json", stream=stream),
             device="cpu",
-            client_mods=[poison_mod, clip_check_mod(norms)],
+            client_mods=[poison_mod, clip_check_mod(str(tmp_path / "norms"))],
             min_clients=2,
             dp_noise_multiplier=0.01,
             dp_clipping_norm=0.05,
@@ -143,6 +148,7 @@ def test_live_round_rejects_a_nan_site_and_clips_every_reply(phantom_root, tmp_p
     finished = {e["round"]: e["metrics"]["num_examples"] for e in events if e["event"] == "round_finished"}
     assert finished == {1: 2, 2: 3}  # kidney left out of round 1 only
 
+    norms = [json.loads(p.read_text()) for p in (tmp_path / "norms").glob("*.json")]
     assert len(norms) == 6
     assert all(after <= 0.05 * 1.001 for after, _ in norms)
     assert any(before > 0.05 for _, before in norms)  # clipping did bind
