@@ -476,7 +476,11 @@ class FlowerProcess:
 
     def stop(self, grace: float = 10.0) -> int | None:
         """Stop the process and everything it started: a graceful signal to the group (a
-        SuperNode signs off at its SuperLink), then a hard kill of what is left."""
+        SuperNode signs off at its SuperLink), then a hard kill of what is left, including
+        children it started in a session of their own (Flower detaches the SuperLink's
+        SuperExec; they follow their parent by ``--parent-pid`` within seconds, and are killed
+        if they have not after ``grace``)."""
+        detached = _descendants(self.process.pid)
         if self.alive():
             interrupt_process_group(self.process)
             try:
@@ -493,10 +497,40 @@ class FlowerProcess:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + grace
+        while (left := [pid for pid in detached if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         if self.process.stdin is not None:
             self.process.stdin.close()
         self._log.close()
         return self.process.returncode
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (Linux: the kernel's child lists; elsewhere none, and
+    Flower's ``--parent-pid`` monitors are what ends detached children)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found |= {child} | _descendants(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (Linux; a zombie has finished)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 if __name__ == "__main__":
