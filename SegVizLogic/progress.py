@@ -12,11 +12,14 @@ event              fields
                    ``remaining_s`` (estimate) and ``loss``; a task reports at most
                    4 per second and at least one every 2 seconds
 ``epoch``          ``epoch``, ``epochs``, ``loss``, optional ``dice`` {organ: x}
-``connected``      ``superlink``
+``connected``      ``superlink``, optional ``reconnected`` (true after an outage)
+``reconnecting``   ``message`` (a site lost its SuperLink and retries)
 ``waiting``        ``message``
 ``round_started``  ``round``, ``rounds``
 ``update_sent``    ``round``, ``num_examples``
 ``round_finished`` ``round``, ``rounds``, ``metrics`` {name: number}
+``site_dropped``   ``round``, ``site``, ``reason`` (no reply: left, or offline)
+``reply_rejected`` ``round``, ``site``, ``reason`` (the coordinator refused it)
 ``run_finished``   ``rounds``, ``outputs`` {name: path}
 ``refused``        ``run``, ``reason``, ``message`` (a site refused a run's unsigned or foreign app)
 ``done``           ``outputs`` {name: path}, optional ``metrics``

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -60,7 +62,21 @@ class FederationProgress(ProgressReporter):
             self._print(f"  {who} sent its update (round {fields.get('round')}, {fields.get('num_examples')} cases)")
             return
         if event == "connected":
-            self._print(f"[green]connected to the SuperLink {fields.get('superlink')}[/]")
+            again = "re" if fields.get("reconnected") else ""
+            self._print(f"[green]{again}connected to the SuperLink {fields.get('superlink')}[/]")
+            return
+        if event == "reconnecting":
+            self._print(f"[yellow]{fields.get('message', 'reconnecting')}[/]")
+            return
+        if event == "site_dropped":
+            self._print(
+                f"  [yellow]{fields.get('site')} dropped out of round {fields.get('round')}: {fields.get('reason')}[/]"
+            )
+            return
+        if event == "reply_rejected":
+            self._print(
+                f"  [red]rejected the update of {fields.get('site')} (round {fields.get('round')}): {fields.get('reason')}[/]"
+            )
             return
         if event == "waiting":
             self._print(f"[dim]{fields.get('message', 'waiting')}[/]")
@@ -126,6 +142,19 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
         help="fedbn: BatchNorm stays on each site (default); fedavg: BatchNorm averaged too",
     )
     parser.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=0.0,
+        help="differential privacy: Gaussian noise per averaged site update, in clipping norms "
+        "(with --dp-clipping-norm; needs uniform weighting; see docs/PRIVACY.md)",
+    )
+    parser.add_argument(
+        "--dp-clipping-norm",
+        type=float,
+        default=0.0,
+        help="differential privacy: each site clips its whole update to this L2 norm",
+    )
+    parser.add_argument(
         "--no-share-final-batchnorm",
         dest="share_final_batchnorm",
         action="store_false",
@@ -170,6 +199,8 @@ def _run_settings(args: argparse.Namespace):
         network=setup.network,
         training=setup.training.to_dict(),
         preprocessing=setup.preprocessing,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_clipping_norm=args.dp_clipping_norm,
     )
 
 
@@ -301,6 +332,25 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
         "--round-timeout", type=float, default=3600, help="seconds to wait for a round's replies (default 3600)"
     )
     p.add_argument("--timeout", type=float, default=None, help="give up following the run after this many seconds")
+    p.add_argument(
+        "--resume-from",
+        type=Path,
+        default=None,
+        help="continue a run after the round this round-NNN.segviz holds (same lineage, rounds, schedule)",
+    )
+    p.add_argument(
+        "--superlink-grace",
+        type=float,
+        default=45.0,
+        help="give up when the SuperLink has not answered for this many seconds (default 45)",
+    )
+    p.add_argument(
+        "--max-resumes",
+        type=int,
+        default=3,
+        help="continue a run whose ServerApp died (SuperLink restart) from its last round bundle "
+        "at most this many times (default 3; 0: never)",
+    )
     _add_training(p)
     add_progress_argument(p)
     p.set_defaults(func=_cmd_run)
@@ -361,6 +411,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             network_config=setup.network,
             share_final_batchnorm=args.share_final_batchnorm,
             device=args.device,
+            dp_noise_multiplier=args.dp_noise_multiplier,
+            dp_clipping_norm=args.dp_clipping_norm,
         )
     finally:
         reporter.close()
@@ -391,7 +443,8 @@ def _cmd_superlink(args: argparse.Namespace) -> int:
                 f"{'off' if args.insecure else 'on'}; "
                 f"{'node authentication on: register each node.pub' if service.node_auth else 'open enrolment'}); "
                 f"Control API on {service.control_address} (this machine only); app registry port "
-                f"{service.registry_port}; log: {service.log_path}; Ctrl-C stops it",
+                f"{service.registry_port}; log: {service.log_path}; Ctrl-C stops it; restart with "
+                f"--state-dir {service.log_path.parent} to keep its runs and sites",
                 fleet=service.fleet_address,
                 control=service.control_address,
             )
@@ -406,7 +459,7 @@ def _cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
-    from .site_node import join_federation
+    from .site_node import LeftMidRound, join_federation
 
     reporter = FederationProgress(args.progress)
     with _terminate_as_interrupt():
@@ -427,6 +480,15 @@ def _cmd_join(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             reporter.emit("stage", stage="leave", message="left the federation")
             return 0
+        except LeftMidRound as left:
+            reporter.close()
+            if args.progress == "json":
+                ProgressReporter("json").emit("error", message=str(left))
+            print(f"error: {left}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # The warm worker thread may still be inside torch, whose threads abort at interpreter
+            # shutdown; the SuperNode is stopped and every file closed, so end here.
+            os._exit(2)
         finally:
             reporter.close()
 
@@ -434,7 +496,14 @@ def _cmd_join(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runs import follow_run, start_run
 
-    settings = _run_settings(args)
+    try:
+        settings = _run_settings(args)
+    except ValueError as error:
+        raise SegVizInputError(None, str(error)) from None
+    if args.resume_from is not None:
+        if not args.resume_from.is_file():
+            raise SegVizInputError(args.resume_from, "round bundle to resume from not found")
+        settings.resume_from = str(args.resume_from.resolve())
     run_config = settings.to_run_config()
     run_config.pop("out-dir")
     out = args.out.resolve()
@@ -459,8 +528,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 stage="run",
                 message=f"run {run_id} started on {args.superlink}; waiting for {args.min_clients} sites",
             )
+
+            def resubmit(bundle: Path | None) -> int:
+                resumed = {**run_config, "resume-from": str(bundle) if bundle else run_config["resume-from"]}
+                return start_run(
+                    args.superlink,
+                    out,
+                    resumed,
+                    root_cert=args.root_cert,
+                    insecure=args.insecure,
+                    work_dir=work,
+                    signing_key=args.signing_key,
+                    registry_port=args.app_registry_port,
+                )
+
             path = follow_run(
-                out, reporter, run_id=run_id, flwr_home=Path(work) / "flwr-home", timeout=args.timeout, offset=offset
+                out,
+                reporter,
+                run_id=run_id,
+                flwr_home=Path(work) / "flwr-home",
+                timeout=args.timeout,
+                offset=offset,
+                resubmit=resubmit if args.max_resumes > 0 else None,
+                superlink_grace=args.superlink_grace,
+                max_resumes=args.max_resumes,
+                superlink=args.superlink,
             )
         except KeyboardInterrupt:
             reporter.emit(

@@ -29,6 +29,7 @@ from .. import __version__
 from ..errors import SegVizInputError
 from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
+from .privacy import dp_clipping_mod
 from .site_failures import SiteRoundError, failure_category, site_name_for_reports
 
 __all__ = [
@@ -245,7 +246,8 @@ def handle_train(
 
 
 # Deployment: one SuperNode per site, ``flower-supernode --node-config 'site-dir="..."'``.
-app = ClientApp()
+# With differential privacy the site clips its update before it leaves (privacy.py).
+app = ClientApp(mods=[dp_clipping_mod])
 
 
 @app.train()
@@ -266,7 +268,7 @@ def make_client_app(site_dirs: Sequence[str | Path], mods: Sequence = (), device
         device: training device of every virtual site.
     """
     sites = [str(Path(s).resolve()) for s in site_dirs]
-    simulated = ClientApp(mods=list(mods))
+    simulated = ClientApp(mods=[*mods, dp_clipping_mod])  # clipping innermost: mods see what leaves
 
     @simulated.train()
     def train_simulated(message: Message, context: Context) -> Message:

@@ -1,10 +1,27 @@
-"""Flower processes and their supervision: environment, executables, addresses and ports, and
-:class:`FlowerProcess`, which runs one Flower process in its own process group with its output in
-a log file and stops it with everything it started.
+"""Flower processes and their supervision: what keeps them alive and what stops them.
+
+- :class:`FlowerProcess` runs one Flower process in its own process group (POSIX session,
+  Windows process group) with its output in a log file, and stops it with everything it
+  started.
+- A *lifeline* binds a child to its parent: the child runs Flower's console script inside
+  ``python -m SegVizLogic.federated.processes`` with a pipe on its standard input that only
+  the parent holds. However the parent ends (exit, crash, ``kill -9``, Slicer force-quit) the
+  operating system closes the pipe; the child sees end-of-file and leaves gracefully (Flower's
+  SIGTERM handler: a SuperNode signs off at the SuperLink), then hard after a grace period.
+  A pipe works the same on Linux, macOS and Windows, and unlike polling the parent's pid it
+  fires even while the dead parent is an unreaped zombie. Flower's own children
+  (``flower-superexec``, ``flwr-clientapp``) follow their parent by ``--parent-pid``.
+- :class:`ExclusiveLock` holds an OS file lock (``fcntl`` / ``msvcrt``) that the OS releases
+  when the holder dies, so a crashed holder never blocks the next one.
+
+Every platform difference sits in one small function here: :func:`process_group_kwargs`,
+:func:`interrupt_process_group`, :func:`kill_process_group`, :func:`process_group_alive`,
+:func:`raise_termination` and :class:`ExclusiveLock`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shutil
@@ -12,23 +29,37 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from ..errors import SegVizError, SegVizInputError
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
+    "ExclusiveLock",
     "FlowerProcess",
+    "LockHeld",
+    "exit_when_orphaned",
     "flower_environment",
     "flower_executable",
     "format_address",
     "free_port",
+    "interrupt_process_group",
+    "kill_process_group",
+    "lifeline_command",
+    "parent_alive",
     "parse_host_port",
+    "process_group_alive",
+    "process_group_kwargs",
+    "raise_termination",
     "wait_for_port",
+    "watch_lifeline",
 ]
 
+_WINDOWS = os.name == "nt"
 
 DEFAULT_SUPERLINK_PORT = 9093
 
@@ -113,6 +144,247 @@ def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool
         time.sleep(0.2)
 
 
+# --- platform differences, one function each -----------------------------------------------
+
+
+def process_group_kwargs(windows: bool = _WINDOWS) -> dict[str, Any]:
+    """``subprocess.Popen`` arguments that start a child as the leader of its own process
+    group, so it and everything it starts can be signalled together and a Ctrl-C in the
+    parent's terminal does not reach it: a new session on POSIX, ``CREATE_NEW_PROCESS_GROUP``
+    on Windows (what ``CTRL_BREAK_EVENT`` needs)."""
+    if windows:
+        return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x200)}
+    return {"start_new_session": True}
+
+
+def interrupt_process_group(process: subprocess.Popen) -> None:
+    """Ask a process group started with :func:`process_group_kwargs` to stop gracefully:
+    SIGTERM to the group on POSIX, ``CTRL_BREAK_EVENT`` on Windows (Python maps it to
+    SIGBREAK, which Flower's processes end on). A group that is gone is not an error."""
+    try:
+        if _WINDOWS:
+            process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        else:
+            os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """Stop a process group at once: SIGKILL to the group on POSIX; on Windows (no SIGKILL,
+    no ``killpg``) ``taskkill /F /T`` ends the process and its whole tree."""
+    if _WINDOWS:
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False, timeout=30)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_group_alive(process: subprocess.Popen) -> bool:
+    """Whether any process of the group still runs (on Windows: the leader itself; its
+    children follow it through Flower's ``--parent-pid`` monitors)."""
+    if _WINDOWS:
+        return process.poll() is None
+    try:
+        os.killpg(process.pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def raise_termination() -> None:
+    """Ask this process and its process group to end gracefully: SIGTERM to the group on POSIX
+    (the group leader's children, e.g. Flower's SuperExec, leave at the same time instead of
+    first noticing their parent is gone); on Windows SIGTERM raised in-process, where Flower's
+    handler runs (its children follow by ``--parent-pid``)."""
+    if _WINDOWS:
+        signal.raise_signal(signal.SIGTERM)
+    else:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
+class LockHeld(SegVizError):
+    """Another process holds the lock (:attr:`owner` is what it wrote into the file)."""
+
+    def __init__(self, path: Path, owner: str) -> None:
+        self.path, self.owner = path, owner
+        super().__init__(f"{path}: locked by {owner or 'another process'}")
+
+
+class ExclusiveLock:
+    """An exclusive, non-blocking OS lock on ``path`` (created if missing) for as long as the
+    ``with`` block runs or the process lives: the OS releases it when the holder dies, however
+    it dies. ``owner`` is written into the file for the message another process gets.
+
+    Raises:
+        LockHeld: another process holds it.
+
+    Example::
+
+        with ExclusiveLock(site / ".segviz/federated/join.lock", f"pid {os.getpid()}"):
+            ...
+    """
+
+    def __init__(self, path: str | Path, owner: str = "") -> None:
+        self.path = Path(path)
+        self.owner = owner
+        self._handle: IO[str] | None = None
+
+    def __enter__(self) -> ExclusiveLock:  # noqa: PYI034
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            _lock_handle(handle)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip()
+            handle.close()
+            raise LockHeld(self.path, owner) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(self.owner)
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.flush()
+            _unlock_handle(self._handle)
+            self._handle.close()
+            self._handle = None
+
+
+def _lock_handle(handle: IO[str]) -> None:
+    if _WINDOWS:
+        import msvcrt
+
+        handle.seek(0)
+        # Locks one byte at offset 0; the owner text may grow past it, which is fine.
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _unlock_handle(handle: IO[str]) -> None:
+    try:
+        if _WINDOWS:
+            import msvcrt
+
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        pass
+
+
+def parent_alive(parent_pid: int) -> bool:
+    """Whether the process that started this one still runs: on POSIX this process is
+    re-parented the moment its parent dies (so a zombie parent counts as gone); Windows does
+    not re-parent, so there the parent's pid is looked up (Flower's own check)."""
+    if _WINDOWS:
+        from flwr.supercore.app_utils import _pid_exists
+
+        return bool(_pid_exists(parent_pid))
+    return os.getppid() == parent_pid
+
+
+def exit_when_orphaned(grace: float = 10.0, poll: float = 1.0) -> threading.Thread:
+    """End this process ``grace`` seconds after its parent died, if it has not ended by then.
+
+    For processes that Flower starts and watches with ``--parent-pid`` (a ServerApp under its
+    SuperExec): Flower's parent monitor raises SIGINT, whose handler logs and runs exit
+    handlers, and a process whose main thread holds the logging lock at that moment (an HTTP
+    retry loop against a SuperLink that is gone logs every attempt) never gets out. This
+    watchdog does not depend on that handler.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while parent_alive(parent):
+            time.sleep(poll)
+        time.sleep(grace)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="segviz-orphan-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+# --- the lifeline ---------------------------------------------------------------------------
+
+LIFELINE_GRACE = 6.0
+"""Seconds a child whose parent died gets to leave gracefully before it ends itself hard."""
+
+
+def lifeline_command(command: Sequence[str]) -> list[str]:
+    """The command that runs Flower's console script ``command[0]`` (by name or path) with
+    ``command[1:]`` inside a lifeline process (see the module docstring)."""
+    return [sys.executable, "-m", "SegVizLogic.federated.processes", "--lifeline", *command]
+
+
+def watch_lifeline(
+    stream: IO[bytes],
+    on_parent_gone: Callable[[], None] = raise_termination,
+    grace: float = LIFELINE_GRACE,
+    hard_exit: Callable[[], None] | None = None,
+) -> threading.Thread:
+    """Watch ``stream`` (the read end of the parent's pipe) on a daemon thread: at end of file
+    call ``on_parent_gone`` (graceful), and ``hard_exit`` ``grace`` seconds later if this
+    process still runs (default: kill this process group on POSIX, ``os._exit`` on Windows)."""
+
+    def hard() -> None:
+        if not _WINDOWS:
+            try:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(1)
+
+    def watch() -> None:
+        try:
+            while stream.read(4096):
+                pass  # the parent never writes; anything read is ignored
+        except (OSError, ValueError):
+            pass
+        on_parent_gone()
+        time.sleep(grace)
+        (hard_exit or hard)()
+
+    thread = threading.Thread(target=watch, name="segviz-lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def _console_script(name: str) -> Callable[[], Any]:
+    """The function behind an installed console script (``flower-supernode`` ...)."""
+    wanted = Path(name).name
+    if wanted.lower().endswith((".exe", ".py")):
+        wanted = wanted.rsplit(".", 1)[0]
+    for entry in importlib.metadata.entry_points(group="console_scripts"):
+        if entry.name == wanted:
+            return entry.load()
+    raise SegVizError(f"{wanted}: no such console script in this environment (is Flower installed?)")
+
+
+def _lifeline_main(argv: Sequence[str]) -> int:
+    """``python -m SegVizLogic.federated.processes --lifeline SCRIPT ARGS...``"""
+    script = _console_script(argv[0])
+    watch_lifeline(sys.stdin.buffer)
+    sys.argv = [argv[0], *argv[1:]]
+    result = script()
+    return result if isinstance(result, int) else 0
+
+
 class FlowerProcess:
     """A Flower process in its own process group, its output in a log file.
 
@@ -122,6 +394,8 @@ class FlowerProcess:
         log_path: where stdout and stderr go.
         env: the environment.
         cwd: working directory.
+        lifeline: run ``command`` (a Flower console script) on a lifeline to this process, so it
+            leaves when this process dies, however it dies (see the module docstring).
     """
 
     def __init__(
@@ -131,9 +405,10 @@ class FlowerProcess:
         log_path: str | Path,
         env: Mapping[str, str],
         cwd: str | Path | None = None,
+        lifeline: bool = False,
     ) -> None:
         self.name = name
-        self.command = list(command)
+        self.command = lifeline_command(command) if lifeline else list(command)
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()/finally
@@ -141,10 +416,12 @@ class FlowerProcess:
             self.command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            # The lifeline: only this process holds the pipe's write end (Popen's pipes are
+            # not inherited by other children), so it closes exactly when this process ends.
+            stdin=subprocess.PIPE if lifeline else subprocess.DEVNULL,
             env=dict(env),
             cwd=cwd,
-            start_new_session=True,
+            **process_group_kwargs(),
         )
 
     @property
@@ -198,35 +475,65 @@ class FlowerProcess:
         return "; ".join(reason) or f"no output (see {self.log_path})"
 
     def stop(self, grace: float = 10.0) -> int | None:
-        """Stop the process and everything it started (SIGTERM to the group, then SIGKILL)."""
+        """Stop the process and everything it started: a graceful signal to the group (a
+        SuperNode signs off at its SuperLink), then a hard kill of what is left, including
+        children it started in a session of their own (Flower detaches the SuperLink's
+        SuperExec; they follow their parent by ``--parent-pid`` within seconds, and are killed
+        if they have not after ``grace``)."""
+        detached = _descendants(self.process.pid)
         if self.alive():
-            self._signal_group(signal.SIGTERM)
+            interrupt_process_group(self.process)
             try:
                 self.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
         # Children (superexec, clientapp/serverapp) may outlive the leader: clean the group.
-        self._signal_group(signal.SIGTERM)
+        interrupt_process_group(self.process)
         deadline = time.monotonic() + grace
-        while self._group_alive() and time.monotonic() < deadline:
+        while process_group_alive(self.process) and time.monotonic() < deadline:
             time.sleep(0.1)
-        self._signal_group(signal.SIGKILL)
+        kill_process_group(self.process)
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        deadline = time.monotonic() + grace
+        while (left := [pid for pid in detached if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.process.stdin is not None:
+            self.process.stdin.close()
         self._log.close()
         return self.process.returncode
 
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
-    def _group_alive(self) -> bool:
+def _descendants(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (Linux: the kernel's child lists; elsewhere none, and
+    Flower's ``--parent-pid`` monitors are what ends detached children)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            os.killpg(self.process.pid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+            children = (task / "children").read_text(encoding="utf-8").split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found |= {child} | _descendants(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (Linux; a zombie has finished)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--lifeline":
+        sys.exit(_lifeline_main(sys.argv[2:]))
+    sys.exit("usage: python -m SegVizLogic.federated.processes --lifeline SCRIPT [ARGS...]")

@@ -1,5 +1,9 @@
 """Starting and following a federated run from the coordinator: submitting the signed SegViz
 Flower app with ``flwr run``, SuperNode registration, and relaying a run's progress.
+
+Following is where a run's faults become visible: :func:`follow_run` watches the run's status
+at the SuperLink, says in one line when the SuperLink stays away, and continues a run whose
+ServerApp died (a SuperLink restart ends it) from the last round bundle it wrote.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ import json
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from .processes import (
     flower_environment,
     flower_executable,
     parse_host_port,
+    wait_for_port,
 )
 from .task import APP_CONFIG_DEFAULTS
 
@@ -188,13 +193,41 @@ def start_run(
     return int(payload["run-id"])
 
 
-def _run_status(run_id: int, home: Path) -> str:
-    done = _flwr(["list", "--run-id", str(run_id), "--format", "json"], home, timeout=60)
+def _run_status(run_id: int, home: Path) -> str | None:
+    """The run's status at the SuperLink (``running``, ``finished:failed``...), ``""`` for a run
+    it does not know, ``None`` when the SuperLink does not answer."""
+    try:
+        done = _flwr(["list", "--run-id", str(run_id), "--format", "json"], home, timeout=20)
+    except SegVizError:
+        return None
     payload = _json_from_output(done.stdout)
+    if done.returncode != 0 or "runs" not in payload:
+        return None
     for run in payload.get("runs", []):
         if str(run.get("run-id")) == str(run_id):
             return str(run.get("status", ""))
     return ""
+
+
+def _answers(address: str) -> bool:
+    """Whether the SuperLink's port accepts a TCP connection within a few seconds."""
+    host, port = parse_host_port(address)
+    return wait_for_port(host, port, timeout=5.0) is None
+
+
+def _intact_bundle(paths: Sequence[Path]) -> Path | None:
+    """The newest of ``paths`` that exists and loads (a round bundle is written after its
+    ``round_finished`` event, so the newest may be missing or cut short if the ServerApp died)."""
+    from ..bundle import load_bundle
+    from ..errors import BundleError
+
+    for path in reversed(paths):
+        try:
+            load_bundle(path)
+            return path
+        except BundleError:
+            continue
+    return None
 
 
 def follow_run(
@@ -204,18 +237,38 @@ def follow_run(
     flwr_home: str | Path | None = None,
     timeout: float | None = None,
     offset: int = 0,
+    resubmit: Callable[[Path | None], int] | None = None,
+    superlink_grace: float = 45.0,
+    max_resumes: int = 3,
+    status_every: float = 10.0,
+    superlink: str | None = None,
 ) -> Path:
     """Relay a run's ``<out_dir>/progress.jsonl`` until ``run_finished`` and return the model.
 
-    With ``run_id`` and ``flwr_home``, the run's status is also checked every 15 s, so a
-    ServerApp that died without writing ``error`` is reported too.
+    With ``run_id`` and ``flwr_home`` the run's status at the SuperLink is checked every
+    ``status_every`` seconds, so a run never hangs silently:
+
+    - a SuperLink that has not answered for ``superlink_grace`` seconds ends the follow with
+      one line (how to resume included);
+    - a run that ended without ``run_finished`` and without an ``error`` event lost its
+      ServerApp (a SuperLink restart ends the run's ServerApp and marks the run failed): with
+      ``resubmit`` a new run continues from the newest intact round bundle this run wrote
+      (``resubmit(path)`` submits it and returns its run id; ``path`` is ``None`` when no round
+      had finished), at most ``max_resumes`` times.
+
+    ``superlink`` (``HOST:PORT``) is probed over TCP to tell a SuperLink that is gone from a
+    ``flwr list`` that was merely slow on a loaded machine (which decides nothing).
 
     Raises:
-        SegVizError: the run reported an error, failed, or ``timeout`` passed.
+        SegVizError: the run reported an error, failed or was stopped, the SuperLink stayed
+            away, or ``timeout`` passed.
     """
     progress = Path(out_dir) / "progress.jsonl"
     started = time.monotonic()
     last_status = started
+    unreachable_since: float | None = None
+    bundles: list[Path] = []
+    resumes = 0
     while True:
         lines, offset = read_new_lines(progress, offset)
         for line in lines:
@@ -225,17 +278,50 @@ def follow_run(
             if event["event"] == "error":
                 raise SegVizError(f"the federated run failed: {event.get('message', '')}")
             relay_event(event, reporter)
+            if event["event"] == "round_finished" and event.get("bundle"):
+                bundles.append(Path(event["bundle"]))
             if event["event"] == "run_finished":
                 return Path(event.get("outputs", {}).get("model", Path(out_dir) / "model.segviz"))
         now = time.monotonic()
         if timeout is not None and now - started > timeout:
             raise SegVizError(f"the federated run did not finish within {timeout:.0f} s")
-        if run_id is not None and flwr_home is not None and now - last_status > 15:
+        if run_id is not None and flwr_home is not None and now - last_status > status_every:
             last_status = now
-            status = _run_status(run_id, Path(flwr_home))
+            answers = _answers(superlink) if superlink else None
+            status = _run_status(run_id, Path(flwr_home)) if answers is not False else None
+            if answers is not False and status is None and superlink:
+                continue  # the port answers; `flwr list` was slow or failed: ask again later
+            if status is None:
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > superlink_grace:
+                    newest = _intact_bundle(bundles)
+                    hint = f"; when it is back, continue with --resume-from {newest}" if newest else ""
+                    raise SegVizError(
+                        f"the SuperLink has not answered for {now - unreachable_since:.0f} s: run {run_id} cannot "
+                        f"continue{hint}"
+                    )
+                if unreachable_since == now:
+                    reporter.emit(
+                        "waiting", message=f"the SuperLink does not answer; waiting up to {superlink_grace:.0f} s"
+                    )
+                continue
+            unreachable_since = None
             if status.startswith("finished") and "completed" not in status:
                 lines, offset = read_new_lines(progress, offset)
-                raise SegVizError(
-                    f"run {run_id} ended as {status!r} without finishing; see `flwr log {run_id}` on the coordinator"
+                errors = [e for e in map(parse_progress_line, lines) if e and e["event"] == "error"]
+                if errors:
+                    raise SegVizError(f"the federated run failed: {errors[0].get('message', '')}")
+                if "stopped" in status or resubmit is None or resumes >= max_resumes:
+                    raise SegVizError(
+                        f"run {run_id} ended as {status!r} without finishing; see `flwr log {run_id}` on the coordinator"
+                    )
+                resumes += 1
+                newest = _intact_bundle(bundles)
+                previous, run_id = run_id, resubmit(newest)
+                reporter.emit(
+                    "stage",
+                    stage="resume",
+                    message=f"run {previous} lost its ServerApp ({status}); continuing as run {run_id} "
+                    + (f"from {newest.name}" if newest else "from the start (no round had finished)"),
                 )
         time.sleep(0.5)

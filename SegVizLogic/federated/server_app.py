@@ -14,6 +14,21 @@ carry the initial BatchNorm. Every FedBN bundle defaults to ``adapt`` (test-time
 re-estimation on the input), which measured best at an unseen scanner (docs/RESULTS.md); the
 shared variants stay selectable. With ``share-final-batchnorm = false`` no BatchNorm ever
 leaves a site. Under FedAvg BatchNorm is averaged every round like ``shared``.
+
+Faults
+------
+A round pushes its train messages and then pulls replies every second while watching which
+destination nodes are still connected (:func:`collect_replies`): a site whose SuperNode
+signed off (its join ended) is dropped at once, one that vanished without a word as soon as
+Flower marks it offline (no heartbeat for 2 x 30 s in Flower 1.42), never after the whole
+``round-timeout``. The round goes on when at least ``min-clients`` usable replies came; its
+record (``progress.jsonl`` events ``site_dropped`` / ``reply_rejected`` and the bundle's
+round metrics ``dropped`` / ``rejected``) names who dropped out and whose reply was refused.
+Each round waits (up to ``wait-timeout``) until ``min-clients`` sites are connected.
+
+A run started with ``resume-from`` (a ``round-NNN.segviz`` this ServerApp wrote) continues
+after that round: same lineage (each site restores its own BatchNorm), round numbers, total
+rounds and cosine learning-rate schedule, and the earlier rounds' records.
 """
 
 from __future__ import annotations
@@ -30,16 +45,26 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from .. import __version__
 from ..errors import SegVizError
 from ..network import PARTITION_BATCHNORM, build_network, partition_state
 from ..progress import ProgressReporter
+from .privacy import privacy_report
 from .strategy import SegVizStrategy, SiteUpdate, batchnorm_variants, round_metrics
 from .task import FederationSettings, load_partition_into_model, new_lineage
 
-__all__ = ["FINAL_BUNDLE", "PROGRESS_FILE", "app", "make_server_app", "round_bundle_name", "run_federation"]
+__all__ = [
+    "FINAL_BUNDLE",
+    "PROGRESS_FILE",
+    "app",
+    "collect_replies",
+    "make_server_app",
+    "round_bundle_name",
+    "run_federation",
+]
 
 PROGRESS_FILE = "progress.jsonl"
 FINAL_BUNDLE = "model.segviz"
@@ -75,6 +100,57 @@ def _wait_for_clients(grid: Grid, settings: FederationSettings, reporter: Progre
             reporter.emit("waiting", message=f"{connected} of {settings.min_clients} sites connected")
             last_report = time.monotonic()
         time.sleep(0.5)
+
+
+DISCONNECTED = "disconnected: its SuperNode signed off or stopped sending heartbeats"
+
+
+def collect_replies(
+    grid: Grid, messages: list[Message], timeout: float, poll: float = 1.0
+) -> tuple[list[Message], dict[int, str]]:
+    """Push ``messages`` and pull their replies until every destination replied or went away.
+
+    Unlike ``grid.send_and_receive`` this stops waiting for a node as soon as it is no longer
+    connected (``grid.get_node_ids()``; Flower also answers a message to an offline node with
+    a ``NODE_UNAVAILABLE`` error reply), so a site that dropped out costs the round seconds
+    (its sign-off, or Flower's heartbeat patience), not ``timeout``.
+
+    Returns:
+        ``(replies, {node id: why it gave no reply})``; error replies other than
+        ``NODE_UNAVAILABLE`` are among the replies.
+    """
+    accepted = {mid for mid in grid.push_messages(messages) if mid}
+    # Both grids stamp each pushed message with its id; a message the SuperLink refused has none.
+    pending = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id in accepted}
+    missing = {
+        m.metadata.dst_node_id: "the SuperLink did not accept its message"
+        for m in messages
+        if m.metadata.message_id not in accepted
+    }
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                missing[node] = DISCONNECTED
+            else:
+                replies.append(reply)
+        if not pending:
+            break
+        connected = set(grid.get_node_ids())
+        for mid, node in list(pending.items()):
+            if node not in connected:
+                del pending[mid]
+                missing[node] = DISCONNECTED
+        if pending and time.monotonic() > deadline:
+            missing.update({node: f"no reply within the round timeout ({timeout:.0f} s)" for node in pending.values()})
+            break
+        if pending:
+            time.sleep(poll)
+    return replies, missing
 
 
 def run_federation(
@@ -133,26 +209,54 @@ class _Federation:
         seed_everything(settings.seed)
         self.model = build_network(settings.network)
         self.lineage = new_lineage()
-        if settings.resume_from:
-            from ..bundle import load_bundle
-
-            bundle = load_bundle(settings.resume_from)
-            if bundle.network_config != settings.network:
-                raise SegVizError(f"{settings.resume_from}: its network differs from this run's network config")
-            self.model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in bundle.state.items()})
-            self.lineage = bundle.provenance.get("lineage", self.lineage)
-        self.strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.min_clients)
-        self.strategy.current = partition_state(self.model)
-        self.started = _now()
+        self.first_round = 1
         self.history: list[dict] = []
         self.sites: dict[str, list[str]] = {}
+        self.node_sites: dict[int, str] = {}
+        self.strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.min_clients)
+        # DP noise comes from fresh OS entropy, never from the run's seed: the bundle records
+        # the seed, and noise anyone can regenerate could be subtracted again.
+        self.strategy.privacy = settings.privacy
+        self.strategy.noise_rng = np.random.default_rng()
+        self.started = _now()
+        if settings.resume_from:
+            self._resume(Path(settings.resume_from))
+        self.strategy.current = partition_state(self.model)
         self.final_path = self.out_dir / FINAL_BUNDLE
         self.writer = _BundleWriter()
 
+    def _resume(self, path: Path) -> None:
+        """Continue after the round ``path`` was written: its weights, lineage, round count,
+        earlier rounds' records and sites."""
+        from ..bundle import load_bundle
+
+        bundle = load_bundle(path)
+        provenance = bundle.provenance
+        settings = self.settings
+        if bundle.network_config != settings.network:
+            raise SegVizError(f"{path}: its network differs from this run's network config")
+        if provenance.get("kind") != "federated" or "lineage" not in provenance:
+            raise SegVizError(f"{path}: not a bundle of a federated run; resume from a round-NNN.segviz of one")
+        if provenance.get("strategy") != settings.strategy:
+            raise SegVizError(f"{path}: trained with {provenance.get('strategy')}, this run uses {settings.strategy}")
+        done = int(provenance.get("round", 0))
+        if done >= settings.rounds:
+            raise SegVizError(f"{path}: round {done} of {settings.rounds} is already done; nothing to resume")
+        self.model.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in bundle.state.items()})
+        self.lineage = provenance["lineage"]
+        self.first_round = done + 1
+        self.history = list(bundle.metrics.get("rounds", []))[:done]
+        self.sites = {site: list(organs) for site, organs in provenance.get("organs_per_site", {}).items()}
+        self.strategy.known_sites = {site: tuple(organs) for site, organs in self.sites.items()}
+        self.started = provenance.get("started", self.started)
+        self.reporter.emit(
+            "stage", stage="resume", message=f"resuming after round {done} of {settings.rounds} from {path.name}"
+        )
+
     def run(self) -> Path:
-        _wait_for_clients(self.grid, self.settings, self.reporter)
         try:
-            for server_round in range(1, self.settings.rounds + 1):
+            for server_round in range(self.first_round, self.settings.rounds + 1):
+                _wait_for_clients(self.grid, self.settings, self.reporter)
                 self._round(server_round)
         finally:
             self.writer.close()
@@ -162,7 +266,11 @@ class _Federation:
             rounds=rounds,
             outputs={
                 "model": str(self.final_path),
-                **{f"round_{r}": str(self.out_dir / round_bundle_name(r)) for r in range(1, rounds + 1)},
+                **{
+                    f"round_{r}": str(self.out_dir / round_bundle_name(r))
+                    for r in range(1, rounds + 1)
+                    if (self.out_dir / round_bundle_name(r)).is_file()
+                },
             },
         )
         return self.final_path
@@ -173,14 +281,30 @@ class _Federation:
         round_start = time.perf_counter()
         config = ConfigRecord(settings.client_config(server_round, self.lineage))
         messages = strategy.configure_train(server_round, ArrayRecord(), config, self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=settings.round_timeout))
+        # Names for a node that drops out before its first reply: the name it was registered
+        # under (node authentication); a reply's own site name takes precedence.
+        for node in self.grid.get_nodes():
+            if getattr(node, "name", ""):
+                self.node_sites.setdefault(node.node_id, str(node.name))
+        replies, missing = collect_replies(self.grid, messages, settings.round_timeout)
         wire_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
         strategy.aggregate_train(server_round, replies)
         aggregate_seconds = time.perf_counter() - aggregate_start
+        self.node_sites.update(strategy.last_nodes)  # replies name their site
+        dropped = {self.node_sites.get(node, f"node {node}"): why for node, why in missing.items()}
+        for site, why in dropped.items():
+            self.reporter.emit("site_dropped", round=server_round, site=site, reason=why)
+        for site, why in strategy.last_rejected.items():
+            self.reporter.emit("reply_rejected", round=server_round, site=site, reason=why)
         updates: list[SiteUpdate] = strategy.last_updates
         if len(updates) < settings.min_clients:
-            problems = "; ".join(strategy.last_errors) or f"{len(replies)} of {len(messages)} sites replied in time"
+            problems = (
+                "; ".join(
+                    [*strategy.last_errors, *(f"{s}: {w}" for s, w in {**dropped, **strategy.last_rejected}.items())]
+                )
+                or f"{len(replies)} of {len(messages)} sites replied in time"
+            )
             raise SegVizError(
                 f"round {server_round}: only {len(updates)} usable replies, {settings.min_clients} needed ({problems})"
             )
@@ -194,6 +318,8 @@ class _Federation:
         metrics.update(
             round=server_round,
             errors=strategy.last_errors,
+            dropped=dropped,
+            rejected=dict(strategy.last_rejected),
             bytes={
                 "to_each_site": _record_bytes(messages[0].content) if messages else 0,
                 "from_site": {_update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()},
@@ -284,6 +410,7 @@ class _Federation:
                 else "initial (FedBN keeps BatchNorm on site); re-estimate at inference (adapt)"
             ),
             "lineage": self.lineage,
+            "privacy": privacy_report(settings.privacy, server_round, len(self.sites)),
             "seed": settings.seed,
             "started": self.started,
             "finished": _now(),
@@ -368,6 +495,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation configured by ``context.run_config``."""
+    from .processes import exit_when_orphaned
+
+    exit_when_orphaned()  # nothing outlives the SuperLink's SuperExec (see its docstring)
     settings = FederationSettings.from_run_config(context.run_config)
     stream = None
     if settings.out_dir:

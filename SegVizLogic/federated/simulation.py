@@ -85,6 +85,9 @@ def run_federated_simulation(
     client_mods: Sequence[Callable] = (),
     on_round: Callable | None = None,
     num_cpus: int | None = None,
+    min_clients: int | None = None,
+    dp_noise_multiplier: float = 0.0,
+    dp_clipping_norm: float = 0.0,
 ) -> Path:
     """Train one global model over ``site_dirs`` with Flower's simulation engine.
 
@@ -107,6 +110,10 @@ def run_federated_simulation(
         client_mods: Flower client mods (tests record what leaves each site with one).
         on_round: ``(round, replies, global partition)`` after each aggregation.
         num_cpus: CPUs given to the engine (default: all).
+        min_clients: usable replies a round needs (default: every site).
+        dp_noise_multiplier: differential privacy's noise multiplier (0: off; see
+            :mod:`~SegVizLogic.federated.privacy`).
+        dp_clipping_norm: differential privacy's clipping norm (0: off).
 
     Returns:
         The final bundle's path (``out_dir/model.segviz``).
@@ -124,22 +131,27 @@ def run_federated_simulation(
     reporter = reporter or ProgressReporter("none")
     preprocessing = preprocessing or Preprocessing()
     training_config = training_config or TrainingConfig()
-    settings = FederationSettings(
-        rounds=rounds,
-        local_epochs=local_epochs,
-        lr=lr,
-        strategy=strategy,
-        weighting=weighting,
-        min_clients=len(site_dirs),
-        out_dir=str(Path(out_dir).resolve()),
-        share_final_batchnorm=share_final_batchnorm,
-        default_batchnorm=default_batchnorm,
-        seed=seed,
-        network=network_config or NetworkConfig(),
-        training=training_config.to_dict(),
-        preprocessing=preprocessing,
-        wait_timeout=120,
-    )
+    try:
+        settings = FederationSettings(
+            rounds=rounds,
+            local_epochs=local_epochs,
+            lr=lr,
+            strategy=strategy,
+            weighting=weighting,
+            min_clients=min_clients or len(site_dirs),
+            out_dir=str(Path(out_dir).resolve()),
+            share_final_batchnorm=share_final_batchnorm,
+            default_batchnorm=default_batchnorm,
+            seed=seed,
+            network=network_config or NetworkConfig(),
+            training=training_config.to_dict(),
+            preprocessing=preprocessing,
+            wait_timeout=120,
+            dp_noise_multiplier=dp_noise_multiplier,
+            dp_clipping_norm=dp_clipping_norm,
+        )
+    except ValueError as error:
+        raise SegVizInputError(None, str(error)) from None
     # Validate and preprocess every site here, once: a bad folder fails before Ray starts,
     # and the virtual clients then read the cache.
     names = set()

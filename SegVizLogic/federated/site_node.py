@@ -5,6 +5,17 @@ A SuperNode that cannot reach its SuperLink retries forever without a word (Flow
 6250). :func:`join_federation` therefore probes the address first and then watches the
 SuperNode's log for its node id, and gives up with a clear message after ``connect_timeout``
 seconds, stopping the SuperNode's whole process group.
+
+Lifetime: nothing outlives ``join``. The SuperNode runs on a lifeline to the join (see
+:mod:`~SegVizLogic.federated.processes`): when the join ends, however it ends, the SuperNode
+signs off at the SuperLink and exits, and Flower's SuperExec and ClientApp follow it. The
+warm worker is a thread of the join. One join per site folder: an OS lock on
+``<site>/.segviz/federated/join.lock`` refuses a second one, and the OS releases it when the
+join dies, so a crashed join never blocks the next.
+
+Once connected, a lost SuperLink is not fatal: the SuperNode retries with backoff (Flower's
+retry policy) and the join reports ``reconnecting`` until it is back. A SuperNode that the
+SuperLink no longer knows (restarted without its database) exits; the join starts a new one.
 """
 
 from __future__ import annotations
@@ -15,12 +26,16 @@ import re
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter, parse_progress_line, read_new_lines, relay_event
 from .processes import (
+    ExclusiveLock,
     FlowerProcess,
+    LockHeld,
     flower_environment,
     flower_executable,
     format_address,
@@ -31,12 +46,25 @@ from .processes import (
 from .site_failures import failure_category
 from .task import local_state_dir
 
-__all__ = ["SiteWorker", "app_refusals", "find_trust_file", "join_federation", "start_supernode"]
+__all__ = [
+    "JOIN_LOCK_FILE",
+    "LeftMidRound",
+    "SiteWorker",
+    "app_refusals",
+    "find_trust_file",
+    "join_federation",
+    "start_supernode",
+]
 
 
 _CONNECTED_MARK = "SuperNode ID:"
 _RECEIVED_MARK = "Received successfully"
 _SENT_MARK = "Sent successfully"
+_RETRYING_MARK = "Connection attempt failed"
+_RECONNECTED_MARK = "Connection successful after"
+_MAX_RESTARTS = 3
+JOIN_LOCK_FILE = "join.lock"
+"""The per-site lock file under ``<site>/.segviz/federated/``."""
 _FATAL_MARKS = (
     "Failed to initialize the connection",
     "Exit Code:",
@@ -154,6 +182,7 @@ def start_supernode(
         log_path or state / "supernode.log",
         flower_environment(state / "flwr-home"),
         cwd=state,
+        lifeline=True,
     )
 
 
@@ -225,6 +254,16 @@ class SiteWorker:
         self._listener.close()
 
 
+class LeftMidRound(SegVizError):
+    """The join was interrupted while the coordinator waited for this site's update (its
+    SuperNode signed off first, so the coordinator stops waiting for it at once)."""
+
+
+def _events_since(events: Path, offset: int) -> tuple[list[dict], int]:
+    lines, offset = read_new_lines(events, offset)
+    return [e for e in map(parse_progress_line, lines) if e is not None], offset
+
+
 def join_federation(
     superlink: str,
     site_dir: str | Path,
@@ -244,14 +283,16 @@ def join_federation(
     """Join a federation as one site: validate the site, start its SuperNode, relay progress.
 
     This is what Slicer's "Join round" starts. Progress events: ``connected``, ``waiting``,
-    ``round_started``, ``epoch``, ``update_sent``, ``round_finished``, ``run_finished``.
+    ``reconnecting``, ``refused``, ``round_started``, ``epoch``, ``update_sent``,
+    ``round_finished``, ``run_finished``.
 
     Args:
         superlink: the coordinator's ``HOST:PORT``.
         site_dir: the site folder (validated before anything starts).
         root_cert: the federation's ``ca.crt``; or ``insecure``.
         auth_key: this site's private key when the SuperLink requires SuperNode authentication.
-        connect_timeout: seconds to reach the SuperLink and be accepted by it.
+        connect_timeout: seconds to reach the SuperLink and be accepted by it (also for each
+            new SuperNode after the SuperLink forgot the old one).
         reporter: progress.
         once: leave after taking part in one complete run.
         device: training device (``auto``/``cpu``/``cuda``).
@@ -270,13 +311,14 @@ def join_federation(
         0 when the node left normally.
 
     Raises:
-        SegVizInputError: the site folder is not usable.
-        SegVizError: the SuperLink is unreachable or refused the node, or the node failed.
+        SegVizInputError: the site folder is not usable, or no trust file with TLS.
+        SegVizError: another join holds this site folder, the SuperLink is unreachable or
+            refused the node, or the node failed.
+        LeftMidRound: interrupted (Ctrl-C, SIGTERM) while the coordinator waited for this
+            site's update; the SuperNode signed off before this is raised.
     """
     from ..site import validate_site
 
-    reporter = reporter or ProgressReporter("none")
-    stop = stop or threading.Event()
     site = validate_site(site_dir)
     _tls_args_client(root_cert, insecure)  # a missing ca.crt is named before the trust file next to it
     trust_file = find_trust_file(trust, root_cert)
@@ -286,7 +328,61 @@ def join_federation(
             "a site runs only the app signed by its federation: pass --trust federation-trust.yaml "
             "(from the coordinator, with ca.crt)",
         )
-    host, port = parse_host_port(superlink)
+    state = local_state_dir(site_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with ExclusiveLock(state / JOIN_LOCK_FILE, f"segviz federation join, pid {os.getpid()}, since {since}"):
+            return _join_locked(
+                _JoinRequest(
+                    superlink=superlink,
+                    site_dir=site_dir,
+                    site=site,
+                    root_cert=root_cert,
+                    insecure=insecure,
+                    auth_key=auth_key,
+                    connect_timeout=connect_timeout,
+                    once=once,
+                    device=device,
+                    linger=linger,
+                    warm=warm,
+                    trust_file=trust_file,
+                    share_final_batchnorm=share_final_batchnorm,
+                ),
+                reporter or ProgressReporter("none"),
+                stop or threading.Event(),
+            )
+    except LockHeld as held:
+        raise SegVizError(
+            f"{Path(site_dir)}: this site already takes part in a federation ({held.owner}); "
+            "leave that join first (one join per site folder)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _JoinRequest:
+    """What :func:`join_federation` was asked for, once checked."""
+
+    superlink: str
+    site_dir: str | Path
+    site: Any
+    root_cert: str | Path | None
+    insecure: bool
+    auth_key: str | Path | None
+    connect_timeout: float
+    once: bool
+    device: str | None
+    linger: float
+    warm: bool
+    trust_file: Path | None
+    share_final_batchnorm: bool
+
+
+def _join_locked(request: _JoinRequest, reporter: ProgressReporter, stop: threading.Event) -> int:
+    from .client_app import EVENTS_FILE, WORKER_FILE
+
+    site, site_dir, connect_timeout = request.site, request.site_dir, request.connect_timeout
+    host, port = parse_host_port(request.superlink)
     address = format_address(host, port)
     reporter.emit(
         "stage", stage="connect", message=f"site {site.name} ({', '.join(site.organs)}): connecting to {address}"
@@ -295,65 +391,68 @@ def join_federation(
         "stage",
         stage="trust",
         message=(
-            f"runs only apps signed by the key in {trust_file.name}"
-            if trust_file
+            f"runs only apps signed by the key in {request.trust_file.name}"
+            if request.trust_file
             else "WARNING: no trust file, so any app submitted to the SuperLink would run here (development only)"
         )
-        + f"; final BatchNorm {'shared if the coordinator asks' if share_final_batchnorm else 'never shared'}",
+        + f"; final BatchNorm {'shared if the coordinator asks' if request.share_final_batchnorm else 'never shared'}",
     )
-    started = time.monotonic()
     error = wait_for_port(host, port, connect_timeout, alive=lambda: not stop.is_set())
     if error is not None:
         raise SegVizError(
             f"cannot reach the SuperLink at {address} within {connect_timeout:.0f} s ({error}); "
             "check the address, that `segviz federation superlink` runs there and that the port is open"
         )
-    events = local_state_dir(site_dir) / "events.jsonl"
-    events.parent.mkdir(parents=True, exist_ok=True)
+    state = local_state_dir(site_dir)
+    # A join killed without cleaning up leaves its worker file; we hold the site's lock, so
+    # whatever it names is dead: remove it before anything could try to use it.
+    (state / WORKER_FILE).unlink(missing_ok=True)
+    events = state / EVENTS_FILE
     offset = events.stat().st_size if events.exists() else 0
-    worker = SiteWorker(site_dir) if warm else None
-    try:
-        process = start_supernode(
+    worker = SiteWorker(site_dir) if request.warm else None
+    process: FlowerProcess | None = None
+
+    def connect() -> tuple[FlowerProcess, int]:
+        """Start a SuperNode and wait for its node id; raise with Flower's reason if it fails."""
+        started = time.monotonic()
+        node = start_supernode(
             address,
             site_dir,
-            root_cert,
-            insecure,
-            auth_key,
-            device=device,
-            trust_file=trust_file,
-            share_final_batchnorm=share_final_batchnorm,
+            request.root_cert,
+            request.insecure,
+            request.auth_key,
+            device=request.device,
+            trust_file=request.trust_file,
+            share_final_batchnorm=request.share_final_batchnorm,
         )
-    except BaseException:
-        if worker:
-            worker.close()
-        raise
-    log_offset = process.log_path.stat().st_size if process.log_path.exists() else 0
-    try:
-        deadline = started + connect_timeout
+        since = node.log_path.stat().st_size if node.log_path.exists() else 0
         while True:
-            text = process.log_text()[log_offset:]
+            text = node.log_text()[since:]
             if _CONNECTED_MARK in text:
-                break
-            if (
-                not process.alive()
-                or any(mark in text for mark in _FATAL_MARKS)
-                or time.monotonic() > deadline
-                or stop.is_set()
-            ):
-                failed = not process.alive() or any(m in text for m in _FATAL_MARKS)
+                return node, since + len(text)
+            failed = not node.alive() or any(mark in text for mark in _FATAL_MARKS)
+            if failed or time.monotonic() - started > connect_timeout or stop.is_set():
                 why = "refused or failed" if failed else f"did not connect within {connect_timeout:.0f} s"
-                reason = process.failure_reason(log_offset, settle=3.0 if failed else 0.0)
+                reason = node.failure_reason(since, settle=3.0 if failed else 0.0)
+                node.stop()
                 raise SegVizError(
-                    f"the SuperNode for {site.name} {why} (SuperLink {address}; TLS {'off' if insecure else 'on'}"
-                    f"{', node authentication key given' if auth_key else ''}): {reason} (log: {process.log_path})"
+                    f"the SuperNode for {site.name} {why} (SuperLink {address}; "
+                    f"TLS {'off' if request.insecure else 'on'}"
+                    f"{', node authentication key given' if request.auth_key else ''}): {reason} (log: {node.log_path})"
                 )
             time.sleep(0.2)
+
+    current_round: int | None = None  # training now
+    last_round = 0  # its reply may still be on its way
+    refused: set[int] = set()
+    try:
+        process, log_offset = connect()
         reporter.emit("connected", superlink=address)
         reporter.emit("waiting", message="connected; waiting for the coordinator to start a round")
-        leaving, sent_at = False, None
-        refused: set[int] = set()
+        leaving, sent_at, reconnecting, restarts = False, None, False, []
         while not stop.is_set():
-            for run_id, why in app_refusals(process.log_text()[log_offset:]):
+            text = process.log_text()[log_offset:]
+            for run_id, why in app_refusals(text):
                 if run_id not in refused:
                     refused.add(run_id)
                     reporter.emit(
@@ -362,32 +461,72 @@ def join_federation(
                         reason=why,
                         message=f"refused run {run_id}: {why}; nothing of it ran here",
                     )
-            lines, offset = read_new_lines(events, offset)
-            for line in lines:
-                event = parse_progress_line(line)
-                if event is None:
-                    continue
+            new_events, offset = _events_since(events, offset)
+            for event in new_events:
                 relay_event(event, reporter)
-                if event["event"] == "run_finished" and once:
+                if event["event"] == "round_started":
+                    current_round = last_round = int(event.get("round", 0))
+                elif event["event"] in ("round_finished", "error"):
+                    current_round = None
+                if event["event"] == "run_finished" and request.once:
                     leaving = True
                 elif event["event"] == "round_finished":
                     reporter.emit("waiting", message="update sent; waiting for the next round")
-            if leaving and sent_at is None:
-                text = process.log_text()[log_offset:]
-                if text.count(_SENT_MARK) >= text.count(_RECEIVED_MARK):
-                    sent_at = time.monotonic()
-            if sent_at is not None and time.monotonic() - sent_at >= linger:
+            lost, back = text.rfind(_RETRYING_MARK), text.rfind(_RECONNECTED_MARK)
+            if lost > back and not reconnecting:
+                reconnecting = True
+                reporter.emit("reconnecting", message=f"lost the SuperLink at {address}; reconnecting with backoff")
+            elif reconnecting and back > lost:
+                reconnecting = False
+                reporter.emit("connected", superlink=address, reconnected=True)
+            if leaving and sent_at is None and text.count(_SENT_MARK) >= text.count(_RECEIVED_MARK):
+                sent_at = time.monotonic()
+            if sent_at is not None and time.monotonic() - sent_at >= request.linger:
                 # Leaving unregisters the node, and the SuperLink then drops replies the
-                # ServerApp has not pulled yet (it polls every 3 s): linger a little first.
+                # ServerApp has not pulled yet: linger a little first.
                 return 0
             if not process.alive():
-                raise SegVizError(
-                    f"the SuperNode for {site.name} stopped (exit code {process.process.returncode}): "
-                    f"{process.failure_reason(log_offset)} (log: {process.log_path})"
-                )
+                # E.g. a SuperLink restarted without its database no longer knows this node:
+                # Flower's SuperNode then exits. A new one registers afresh.
+                reason = process.failure_reason(log_offset)
+                process.stop()
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 600] + [now]
+                if len(restarts) > _MAX_RESTARTS:
+                    raise SegVizError(
+                        f"the SuperNode for {site.name} stopped {len(restarts)} times in 10 minutes "
+                        f"(last exit code {process.process.returncode}): {reason} (log: {process.log_path})"
+                    )
+                reporter.emit("reconnecting", message=f"the SuperNode stopped ({reason}); starting a new one")
+                process = None
+                process, log_offset = connect()
+                reconnecting = False
+                current_round = None
+                reporter.emit("connected", superlink=address, reconnected=True)
             stop.wait(0.5)
         return 0
+    except KeyboardInterrupt:
+        for event in _events_since(events, offset)[0]:  # what the ClientApp wrote since the last look
+            if event["event"] == "round_started":
+                current_round = last_round = int(event.get("round", 0))
+            elif event["event"] in ("round_finished", "error"):
+                current_round = None
+        in_round = current_round
+        if process is not None:
+            text = process.log_text()[log_offset:]
+            if in_round is None and text.count(_RECEIVED_MARK) > text.count(_SENT_MARK):
+                in_round = last_round  # trained, reply not sent yet
+            # Signing off first is what tells the coordinator: its round stops waiting for us.
+            process.stop()
+        if in_round is not None:
+            which = f"round {in_round}" if in_round else "a round"
+            raise LeftMidRound(
+                f"left the federation during {which}: the SuperNode of {site.name} signed off, "
+                "so the coordinator goes on without this site's update"
+            ) from None
+        raise
     finally:
-        process.stop()
+        if process is not None:
+            process.stop()
         if worker:
             worker.close()

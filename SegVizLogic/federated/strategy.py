@@ -12,8 +12,15 @@ dicts, so the rules are unit-testable without Flower:
 - ``batchnorm`` is averaged over every reply under FedAvg, and under FedBN never leaves the
   client during training, so the global training model keeps its initial BatchNorm.
 
-Weights are the replies' example counts (``weighting="examples"``) or equal
-(``weighting="uniform"``, what the SegViz paper used).
+Weights are the replies' example counts (``weighting="examples"``, each capped at
+:data:`EXAMPLES_CAP_FACTOR` times the round's lower-median count so one site cannot claim the
+average: :func:`capped_example_counts`) or equal (``weighting="uniform"``, what the SegViz
+paper used).
+
+The coordinator checks every reply before it averages anything (:func:`check_update`,
+:func:`screen_updates`): finite tensors with the global model's keys, shapes and dtypes, only
+the heads of the organs the site declared, a plausible example count. A rejected reply is
+logged with the site and the reason, recorded in the round's metrics, and left out.
 
 For inference at a site that never trained, :func:`batchnorm_variants` builds the BatchNorm
 sets a model bundle carries (``averaged``, ``organ:<organ>``, ``site:<name>``) from the
@@ -42,15 +49,25 @@ __all__ = [
     "SiteUpdate",
     "aggregate_updates",
     "batchnorm_variants",
+    "capped_example_counts",
+    "check_update",
     "groups_sent_to_clients",
     "reply_weights",
     "round_metrics",
+    "screen_updates",
     "update_from_content",
     "weighted_average",
 ]
 
 STRATEGIES = ("fedbn", "fedavg")
 WEIGHTINGS = ("examples", "uniform")
+
+EXAMPLES_CAP_FACTOR = 3
+"""Under ``weighting = "examples"`` no site counts more than this many times the round's
+lower-median example count (:func:`capped_example_counts`)."""
+
+MAX_EXAMPLES = 1_000_000
+"""More training cases than this in one reply is implausible for one hospital: rejected."""
 
 Partition = dict[str, dict[str, np.ndarray]]
 """``{group: {state-dict key: numpy array}}`` as :func:`~SegVizLogic.network.partition_state` returns it."""
@@ -108,7 +125,138 @@ def reply_weights(num_examples: Sequence[int], weighting: str) -> np.ndarray:
     counts = np.asarray(num_examples, dtype=np.float64)
     if np.any(counts < 0) or counts.sum() <= 0:
         raise ValueError(f"example counts must be non-negative with a positive sum, got {list(num_examples)}")
+    counts = capped_example_counts(counts)
     return counts / counts.sum()
+
+
+def capped_example_counts(num_examples: Sequence[float]) -> np.ndarray:
+    """Example counts with what one site can claim capped: at most
+    :data:`EXAMPLES_CAP_FACTOR` (3) times the round's *lower median* count.
+
+    A site's count is its own word; the cap bounds what one over-claiming site can take of the
+    average (e.g. counts 10 and 10**6 weigh 10 and 30: 25 % and 75 %, not 0.001 % and 99.999 %)
+    while leaving honest, moderately unequal sites as they are. The lower median (the smaller
+    middle value) is used so the rule also binds with two sites, where the median would be
+    the mean and so follow the over-claim.
+
+    Example::
+
+        capped_example_counts([10, 20, 1000])  # -> array([10., 20., 60.])
+    """
+    counts = np.asarray(num_examples, dtype=np.float64)
+    if counts.size == 0:
+        return counts
+    lower_median = float(np.sort(counts)[(counts.size - 1) // 2])
+    return np.minimum(counts, EXAMPLES_CAP_FACTOR * lower_median) if lower_median > 0 else counts
+
+
+def _shapes_match(got: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    # Flower ships 0-d tensors (BatchNorm's num_batches_tracked) as shape (1,).
+    return got == expected or (len(got) <= 1 and len(expected) <= 1 and int(np.prod(got)) == int(np.prod(expected)))
+
+
+def _check_arrays(label: str, arrays: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> str | None:
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        parts = ([f"missing {missing[:2]}"] if missing else []) + ([f"unexpected {extra[:2]}"] if extra else [])
+        return f"{label}: tensors do not match the global model's ({', '.join(parts)})"
+    for key, value in arrays.items():
+        value, reference = np.asarray(value), np.asarray(expected[key])
+        if not _shapes_match(tuple(value.shape), tuple(reference.shape)):
+            return f"{label}: {key} has shape {tuple(value.shape)}, the global model {tuple(reference.shape)}"
+        if value.dtype.kind not in "fiub" or (value.dtype.kind == "f") != (reference.dtype.kind == "f"):
+            return f"{label}: {key} has dtype {value.dtype}, the global model {reference.dtype}"
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            return f"{label}: {key} holds non-finite values (NaN or Inf)"
+    return None
+
+
+def check_update(
+    update: SiteUpdate,
+    current: Mapping[str, Mapping[str, np.ndarray]],
+    strategy: str = "fedbn",
+    known_organs: Sequence[str] | None = None,
+    extra_heads: Iterable[str] = (),
+) -> str | None:
+    """Why the coordinator must not average this reply, or ``None`` when it may.
+
+    A reply is rejected when its example count is implausible (not an integer from 1 to
+    :data:`MAX_EXAMPLES`), it declares an organ outside the schema or other organs than it
+    declared earlier in the run (``known_organs``), it lacks ``shared`` (and ``batchnorm``
+    under FedAvg), it sends a group the global model does not have, BatchNorm in a FedBN
+    training reply, or the head of an organ it did not declare (``extra_heads`` lists organs
+    whose heads every site may send), or any tensor whose keys, shape or dtype differ from the
+    global model's or that holds NaN or Inf (its shared final BatchNorm included).
+
+    Args:
+        update: the parsed reply.
+        current: the global partition sent this round.
+        strategy: ``"fedbn"`` or ``"fedavg"``.
+        known_organs: what this site declared in an earlier round of the run, if any.
+        extra_heads: organs whose heads a site may send without annotating them.
+
+    Example::
+
+        check_update(update, current)  # -> "head:spleen: a head of an organ it did not declare"
+    """
+    _check_choice("strategy", strategy, STRATEGIES)
+    count = update.num_examples
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= MAX_EXAMPLES:
+        return f"implausible example count {count!r} (expected an integer from 1 to {MAX_EXAMPLES})"
+    unknown = sorted(set(update.organs) - set(ORGAN_NAMES))
+    if unknown or not update.organs:
+        return f"declares organs outside the schema: {unknown or 'none'}"
+    if known_organs is not None and set(known_organs) != set(update.organs):
+        return f"declared {sorted(update.organs)} after {sorted(known_organs)} earlier in this run"
+    required = [PARTITION_SHARED] + ([PARTITION_BATCHNORM] if strategy == "fedavg" else [])
+    for group in required:
+        if group not in update.partition:
+            return f"no {group!r} tensors"
+    allowed_heads = set(update.organs) | set(extra_heads)
+    for group, arrays in update.partition.items():
+        if group == PARTITION_BATCHNORM and strategy == "fedbn":
+            return "BatchNorm in a FedBN training reply (it stays on site)"
+        if group.startswith(HEAD_PREFIX) and group[len(HEAD_PREFIX) :] not in allowed_heads:
+            return f"{group}: a head of an organ it did not declare"
+        if group not in current:
+            return f"{group}: a group the global model does not have"
+        problem = _check_arrays(group, arrays, current[group])
+        if problem:
+            return problem
+    if update.batchnorm is not None and PARTITION_BATCHNORM in current:
+        problem = _check_arrays("final BatchNorm", update.batchnorm, current[PARTITION_BATCHNORM])
+        if problem:
+            return problem
+    return None
+
+
+def screen_updates(
+    updates: Sequence[SiteUpdate],
+    current: Mapping[str, Mapping[str, np.ndarray]],
+    strategy: str = "fedbn",
+    known_sites: Mapping[str, Sequence[str]] | None = None,
+    extra_heads: Iterable[str] = (),
+) -> tuple[list[SiteUpdate], dict[str, str]]:
+    """Split a round's replies into those to average and those rejected (:func:`check_update`;
+    a second reply under a site name already seen this round is rejected too).
+
+    Returns:
+        ``(accepted, {site: reason})``.
+    """
+    known_sites = known_sites or {}
+    extra_heads = tuple(extra_heads)
+    accepted: list[SiteUpdate] = []
+    rejected: dict[str, str] = {}
+    for update in updates:
+        if any(u.site == update.site for u in accepted) or update.site in rejected:
+            rejected[f"{update.site} (again)"] = "a second reply under the same site name this round"
+            continue
+        reason = check_update(update, current, strategy, known_sites.get(update.site), extra_heads)
+        if reason is None:
+            accepted.append(update)
+        else:
+            rejected[update.site] = reason
+    return accepted, rejected
 
 
 def weighted_average(arrays: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
@@ -263,7 +411,8 @@ except ImportError:  # pragma: no cover - exercised only without flwr
 
 
 class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
-    """Flower message-API strategy applying :func:`aggregate_updates`.
+    """Flower message-API strategy applying :func:`aggregate_updates` to the replies that pass
+    :func:`screen_updates`.
 
     Messages carry one ``ArrayRecord`` per partition group (record names ``shared``,
     ``head:<organ>``, ``batchnorm``), a ``ConfigRecord`` ``config`` (server → client) or
@@ -286,6 +435,12 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         self.current: Partition = {}
         self.last_updates: list[SiteUpdate] = []
         self.last_errors: list[str] = []
+        self.last_rejected: dict[str, str] = {}
+        self.last_nodes: dict[int, str] = {}
+        self.known_sites: dict[str, tuple[str, ...]] = {}
+        self.extra_heads: tuple[str, ...] = ()
+        self.privacy = None  # a privacy.DifferentialPrivacy: clip-checked replies, noised averages
+        self.noise_rng = np.random.default_rng()
 
     def summary(self) -> None:
         """Log the strategy's settings."""
@@ -311,19 +466,60 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate valid replies into :attr:`current`; keep them in :attr:`last_updates`."""
-        updates, errors = [], []
+        """Check every reply (:func:`screen_updates`) and aggregate the accepted ones into
+        :attr:`current`.
+
+        Afterwards :attr:`last_updates` holds the accepted replies, :attr:`last_errors` the
+        sites' own failures and :attr:`last_rejected` ``{site: reason}`` for replies the
+        coordinator refused; each refusal is logged with the site and the reason.
+        """
+        parsed, errors, malformed = [], [], {}
+        self.last_nodes = {}
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                errors.append(f"node {node}: {reply.error.reason}")
                 continue
-            updates.append(update_from_content(reply.content))
-        self.last_updates, self.last_errors = updates, errors
+            try:
+                update = update_from_content(reply.content)
+            except (ValueError, KeyError, TypeError) as error:
+                malformed[f"node {node}"] = f"malformed reply: {error}"
+                continue
+            self.last_nodes[node] = update.site
+            parsed.append(update)
+        updates, rejected = screen_updates(
+            parsed, self.current, self.strategy, self.known_sites, extra_heads=self.extra_heads
+        )
+        rejected = {**malformed, **rejected}
+        if self.privacy is not None:
+            from .privacy import update_norm
+
+            clip = self.privacy.clipping_norm
+            # A clipped update re-added to float32 weights is rounded by up to eps/2 per weight.
+            margin = 1e-6 * float(
+                np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for a in self.current.values() for v in a.values()))
+            )
+            norms = {u.site: update_norm(u.partition, self.current) for u in updates}
+            too_large = {s: n for s, n in norms.items() if n > clip * 1.001 + margin}
+            rejected.update(
+                {s: f"update norm {n:.4g} exceeds the DP clipping norm {clip:g}" for s, n in too_large.items()}
+            )
+            updates = [u for u in updates if u.site not in too_large]
+        for update in updates:
+            self.known_sites.setdefault(update.site, tuple(update.organs))
+        self.last_updates, self.last_errors, self.last_rejected = updates, errors, rejected
         for error in errors:
             _flwr_log(WARNING, "round %d: a site failed: %s", server_round, error)
+        for site, reason in rejected.items():
+            _flwr_log(WARNING, "round %d: rejected the reply of %s: %s", server_round, site, reason)
         if len(updates) < self.min_clients:
             return None, None
         self.current = aggregate_updates(self.current, updates, self.strategy, self.weighting)
+        if self.privacy is not None:
+            from .privacy import add_group_noise, averaged_group_sizes
+
+            sizes = averaged_group_sizes(updates, self.strategy)
+            self.current = add_group_noise(self.current, sizes, self.privacy, self.noise_rng)
         metrics = round_metrics(updates)
         flat = {"loss": metrics["loss"], "num-examples": metrics["num_examples"]}
         flat.update({f"dice-{o}": v for o, v in metrics["dice"].items()})
@@ -348,7 +544,8 @@ def _arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def update_from_content(content: RecordDict) -> SiteUpdate:
-    """Parse a client's reply content into a :class:`SiteUpdate`.
+    """Parse a client's reply content into a :class:`SiteUpdate` (the example count is kept
+    as sent, so :func:`check_update` can judge it).
 
     Raises:
         ValueError: the reply lacks its ``site`` or ``metrics`` record.
@@ -368,8 +565,15 @@ def update_from_content(content: RecordDict) -> SiteUpdate:
     return SiteUpdate(
         site=str(site["name"]),
         organs=tuple(str(o) for o in site["organs"]),
-        num_examples=int(metrics["num-examples"]),
+        num_examples=_example_count(metrics["num-examples"]),
         partition=partition,
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         batchnorm=batchnorm,
     )
+
+
+def _example_count(value) -> int | float:
+    """An integral count as ``int``; anything else unchanged, for :func:`check_update` to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

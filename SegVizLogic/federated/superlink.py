@@ -13,6 +13,10 @@ its open-source Control API lets every caller submit runs. So the coordinator ru
 - ``FLWR_SUPERGRID_API_URL`` pointing at the loopback app registry that
   ``segviz federation run`` serves while it submits the signed SegViz app
   (:mod:`SegVizLogic.federated.app_registry`).
+
+Its state (runs, registered nodes, messages) lives in ``<state-dir>/state.db`` (Flower's
+``--database``), so a SuperLink restarted with the same state folder still knows its runs and
+SuperNodes, which reconnect by themselves (docs/RESILIENCE.md).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .processes import (
 
 __all__ = [
     "DEFAULT_CONTROL_ADDRESS",
+    "STATE_DATABASE",
     "SuperLinkService",
     "default_control_address",
     "default_registry_port",
@@ -48,6 +53,9 @@ __all__ = [
 
 DEFAULT_CONTROL_ADDRESS = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT + 1}"
 """Where ``segviz federation run`` / ``register`` find the Control API by default."""
+
+STATE_DATABASE = "state.db"
+"""The SuperLink's database in its state folder: a restart with the same folder resumes it."""
 
 
 def default_control_address(fleet_port: int) -> str:
@@ -195,8 +203,8 @@ def start_superlink(
         address: ``HOST:PORT`` the sites connect to (the Fleet API only).
         tls_dir: folder with ``ca.crt``, ``server.crt``, ``server.key`` (relative to the caller's folder).
         insecure: no TLS (must be asked for; no SuperNode authentication then).
-        state_dir: the SuperLink's working folder (log, Flower home); a temporary one by default,
-            removed again if the start fails.
+        state_dir: the SuperLink's working folder (log, Flower home, database ``state.db``); a temporary
+            one by default, removed again if the start fails. Restart with the same folder to keep runs and nodes.
         node_auth: only SuperNodes registered with ``segviz federation register`` may join.
             Default (``None``): on with TLS; off with ``insecure``, where Flower cannot
             authenticate nodes. ``False`` is ``--open-enrolment``.
@@ -244,6 +252,8 @@ def start_superlink(
             "--port",
             str(control_port),
             "--disable-runtime-dependency-installation",
+            "--database",
+            str(state / STATE_DATABASE),
         ]
         if tls is None:
             command.append("--insecure")
@@ -267,7 +277,8 @@ def start_superlink(
                 "no_proxy": "127.0.0.1,localhost",
             },
         )
-        flower = FlowerProcess("SuperLink", command, state / "superlink.log", environment, cwd=state)
+        # lifeline: nothing outlives `segviz federation superlink` either
+        flower = FlowerProcess("SuperLink", command, state / "superlink.log", environment, cwd=state, lifeline=True)
         error = wait_for_port(control_host, control_port, startup_timeout, alive=flower.alive)
         if error is not None:
             reason = flower.failure_reason(settle=3.0)

@@ -56,6 +56,8 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "resume-from": "",
     "wait-timeout": 600,
     "signing-key": "",
+    "dp-noise-multiplier": 0.0,
+    "dp-clipping-norm": 0.0,
 }
 
 _STATE_BATCHNORM = "segviz-batchnorm"
@@ -99,6 +101,10 @@ class FederationSettings:
         resume_from: a bundle to start from (its weights; sites resume their BatchNorm).
         signing_key: path of the federation's ``federation.key`` on the coordinator; the ServerApp
             signs every bundle with it (the path travels in the run config, never the key).
+        dp_noise_multiplier: differential privacy's noise multiplier ``z`` (0: no DP); see
+            :mod:`~SegVizLogic.federated.privacy`. DP needs uniform weighting and never shares
+            the final BatchNorm (``share_final_batchnorm`` is switched off).
+        dp_clipping_norm: differential privacy's clipping norm ``C`` (0: no DP).
     """
 
     rounds: int = 3
@@ -118,6 +124,8 @@ class FederationSettings:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     resume_from: str = ""
     signing_key: str = ""
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_epochs < 1:
@@ -128,6 +136,24 @@ class FederationSettings:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.lr <= 0 or self.min_clients < 1:
             raise ValueError(f"lr must be > 0 and min-clients >= 1, got {self.lr} and {self.min_clients}")
+        if (self.dp_noise_multiplier > 0) != (self.dp_clipping_norm > 0):
+            raise ValueError(
+                "differential privacy needs both a noise multiplier and a clipping norm > 0, got "
+                f"{self.dp_noise_multiplier} and {self.dp_clipping_norm}"
+            )
+        if self.privacy is not None:
+            if self.weighting != "uniform":
+                raise ValueError("differential privacy needs uniform weighting (a site's weight bounds its influence)")
+            self.share_final_batchnorm = False  # BatchNorm statistics would leave the site un-noised
+
+    @property
+    def privacy(self):
+        """The run's :class:`~SegVizLogic.federated.privacy.DifferentialPrivacy`, or ``None``."""
+        from .privacy import DifferentialPrivacy
+
+        if self.dp_noise_multiplier <= 0 and self.dp_clipping_norm <= 0:
+            return None
+        return DifferentialPrivacy(self.dp_noise_multiplier, self.dp_clipping_norm)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationSettings:
@@ -153,6 +179,8 @@ class FederationSettings:
             else Preprocessing(),
             resume_from=str(cfg["resume-from"]),
             signing_key=str(cfg["signing-key"]),
+            dp_noise_multiplier=float(cfg["dp-noise-multiplier"]),
+            dp_clipping_norm=float(cfg["dp-clipping-norm"]),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -175,6 +203,8 @@ class FederationSettings:
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
             "resume-from": self.resume_from,
             "signing-key": self.signing_key,
+            "dp-noise-multiplier": self.dp_noise_multiplier,
+            "dp-clipping-norm": self.dp_clipping_norm,
         }
 
     def client_config(self, server_round: int, lineage: str) -> dict[str, Any]:
@@ -192,6 +222,8 @@ class FederationSettings:
             "network-config": json.dumps(self.network.to_dict()),
             "training-config": json.dumps(self.training),
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
+            # Sites clip their update to this norm (privacy.dp_clipping_mod); absent: no DP.
+            **({"dp-clipping-norm": self.dp_clipping_norm} if self.privacy is not None else {}),
         }
 
 

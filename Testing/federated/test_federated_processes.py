@@ -1,0 +1,171 @@
+"""Process supervision's platform functions (processes.py): the lifeline watcher, the OS lock
+that dies with its holder, and the Windows branches that must never reach for SIGKILL or
+killpg."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from SegVizLogic.federated import processes
+from SegVizLogic.federated.processes import (
+    ExclusiveLock,
+    LockHeld,
+    interrupt_process_group,
+    kill_process_group,
+    process_group_kwargs,
+    watch_lifeline,
+)
+
+
+def test_lifeline_fires_when_the_parent_end_closes_then_ends_hard_after_the_grace():
+    read_end, write_end = os.pipe()
+    gone, hard = threading.Event(), threading.Event()
+    with os.fdopen(read_end, "rb", buffering=0) as stream:
+        watch_lifeline(stream, on_parent_gone=gone.set, grace=0.3, hard_exit=hard.set)
+        time.sleep(0.3)
+        assert not gone.is_set()  # the parent is alive: nothing happens
+        os.close(write_end)  # what the OS does when the parent dies, however it dies
+        assert gone.wait(5)
+        assert not hard.is_set()
+        assert hard.wait(5)
+
+
+def test_lock_refuses_a_second_holder_names_the_first_and_dies_with_its_holder(tmp_path):
+    path = tmp_path / "state" / "join.lock"
+    with ExclusiveLock(path, "join pid 1"):
+        with pytest.raises(LockHeld) as held:
+            ExclusiveLock(path, "join pid 2").__enter__()
+        assert held.value.owner == "join pid 1"
+    with ExclusiveLock(path, "join pid 3"):
+        pass
+    code = (
+        "import time; from SegVizLogic.federated.processes import ExclusiveLock\n"
+        f"lock = ExclusiveLock({str(path)!r}, 'crashing holder').__enter__(); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match="crashing holder"):
+            ExclusiveLock(path).__enter__()
+        holder.kill()  # no cleanup runs: the OS releases the lock
+        holder.wait()
+        with ExclusiveLock(path, "next"):
+            assert path.read_text(encoding="utf-8") == "next"
+    finally:
+        holder.kill()
+
+
+class _FakeProcess:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+    def poll(self):
+        return None
+
+
+def test_windows_branches_use_process_groups_ctrl_break_and_taskkill(monkeypatch):
+    assert process_group_kwargs(windows=False) == {"start_new_session": True}
+    assert process_group_kwargs(windows=True) == {"creationflags": 0x200}  # CREATE_NEW_PROCESS_GROUP
+
+    def no_killpg(*args):
+        raise AssertionError("os.killpg does not exist on Windows")
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(processes, "_WINDOWS", True)
+    monkeypatch.setattr(os, "killpg", no_killpg)
+    monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: calls.append(command))
+    process = _FakeProcess()
+    interrupt_process_group(process)
+    kill_process_group(process)
+    assert process.signals == [1]
+    assert calls == [["taskkill", "/F", "/T", "/PID", "4242"]]
+    assert processes.process_group_alive(process)
+
+
+def test_posix_group_stop_reaches_every_process_of_the_group(tmp_path):
+    if os.name == "nt":
+        pytest.skip("POSIX process groups")
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    leader = subprocess.Popen([sys.executable, "-c", script], **process_group_kwargs())
+    try:
+        deadline = time.monotonic() + 30
+        while len(_group_members(leader.pid)) < 2:
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.1)
+        interrupt_process_group(leader)
+        leader.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while processes.process_group_alive(leader) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kill_process_group(leader)
+        assert not _group_members(leader.pid)
+    finally:
+        kill_process_group(leader)
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members
+
+
+def test_an_orphaned_process_ends_itself_after_the_grace(tmp_path):
+    if os.name == "nt":
+        pytest.skip("POSIX re-parenting")
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = (
+        "import os, sys, time; from SegVizLogic.federated.processes import exit_when_orphaned\n"
+        f"exit_when_orphaned(grace=0.5, poll=0.1); open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(60)",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text(encoding="utf-8")):
+            assert time.monotonic() < deadline, "the grandchild did not start"
+            time.sleep(0.1)
+        orphan = int(pid_file.read_text(encoding="utf-8"))
+        time.sleep(1.0)
+        assert Path(f"/proc/{orphan}").exists()  # its parent lives: it keeps running
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while (
+            Path(f"/proc/{orphan}").exists()
+            and "Z" not in Path(f"/proc/{orphan}/stat").read_text(encoding="utf-8").split(")")[-1][:3]
+        ):
+            assert time.monotonic() < deadline, "the orphan outlived its grace"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
