@@ -59,10 +59,15 @@ def _segviz(*args: str, log: Path | None = None) -> subprocess.Popen:
     )
 
 
-def _superlink(address: str, state: Path, log: Path) -> subprocess.Popen:
-    process = _segviz("federation", "superlink", "--address", address, "--insecure", "--state-dir", str(state), log=log)
+def _superlink(address: str, control: str, state: Path, log: Path) -> subprocess.Popen:
+    """``segviz federation superlink``: the sites' Fleet address, its loopback Control API at ``control``
+    (where ``run`` submits), and its app registry on a free port; ready once it says so."""
+    process = _segviz(
+        "federation", "superlink", "--address", address, "--control-address", control, "--app-registry-port",
+        str(free_port()), "--insecure", "--state-dir", str(state), log=log,
+    )  # fmt: skip
     _wait(
-        lambda: "listening" in log.read_text(encoding="utf-8"),
+        lambda: "SuperLink ready" in log.read_text(encoding="utf-8"),
         90,
         f"the SuperLink did not start: {log.read_text(encoding='utf-8')[-2000:]}",
     )
@@ -139,8 +144,8 @@ def _stop(*processes: subprocess.Popen) -> None:
 
 def test_one_join_per_site_nothing_outlives_a_killed_join_and_run_says_when_the_superlink_is_gone(make_sites, tmp_path):
     (site,) = make_sites(["site-liver"])
-    address = f"127.0.0.1:{free_port()}"
-    link = _superlink(address, tmp_path / "link", tmp_path / "superlink.out")
+    address, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    link = _superlink(address, control, tmp_path / "link", tmp_path / "superlink.out")
     first = _join(address, site, tmp_path / "join1.out")
     run = None
     try:
@@ -183,7 +188,7 @@ def test_one_join_per_site_nothing_outlives_a_killed_join_and_run_says_when_the_
 
         # A run that cannot go on says so in one line, however long it was told to wait.
         run = _segviz(
-            "federation", "run", "--superlink", address, "--insecure", "--out", str(tmp_path / "out"),
+            "federation", "run", "--superlink", control, "--insecure", "--out", str(tmp_path / "out"),
             "--rounds", "2", "--min-clients", "3", "--wait-timeout", "600", "--superlink-grace", "15", *TINY_RUN,
         )  # fmt: skip
         _wait(lambda: (tmp_path / "out" / "progress.jsonl").exists() or run.poll() is not None, 120, "no run")
@@ -206,10 +211,10 @@ def test_run_survives_dropouts_and_a_superlink_restart(make_sites, tmp_path):
     seconds and names both. Round 3: the SuperLink is killed and restarted on its database;
     `run` continues the run from round-002.segviz and writes model.segviz."""
     sites = make_sites(["site-liver", "site-spleen", "site-pancreas", "site-kidney"])
-    address = f"127.0.0.1:{free_port()}"
+    address, control = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     state, out = tmp_path / "link", tmp_path / "out"
     progress = out / "progress.jsonl"
-    link = _superlink(address, state, tmp_path / "superlink.out")
+    link = _superlink(address, control, state, tmp_path / "superlink.out")
     joins = {s.name: _join(address, s, tmp_path / f"{s.name}.out") for s in sites}
     run = None
     try:
@@ -221,7 +226,7 @@ def test_run_survives_dropouts_and_a_superlink_restart(make_sites, tmp_path):
             )
         started = time.monotonic()
         run = _segviz(
-            "federation", "run", "--superlink", address, "--insecure", "--out", str(out), "--rounds", "3",
+            "federation", "run", "--superlink", control, "--insecure", "--out", str(out), "--rounds", "3",
             "--min-clients", "2", "--round-timeout", "600", "--wait-timeout", "120", *TINY_RUN,
             log=tmp_path / "run.out",
         )  # fmt: skip
@@ -263,7 +268,7 @@ def test_run_survives_dropouts_and_a_superlink_restart(make_sites, tmp_path):
         _wait(lambda: any(e["event"] == "round_started" and e["round"] == 3 for e in _events(progress)), 120, "r3")
         time.sleep(2)
         _kill_flower_superlink(link)  # mid-round 3: the run's ServerApp goes with it
-        link = _superlink(address, state, tmp_path / "superlink2.out")
+        link = _superlink(address, control, state, tmp_path / "superlink2.out")
         assert run.wait(timeout=400) == 0, (tmp_path / "run.out").read_text(encoding="utf-8")[-3000:]
         print(f"run finished {time.monotonic() - started:.0f} s after it started, across a SuperLink restart")
     finally:
