@@ -51,6 +51,7 @@ class DemoSettings:
     lr: float = 2e-3
     strategy: str = "fedbn"
     weighting: str = "uniform"
+    head_aggregation: str = "evidence"
     network: NetworkConfig = field(
         default_factory=lambda: NetworkConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
     )
@@ -109,6 +110,7 @@ def run_demo(
             local_epochs=settings.local_epochs,
             strategy=settings.strategy,
             weighting=settings.weighting,
+            head_aggregation=settings.head_aggregation,
             lr=settings.lr,
             preprocessing=settings.preprocessing,
             training_config=settings.training(seed),

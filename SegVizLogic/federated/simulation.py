@@ -45,6 +45,7 @@ def run_federated_simulation(
     strategy: str = "fedbn",
     weighting: str = "uniform",
     lr: float = 1e-3,
+    head_aggregation: str = "evidence",
     preprocessing: Preprocessing | None = None,
     training_config=None,
     reporter: ProgressReporter | None = None,
@@ -56,6 +57,7 @@ def run_federated_simulation(
     client_mods: Sequence[Callable] = (),
     on_round: Callable | None = None,
     num_cpus: int | None = None,
+    resume_from: str | Path = "",
 ) -> Path:
     """Train one global model over ``site_dirs`` with Flower's simulation engine.
 
@@ -67,6 +69,7 @@ def run_federated_simulation(
         strategy: ``"fedbn"`` or ``"fedavg"``.
         weighting: ``"examples"`` or ``"uniform"``.
         lr: local learning rate.
+        head_aggregation: ``"evidence"`` or ``"annotating"`` (see :class:`FederationSettings`).
         preprocessing: preprocessing (default: the paper's).
         training_config: a ``TrainingConfig`` (default: the paper's).
         reporter: progress events (round_started, update_sent, round_finished, run_finished).
@@ -78,6 +81,8 @@ def run_federated_simulation(
         client_mods: Flower client mods (tests record what leaves each site with one).
         on_round: ``(round, replies, global partition)`` after each aggregation.
         num_cpus: CPUs given to the engine (default: all).
+        resume_from: a bundle to continue from (its weights and lineage; under FedBN a site
+            without BatchNorm of that lineage starts from the bundle's averaged BatchNorm).
 
     Returns:
         The final bundle's path (``out_dir/model.segviz``).
@@ -101,6 +106,7 @@ def run_federated_simulation(
         lr=lr,
         strategy=strategy,
         weighting=weighting,
+        head_aggregation=head_aggregation,
         min_clients=len(site_dirs),
         out_dir=str(Path(out_dir).resolve()),
         share_final_batchnorm=share_final_batchnorm,
@@ -110,6 +116,7 @@ def run_federated_simulation(
         training=training_config.to_dict(),
         preprocessing=preprocessing,
         wait_timeout=120,
+        resume_from=str(resume_from),
     )
     # Validate and preprocess every site here, once: a bad folder fails before Ray starts,
     # and the virtual clients then read the cache.
