@@ -180,11 +180,12 @@ ADAPT_MAX_WINDOWS = 16
 ADAPT_BATCH = 4
 """Windows per forward pass while adapting: statistics are the mean of per-batch statistics, as a
 site's running statistics are (training steps and its precise-BN recalibration)."""
-ADAPT_PRIOR_WINDOWS = 4.0
-"""Weight of the federation's trained statistics in test-time adaptation, counted in windows:
-the adapted mean and variance are ``(n x volume + k x trained) / (n + k)`` for ``n`` windows read
-(Schneider et al., NeurIPS 2020), so a volume with few windows leans on the federation.
-Chosen by the leave-site-out validation rule of docs/METHOD.md, not on the external set."""
+ADAPT_PRIOR_WINDOWS = 0.0
+"""Weight of the model's trained statistics in test-time adaptation, counted in windows: the
+adapted mean and variance are ``(n x volume + k x trained) / (n + k)`` for ``n`` windows read
+(Schneider et al., NeurIPS 2020). Chosen by the leave-site-out validation rule of docs/METHOD.md,
+not on an external set: starting from the sites' averaged BatchNorm, every prior weight tried
+(4, 16 windows) lowered validation Dice against the volume's statistics alone (0)."""
 BODY_HU = -500.0
 """Voxels above this HU are body (soft tissue, fat, bone); air, lung and the scanner's
 outside-of-field padding are below it."""
@@ -270,8 +271,8 @@ def adapt_batchnorm(
     running mean and variance on windows of the input volume, keep its trained affine
     parameters (gamma, beta).
 
-    The model arrives with the BatchNorm to adapt from (a bundle's averaged site BatchNorm, or a
-    local model's own). Windows are spread over the body and lie inside the volume, so no
+    The model arrives with the BatchNorm to adapt from (a FedBN model's initial one, a local
+    model's own, or for a comparison the sites' averaged one). Windows are spread over the body and lie inside the volume, so no
     padding enters the statistics (:func:`adaptation_windows`); the estimate is blended with the
     statistics the model arrived with, ``(n x volume + prior_windows x trained) / (n +
     prior_windows)``. A volume thinner than the network's divisor along an axis has no window
@@ -358,10 +359,10 @@ def bundle_probabilities(
 
     ``batchnorm``: ``None`` (bundle default), ``"model"``, a variant name (``averaged``,
     ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
-    BatchNorm of the sites that trained that organ) or ``"adapt"`` (the bundle's trained
-    BatchNorm, :attr:`~SegVizLogic.bundle.ModelBundle.adapt_base`, with its statistics
-    re-estimated on this volume by :func:`adapt_batchnorm`). ``roi_size``: the sliding window
-    (default: the bundle's, its training patch), overlapping by :data:`INFERENCE_OVERLAP`.
+    BatchNorm of the sites that trained that organ) or ``"adapt"`` (the model's BatchNorm with
+    its statistics re-estimated on this volume by :func:`adapt_batchnorm`: gamma 1 and beta 0 in
+    a FedBN model, trained ones in a local, central or FedAvg model). ``roi_size``: the sliding
+    window (default: the bundle's, its training patch), overlapping by :data:`INFERENCE_OVERLAP`.
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
     roi = tuple(roi_size or bundle.roi_size)
@@ -379,7 +380,7 @@ def bundle_probabilities(
             prepared,
             bundle.roi_size,
             device,
-            # Untrained statistics (a FedBN model whose sites kept their BatchNorm) are no prior.
+            # Untrained statistics (a FedBN model's, whose sites kept their BatchNorm) are no prior.
             prior_windows=ADAPT_PRIOR_WINDOWS if batchnorm_trained(model) else 0.0,
             threshold=body_threshold(bundle.preprocessing.hu_window),
         )

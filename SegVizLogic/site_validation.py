@@ -38,11 +38,15 @@ from .organs import ORGAN_NAMES, organ_by_name
 from .progress import ProgressReporter
 from .site import load_case, validate_site
 
-__all__ = ["LEGACY_ADAPT", "bundle_without_site", "summarise", "validation_scores"]
+__all__ = ["AVERAGED_ADAPT", "LEGACY_ADAPT", "bundle_without_site", "summarise", "validation_scores"]
 
 LEGACY_ADAPT = "adapt-v0"
 """The test-time adaptation SegViz shipped before: initial BatchNorm (gamma 1, beta 0), statistics
-from the first 16 windows in scan order, thin volumes zero-padded; kept here only to compare."""
+from the first 16 windows in scan order, one window per pass, thin volumes zero-padded; kept here
+only to compare."""
+AVERAGED_ADAPT = "adapt-from-averaged"
+"""Adaptation starting from the sites' averaged BatchNorm (trained gamma and beta kept, statistics
+blended with the averaged ones): ``adapt-from-averaged[<prior windows>]``; compared only."""
 
 
 def bundle_without_site(bundle: ModelBundle, site: str, weighting: str = "uniform") -> ModelBundle:
@@ -113,13 +117,16 @@ def _adaptation(prior_windows: float | None = None, legacy: bool = False) -> Ite
 def _choice(bundle: ModelBundle, choice: str) -> tuple[ModelBundle, str, contextlib.AbstractContextManager]:
     """``(bundle, batchnorm, context)`` for a choice name of :func:`validation_scores`."""
     if choice == LEGACY_ADAPT:
-        bare = replace(bundle, batchnorm_variants={}, manifest={**bundle.manifest, "batchnorm_variants": []})
-        return bare, "adapt", _adaptation(legacy=True)
-    if choice.startswith("adapt[") and choice.endswith("]"):
-        return bundle, "adapt", _adaptation(prior_windows=float(choice[len("adapt[") : -1]))
-    if choice == "adapt-from-model":  # new windows, no trained start: isolates what the start adds
-        bare = replace(bundle, batchnorm_variants={}, manifest={**bundle.manifest, "batchnorm_variants": []})
-        return bare, "adapt", contextlib.nullcontext()
+        return bundle, "adapt", _adaptation(legacy=True)
+    if choice.startswith(AVERAGED_ADAPT + "[") and choice.endswith("]"):
+        # The model's BatchNorm replaced by the (other) sites' average: its gamma and beta kept,
+        # its statistics the prior of the given weight.
+        state = {**bundle.state, **bundle.batchnorm_variants["averaged"]}
+        return (
+            replace(bundle, state=state),
+            "adapt",
+            _adaptation(prior_windows=float(choice[len(AVERAGED_ADAPT) + 1 : -1])),
+        )
     return bundle, choice, contextlib.nullcontext()
 
 
@@ -138,10 +145,9 @@ def validation_scores(
         site_dirs: the training sites (their validation cases are scored).
         cases: the case names to score at every site (held out from training).
         choices: bundle BatchNorm choices (``model``, ``averaged``, ``adapt``...) evaluated on
-            the leave-site-out bundle, plus ``own-site`` (the site's own BatchNorm: the unfair
-            ceiling), ``adapt[<k>]`` (adapt with prior weight ``k`` windows),
-            ``adapt-from-model`` (adapt from the initial BatchNorm with the new windows) and
-            :data:`LEGACY_ADAPT`.
+            the leave-site-out bundle, plus ``own-site`` (the site's own BatchNorm: an unfair
+            advantage, shown for reference), ``adapt-from-averaged[<k>]``
+            (:data:`AVERAGED_ADAPT`) and :data:`LEGACY_ADAPT`.
         device: where the network runs.
         reporter: progress.
 
@@ -203,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, action="append", required=True)
     parser.add_argument("--cases", nargs="+", required=True)
     parser.add_argument(
-        "--choices", nargs="+", default=["model", "averaged", LEGACY_ADAPT, "adapt-from-model", "adapt", "own-site"]
+        "--choices", nargs="+", default=["model", "averaged", LEGACY_ADAPT, f"{AVERAGED_ADAPT}[0]", "adapt", "own-site"]
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)

@@ -106,28 +106,53 @@ def test_no_padding_enters_the_statistics():
     assert all(torch.equal(m.running_mean, b) for m, b in zip(_norms(thin), before))
 
 
-def test_bundle_adapts_from_the_averaged_site_batchnorm(tmp_path):
-    model = build_network(SMALL)  # the FedBN global model: initial BatchNorm (gamma 1, beta 0)
-    assert not batchnorm_trained(model)
-    averaged = partition_state(_trained_model(1))[PARTITION_BATCHNORM]
-    path = save_bundle(
-        tmp_path / "m.segviz",
-        model,
-        Preprocessing(spacing=(4.0, 4.0, 4.0)),
-        batchnorm_variants={"averaged": averaged},
-        default_batchnorm="adapt",
-        training={"patch_size": [32, 32, 16]},
-    )
-    bundle = load_bundle(path)
-    assert bundle.adapt_base == "averaged"
-    start = bundle.build_model("adapt")
-    assert batchnorm_trained(start)
-    gamma = next(k for k in averaged if k.endswith(".weight"))
-    np.testing.assert_array_equal(start.state_dict()[gamma].numpy(), averaged[gamma])
+def _adapted_by_bundle(bundle, monkeypatch) -> nn.Module:
+    """The model ``bundle_probabilities(..., "adapt")`` segments with."""
+    from SegVizLogic import inference
+
+    seen = {}
+    original = inference.predict_probabilities
+
+    def recording(model, *args, **kwargs):
+        seen["model"] = model
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_probabilities", recording)
     probabilities = bundle_probabilities(bundle, _body((64, 64, 32)), CPU, batchnorm="adapt")
     assert probabilities.shape == (4, 64, 64, 32) and torch.isfinite(probabilities).all()
-    bare = save_bundle(tmp_path / "bare.segviz", model, Preprocessing(), default_batchnorm="adapt")
-    assert load_bundle(bare).adapt_base == "model"  # nothing trained to start from: the volume alone
+    return seen["model"]
+
+
+def test_bundle_adapts_the_model_batchnorm_and_keeps_trained_gamma_and_beta(tmp_path, monkeypatch):
+    """A local (or central, FedAvg) bundle's BatchNorm is trained: adaptation keeps its gamma and
+    beta. A FedBN bundle's model BatchNorm is the initial one (gamma 1, beta 0): adaptation
+    starts there, not from the sites' averaged BatchNorm (which validated worse, docs/METHOD.md)."""
+    trained = _trained_model(2)
+    local = load_bundle(
+        save_bundle(tmp_path / "local.segviz", trained, Preprocessing(), training={"patch_size": [32, 32, 16]})
+    )
+    adapted = _adapted_by_bundle(local, monkeypatch)
+    for mine, theirs in zip(_norms(adapted), _norms(trained)):
+        assert torch.equal(mine.weight, theirs.weight) and torch.equal(mine.bias, theirs.bias)
+        assert not torch.allclose(mine.running_mean, theirs.running_mean)  # statistics of this volume
+
+    fedbn_model = build_network(SMALL)
+    assert not batchnorm_trained(fedbn_model)
+    averaged = partition_state(_trained_model(1))[PARTITION_BATCHNORM]
+    fedbn = load_bundle(
+        save_bundle(
+            tmp_path / "fedbn.segviz",
+            fedbn_model,
+            Preprocessing(),
+            batchnorm_variants={"averaged": averaged},
+            default_batchnorm="adapt",
+            training={"patch_size": [32, 32, 16]},
+        )
+    )
+    adapted = _adapted_by_bundle(fedbn, monkeypatch)
+    for module in _norms(adapted):
+        assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
+        assert not torch.allclose(module.running_var, torch.ones_like(module.running_var))
 
 
 @pytest.mark.parametrize("shape", [(40, 40, 20), (33, 70, 17)])

@@ -45,8 +45,8 @@ def test_leaving_a_site_out_recomputes_the_federation_batchnorm_without_it(feder
     np.testing.assert_allclose(reduced.batchnorm_variants["averaged"][key], 2.5)  # sites b (2) and c (3)
     np.testing.assert_allclose(reduced.batchnorm_variants["organ:liver"][key], 3.0)  # only site c left
     assert "organ:liver" in reduced.batchnorm_variants and "organ:spleen" in reduced.batchnorm_variants
-    # adapt at site-a starts from the others' average, never from site-a's own statistics
-    start = reduced.build_model("adapt")
+    # "averaged" at site-a is the others' average, never site-a's own statistics
+    start = reduced.build_model("averaged")
     assert torch.allclose(start.state_dict()[key], torch.tensor(2.5))
     # the original bundle is untouched
     np.testing.assert_allclose(federated_bundle.batchnorm_variants["averaged"][key], 2.0)

@@ -73,6 +73,7 @@ def test_one_epoch_makes_the_steps_its_progress_bar_announces(small_phantom, sam
     assert progress and all(f["total"] == steps for f in progress) and progress[-1]["current"] == steps
 
 
+@pytest.mark.filterwarnings("ignore:The image's intensity is a single value")  # constant test images
 def test_batches_hold_the_configured_number_of_patches_from_several_patients():
     """batch 4 with 8 patches per case is 4 patches a step (not 8 from one patient), and a
     patient's patches are spread over the epoch's batches."""

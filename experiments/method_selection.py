@@ -23,16 +23,48 @@ from SegVizLogic.demo import DemoSettings
 from SegVizLogic.federated.simulation import run_federated_simulation
 from SegVizLogic.phantom import generate_phantom_sites
 from SegVizLogic.progress import ProgressReporter
-from SegVizLogic.site_validation import LEGACY_ADAPT, summarise, validation_scores
+from SegVizLogic.site_validation import AVERAGED_ADAPT, LEGACY_ADAPT, summarise, validation_scores
 
 VALIDATION_CASES = [f"case{k:03d}" for k in range(3, 8)]
-CHOICES = ["model", "averaged", LEGACY_ADAPT, "adapt-from-model", "adapt[0]", "adapt[4]", "adapt[16]", "own-site"]
+CHOICES = [
+    "model",
+    "averaged",
+    LEGACY_ADAPT,
+    "adapt",
+    *(f"{AVERAGED_ADAPT}[{k}]" for k in (0, 4, 16)),
+    "own-site",
+]
 
 
 def _phantom(root: Path, cases: int) -> list[Path]:
     if not (root / "phantom.json").is_file():
         generate_phantom_sites(root, seed=0, cases_per_site=cases, external_cases=1, force=True)
     return [root / name for name in ("site-liver", "site-spleen", "site-pancreas", "site-kidney")]
+
+
+def markdown_table(records: list[dict], reference: str) -> str:
+    """Validation Dice per choice and organ, with the paired difference to ``reference`` over the
+    20 (site, case) pairs: mean and Wilcoxon signed-rank p (scipy.stats)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    summary = summarise(records)
+    organs = [o for o in ("liver", "spleen", "pancreas", "kidney") if o in summary[reference]]
+    lines = [
+        "| choice | " + " | ".join(organs) + " | mean | paired diff. to " + reference + " (p) |",
+        "|---|" + "---|" * (len(organs) + 2),
+    ]
+    keyed = {(r["choice"], r["site"], r["case"], r["organ"]): r["dice"] for r in records}
+    pairs = sorted({(r["site"], r["case"], r["organ"]) for r in records if r["choice"] == reference})
+    for choice, scores in summary.items():
+        cells = [f"{scores[o]:.3f}" if o in scores else "–" for o in organs]
+        diff = "–"
+        if choice != reference:
+            d = np.array([keyed[(choice, *p)] - keyed[(reference, *p)] for p in pairs if (choice, *p) in keyed])
+            p_value = wilcoxon(d).pvalue if len(d) and np.any(d != 0) else 1.0
+            diff = f"{d.mean():+.3f} (p={p_value:.2g})"
+        lines.append(f"| {choice} | " + " | ".join(cells) + f" | {scores['mean']:.3f} | {diff} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -46,6 +78,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--choices", nargs="+", default=CHOICES)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="score this bundle (e.g. segviz demo's) instead of training"
+    )
     args = parser.parse_args()
 
     settings = DemoSettings()
@@ -64,7 +99,8 @@ def main() -> None:
     train_sites = _phantom(args.work / "data", 4)  # what `segviz demo` trains on: cases 000-002 (+ 003 val)
     pool_sites = _phantom(args.work / "pool", 8)  # the same cases 000-003 and four more per site
     out = args.work / "runs" / args.variant
-    model = out / "model.segviz"
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model or out / "model.segviz"
     started = time.perf_counter()
     if not model.is_file():
         model = run_federated_simulation(

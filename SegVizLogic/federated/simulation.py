@@ -45,7 +45,7 @@ def run_federated_simulation(
     strategy: str = "fedbn",
     weighting: str = "uniform",
     lr: float = 1e-3,
-    head_aggregation: str = "evidence",
+    head_aggregation: str = "annotating",
     preprocessing: Preprocessing | None = None,
     training_config=None,
     reporter: ProgressReporter | None = None,

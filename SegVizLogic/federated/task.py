@@ -46,7 +46,7 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "lr": 0.001,
     "strategy": "fedbn",
     "weighting": "uniform",
-    "head-aggregation": "evidence",
+    "head-aggregation": "annotating",
     "min-clients": 2,
     "round-timeout": 3600,
     "out-dir": "",
@@ -112,7 +112,7 @@ class FederationSettings:
     lr: float = 1e-3
     strategy: str = "fedbn"
     weighting: str = "uniform"
-    head_aggregation: str = "evidence"
+    head_aggregation: str = "annotating"
     min_clients: int = 2
     round_timeout: float = 3600.0
     wait_timeout: float = 600.0

@@ -137,20 +137,10 @@ def test_fedbn_heads_change_only_where_their_organ_was_trained(fedbn):
     for record in rounds.values():
         for update in record["updates"]:
             (organ,) = update.organs
-            assert "batchnorm" not in update.partition and f"head:{organ}" in update.partition  # FedBN
-            # any other head it sent, its exclusion term taught ("not <other>" on its organ's voxels)
-            for group in set(update.partition) - {"shared", f"head:{organ}"}:
-                assert update.metrics["evidence-" + group.split(":")[1]] > 0
-        for organ in ("liver", "spleen", "kidney"):
-            # each head: the evidence-weighted mean of the replies that sent it
-            senders = [u for u in record["updates"] if f"head:{organ}" in u.partition]
-            weights = np.array([u.metrics[f"evidence-{organ}"] for u in senders])
-            weights /= weights.sum()
-            for key, value in record["global"][f"head:{organ}"].items():
-                expected = sum(
-                    w * u.partition[f"head:{organ}"][key].astype(np.float64) for w, u in zip(weights, senders)
-                )
-                np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-7)
+            # FedBN, heads averaged over the sites that annotate them (the default): no batchnorm, own head only
+            assert set(update.partition) == {"shared", f"head:{organ}"}
+            for key, value in update.partition[f"head:{organ}"].items():
+                np.testing.assert_array_equal(record["global"][f"head:{organ}"][key], value)
     changed = [
         k
         for k in initial["head:liver"]

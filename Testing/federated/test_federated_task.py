@@ -41,12 +41,9 @@ def test_batchnorm_survives_leaving_and_rejoining(make_sites):
     state = RecordDict()
     first = train_client_round(site, _global(), _config(1), state=state, device="cpu")
     assert first.metrics["batchnorm-restored"] == 0
-    assert {"shared", "head:liver"} <= set(first.partition) and first.final_batchnorm is None
-    # its own head was taught on every voxel of its patches (one step of 2 patches of 32x32x16);
-    # another organ's head only "not that organ" on the liver's voxels, and is sent when it was
+    assert set(first.partition) == {"shared", "head:liver"} and first.final_batchnorm is None
+    # its head was taught on every voxel of its patches (one step of 2 patches of 32x32x16)
     assert first.metrics["evidence-liver"] == 2 * 32 * 32 * 16
-    for group in set(first.partition) - {"shared", "head:liver"}:
-        assert 0 < first.metrics["evidence-" + group.split(":")[1]] < first.metrics["evidence-liver"]
     saved = load_local_batchnorm(site, "L1", TINY_NETWORK)
     assert saved is not None and saved[1]["round"] == 1
     # same run, new SuperNode process (context.state lost): resumes from the site folder
@@ -66,8 +63,7 @@ def test_batchnorm_survives_leaving_and_rejoining(make_sites):
 def test_fedavg_reply_carries_batchnorm_and_no_final_copy(make_sites):
     (site,) = make_sites(["site-spleen"])
     result = train_client_round(site, _global("fedavg"), _config(2, strategy="fedavg"), device="cpu")
-    assert {"shared", "head:spleen", "batchnorm"} <= set(result.partition) and result.final_batchnorm is None
-    assert all(g in ("shared", "batchnorm") or g.startswith("head:") for g in result.partition)
+    assert set(result.partition) == {"shared", "head:spleen", "batchnorm"} and result.final_batchnorm is None
     assert result.site == "site-spleen" and result.organs == ("spleen",)
     assert {"num-examples", "loss", "train-seconds"} <= set(result.metrics)
     assert all(isinstance(v, (int, float)) for v in result.metrics.values())
@@ -121,3 +117,13 @@ def test_a_site_joining_late_starts_from_the_averaged_batchnorm(make_sites):
     saved, _ = load_local_batchnorm(fresh, "L1", TINY_NETWORK)
     gammas = np.concatenate([np.ravel(v) for k, v in saved.items() if k.endswith(".weight")])
     assert np.all(np.abs(gammas - 1.0) < 0.05)
+
+
+def test_under_evidence_aggregation_a_site_also_sends_the_heads_its_exclusion_term_taught(make_sites):
+    (site,) = make_sites(["site-spleen"])
+    config = {**_config(1), "head-aggregation": "evidence"}
+    result = train_client_round(site, _global(), config, device="cpu")
+    extra = set(result.partition) - {"shared", "head:spleen"}
+    assert extra and extra <= {"head:liver", "head:pancreas", "head:kidney"}
+    for group in extra:  # "not <organ>" on the spleen voxels of its patches: fewer than all their voxels
+        assert 0 < result.metrics["evidence-" + group.split(":")[1]] < result.metrics["evidence-spleen"]
