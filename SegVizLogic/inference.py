@@ -361,8 +361,10 @@ def bundle_probabilities(
     ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
     BatchNorm of the sites that trained that organ) or ``"adapt"`` (the model's BatchNorm with
     its statistics re-estimated on this volume by :func:`adapt_batchnorm`: gamma 1 and beta 0 in
-    a FedBN model, trained ones in a local, central or FedAvg model). ``roi_size``: the sliding
-    window (default: the bundle's, its training patch), overlapping by :data:`INFERENCE_OVERLAP`.
+    a FedBN model, trained ones in a local, central or FedAvg model; a volume too thin for any
+    window keeps trained statistics, or gets the sites' ``averaged`` BatchNorm when the model's
+    are untrained). ``roi_size``: the sliding window (default: the bundle's, its training
+    patch), overlapping by :data:`INFERENCE_OVERLAP`.
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
     roi = tuple(roi_size or bundle.roi_size)
@@ -375,15 +377,19 @@ def bundle_probabilities(
         return torch.stack(channels)
     model = bundle.build_model(choice)
     if choice == "adapt":
-        adapt_batchnorm(
+        trained = batchnorm_trained(model)
+        used = adapt_batchnorm(
             model,
             prepared,
             bundle.roi_size,
             device,
             # Untrained statistics (a FedBN model's, whose sites kept their BatchNorm) are no prior.
-            prior_windows=ADAPT_PRIOR_WINDOWS if batchnorm_trained(model) else 0.0,
+            prior_windows=ADAPT_PRIOR_WINDOWS if trained else 0.0,
             threshold=body_threshold(bundle.preprocessing.hu_window),
         )
+        if used == 0 and not trained and "averaged" in bundle.batchnorm_variants:
+            # Too thin for a single window without padding: the federation's statistics, not none.
+            model = bundle.build_model("averaged")
     return predict_probabilities(model, prepared, roi, device, **window)
 
 

@@ -106,7 +106,7 @@ def test_no_padding_enters_the_statistics():
     assert all(torch.equal(m.running_mean, b) for m, b in zip(_norms(thin), before))
 
 
-def _adapted_by_bundle(bundle, monkeypatch) -> nn.Module:
+def _adapted_by_bundle(bundle, monkeypatch, shape=(64, 64, 32)) -> nn.Module:
     """The model ``bundle_probabilities(..., "adapt")`` segments with."""
     from SegVizLogic import inference
 
@@ -118,8 +118,8 @@ def _adapted_by_bundle(bundle, monkeypatch) -> nn.Module:
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(inference, "predict_probabilities", recording)
-    probabilities = bundle_probabilities(bundle, _body((64, 64, 32)), CPU, batchnorm="adapt")
-    assert probabilities.shape == (4, 64, 64, 32) and torch.isfinite(probabilities).all()
+    probabilities = bundle_probabilities(bundle, _body(shape), CPU, batchnorm="adapt")
+    assert probabilities.shape == (4, *shape) and torch.isfinite(probabilities).all()
     return seen["model"]
 
 
@@ -153,6 +153,10 @@ def test_bundle_adapts_the_model_batchnorm_and_keeps_trained_gamma_and_beta(tmp_
     for module in _norms(adapted):
         assert torch.all(module.weight == 1) and torch.all(module.bias == 0)
         assert not torch.allclose(module.running_var, torch.ones_like(module.running_var))
+    # a volume too thin for any window: the federation's averaged BatchNorm rather than untrained statistics
+    thin = _adapted_by_bundle(fedbn, monkeypatch, shape=(64, 64, 3))
+    mean = next(k for k in averaged if k.endswith("running_mean"))
+    np.testing.assert_array_equal(thin.state_dict()[mean].numpy(), averaged[mean])
 
 
 @pytest.mark.parametrize("shape", [(40, 40, 20), (33, 70, 17)])
