@@ -53,7 +53,24 @@ from .network import (
 )
 from .preprocessing import Preprocessing
 
-__all__ = ["BUNDLE_FORMAT", "ModelBundle", "batchnorm_variant_names", "load_bundle", "save_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "FEDBN_DEFAULT_BATCHNORM",
+    "ModelBundle",
+    "batchnorm_variant_names",
+    "load_bundle",
+    "save_bundle",
+]
+
+FEDBN_DEFAULT_BATCHNORM = "adapt"
+"""The BatchNorm a FedBN bundle segments with by default at a site that never trained: test-time
+adaptation (:func:`~SegVizLogic.inference.adapt_batchnorm`) of the model's BatchNorm, whose gamma
+and beta are the initial 1 and 0 in a FedBN model. Chosen by the leave-site-out rule on the
+sites' validation cases (docs/METHOD.md: each site's held-out cases segmented with BatchNorm that
+holds nothing of its own), never on an external set: +0.15 mean Dice over the sites' averaged
+BatchNorm, +0.05 over adapting from the averaged gamma and beta, level with the previous
+adaptation (-0.004 and +0.005 in two trainings) whose windows could be padding or one side of
+the body."""
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -216,8 +233,8 @@ class ModelBundle:
         """The network with the bundle's weights and the chosen BatchNorm variant.
 
         ``batchnorm`` is ``None`` (the bundle's default), ``"model"``, ``"adapt"`` (the
-        model's BatchNorm, to be re-estimated on the input by the caller) or a variant name.
-        ``"per-organ"`` is handled by the inference code, which builds one model per organ.
+        model's BatchNorm, whose statistics the caller re-estimates on the input) or a variant
+        name. ``"per-organ"`` is handled by the inference code, which builds one model per organ.
         """
         choice = self.default_batchnorm if batchnorm is None else batchnorm
         model = build_network(self.network_config)

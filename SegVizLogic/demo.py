@@ -142,6 +142,7 @@ def run_demo(
             local_epochs=settings.local_epochs,
             strategy=settings.strategy,
             weighting=settings.weighting,
+            head_aggregation=settings.head_aggregation,
             lr=settings.lr,
             preprocessing=settings.preprocessing,
             training_config=settings.training(seed),

@@ -35,9 +35,16 @@ if TYPE_CHECKING:
     from .bundle import ModelBundle
 
 __all__ = [
+    "ADAPT_BATCH",
+    "ADAPT_MAX_WINDOWS",
+    "ADAPT_PRIOR_WINDOWS",
+    "BODY_HU",
     "INFERENCE_OVERLAP",
     "SegmentationResult",
     "adapt_batchnorm",
+    "adaptation_windows",
+    "batchnorm_trained",
+    "body_threshold",
     "bundle_probabilities",
     "keep_largest_component",
     "organ_volumes_ml",
@@ -75,17 +82,22 @@ def predict_probabilities(
     image: torch.Tensor,
     roi_size: Sequence[int],
     device: torch.device,
-    sw_batch_size: int = 2,
-    overlap: float | Sequence[float] = 0.25,
+    sw_batch_size: int = 1,
+    overlap: float | Sequence[float] = INFERENCE_OVERLAP,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Per-organ probabilities for one preprocessed volume.
+
+    Inference and the validation during training both come here, with the same windows and
+    overlap, so what validation measures is what a site gets.
 
     Args:
         model: the network (put in eval mode here).
         image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed CT in [0, 1].
         roi_size: sliding-window size (a multiple of the network's stride product).
         device: where the network runs; the stitched output stays on the CPU.
+        sw_batch_size: windows per network call (speed only: the model is in eval mode).
+        overlap: share of a window its neighbour overlaps (default: :data:`INFERENCE_OVERLAP`).
         on_batch: called as ``(done, total)`` after each batch of windows (progress).
 
     Returns:
@@ -168,31 +180,152 @@ def keep_largest_component(
     return cleaned
 
 
+ADAPT_MAX_WINDOWS = 16
+"""Windows of the input volume that test-time BatchNorm adaptation reads (spread over the body)."""
+ADAPT_BATCH = 4
+"""Windows per forward pass while adapting: statistics are the mean of per-batch statistics, as a
+site's running statistics are (training steps and its precise-BN recalibration)."""
+ADAPT_PRIOR_WINDOWS = 0.0
+"""Weight of the model's trained statistics in test-time adaptation, counted in windows: the
+adapted mean and variance are ``(n x volume + k x trained) / (n + k)`` for ``n`` windows read
+(Schneider et al., NeurIPS 2020). Chosen by the leave-site-out validation rule of docs/METHOD.md,
+not on an external set: starting from the sites' averaged BatchNorm, every prior weight tried
+(4, 16 windows) lowered validation Dice against the volume's statistics alone (0)."""
+BODY_HU = -500.0
+"""Voxels above this HU are body (soft tissue, fat, bone); air, lung and the scanner's
+outside-of-field padding are below it."""
+
+
+def batchnorm_trained(model: torch.nn.Module) -> bool:
+    """Whether the model's BatchNorm has seen data (a FedBN global model keeps its initial,
+    untrained BatchNorm: running statistics 0/1, ``num_batches_tracked`` 0)."""
+    from torch import nn
+
+    return any(
+        int(m.num_batches_tracked) > 0 for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    )
+
+
+def body_threshold(hu_window: Sequence[float], hu: float = BODY_HU) -> float:
+    """The preprocessed intensity of ``hu`` in a HU window mapped to [0, 1] (at least 0.01, so that
+    clipped air is never body)."""
+    low, high = float(hu_window[0]), float(hu_window[1])
+    return max(0.01, (hu - low) / (high - low))
+
+
+def adaptation_windows(
+    image: torch.Tensor, roi_size: Sequence[int], max_windows: int = ADAPT_MAX_WINDOWS, threshold: float = 0.01
+) -> list[tuple[int, int, int]]:
+    """Start corners of up to ``max_windows`` windows of ``roi_size`` spread over the body.
+
+    Candidates tile the volume with half-window steps and lie wholly inside it (no padding is
+    ever read); those at least half body (intensity above ``threshold``) are kept, or the
+    fullest ones if none is; then windows are picked by farthest-point sampling of their
+    centres, starting from the fullest, so they cover the body rather than one side of it.
+
+    Args:
+        image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed volume.
+        roi_size: the window, no larger than the volume along any axis.
+        max_windows: how many windows at most.
+        threshold: body intensity threshold (see :func:`body_threshold`).
+    """
+    volume = image[0, 0] if image.dim() == 5 else image[0]
+    shape = volume.shape
+    if any(r > s for r, s in zip(roi_size, shape)):
+        raise ValueError(f"window {tuple(roi_size)} does not fit the volume {tuple(shape)}")
+    axes = [
+        np.unique(np.round(np.linspace(0, s - r, num=int(np.ceil((s - r) / max(r // 2, 1))) + 1)).astype(int))
+        for s, r in zip(shape, roi_size)
+    ]
+    body = (torch.as_tensor(volume) > threshold).double().numpy()
+    integral = np.pad(body.cumsum(0).cumsum(1).cumsum(2), ((1, 0), (1, 0), (1, 0)))
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    lo, hi = grid, grid + np.asarray(roi_size)
+    # Inclusion-exclusion over the eight corners of each box in the summed-volume table.
+    share = np.zeros(len(grid))
+    for corner in range(8):
+        bits = [(corner >> k) & 1 for k in range(3)]
+        index = tuple(np.where(bits[k], hi[:, k], lo[:, k]) for k in range(3))
+        share += (-1) ** (3 - sum(bits)) * integral[index]
+    share /= float(np.prod(roi_size))
+    keep = np.flatnonzero(share >= 0.5)
+    if keep.size == 0:
+        keep = np.argsort(-share, kind="stable")[:max_windows]
+    centres = grid[keep] + np.asarray(roi_size) / 2.0
+    chosen = [int(np.argmax(share[keep]))]
+    distance = np.linalg.norm(centres - centres[chosen[0]], axis=1)
+    while len(chosen) < min(max_windows, len(keep)):
+        nxt = int(np.argmax(distance))
+        chosen.append(nxt)
+        distance = np.minimum(distance, np.linalg.norm(centres - centres[nxt], axis=1))
+    return [tuple(int(v) for v in grid[keep][i]) for i in chosen]
+
+
 @torch.no_grad()
 def adapt_batchnorm(
-    model: MultiOrganUNet, image: torch.Tensor, roi_size: Sequence[int], device: torch.device, max_windows: int = 16
-) -> None:
-    """Test-time BatchNorm re-estimation (AdaBN): recompute running statistics on windows of
-    the input volume itself. Used when no site's BatchNorm matches the new scanner."""
+    model: MultiOrganUNet,
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    device: torch.device,
+    max_windows: int = ADAPT_MAX_WINDOWS,
+    prior_windows: float = 0.0,
+    threshold: float = 0.01,
+    batch: int = ADAPT_BATCH,
+) -> int:
+    """Test-time BatchNorm adaptation (AdaBN with a prior): re-estimate every BatchNorm layer's
+    running mean and variance on windows of the input volume, keep its trained affine
+    parameters (gamma, beta).
+
+    The model arrives with the BatchNorm to adapt from (a FedBN model's initial one, a local
+    model's own, or for a comparison the sites' averaged one). Windows are spread over the body and lie inside the volume, so no
+    padding enters the statistics (:func:`adaptation_windows`); the estimate is blended with the
+    statistics the model arrived with, ``(n x volume + prior_windows x trained) / (n +
+    prior_windows)``. A volume thinner than the network's divisor along an axis has no window
+    without padding: its statistics stay those it arrived with.
+
+    Args:
+        model: the network, changed in place (left in eval mode).
+        image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed volume.
+        roi_size: the window (the training patch), shrunk to the volume where it is smaller.
+        device: where the network runs.
+        max_windows: how many windows at most.
+        prior_windows: weight of the arriving statistics, in windows (0: the volume's alone;
+            use 0 when they are untrained).
+        threshold: body intensity threshold (:func:`body_threshold`).
+        batch: windows per forward pass (:data:`ADAPT_BATCH`).
+
+    Returns:
+        The number of windows read.
+    """
     from torch import nn
 
     volume = image if image.dim() == 5 else image[None]
     shape = volume.shape[2:]
-    roi = [min(r, s) for r, s in zip(roi_size, shape)]
     divisor = model.config.divisor
-    roi = [max(divisor, (r // divisor) * divisor) for r in roi]
-    starts = [np.linspace(0, max(s - r, 0), num=max(1, int(np.ceil(s / r))), dtype=int) for s, r in zip(shape, roi)]
-    windows = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]][:max_windows]
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the windows
+    roi = [(min(r, s) // divisor) * divisor for r, s in zip(roi_size, shape)]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if min(roi) < divisor:
+        model.eval()
+        return 0
+    windows = adaptation_windows(volume, roi, max_windows, threshold)
+    prior = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average over the batches of windows
     model.train().to(device)
-    for a, b, c in windows:
-        window = volume[:, :, a : a + roi[0], b : b + roi[1], c : c + roi[2]].float()
-        pad = [p for s, r in zip(reversed(window.shape[2:]), reversed(roi)) for p in (0, r - s)]
-        model(torch.nn.functional.pad(window, pad).to(device))
+    for first in range(0, len(windows), batch):
+        crops = [
+            volume[0, :, a : a + roi[0], b : b + roi[1], c : c + roi[2]] for a, b, c in windows[first : first + batch]
+        ]
+        model(torch.stack(crops).float().to(device))
+    n, k = float(len(windows)), float(prior_windows)
+    for module, (mean, var, count, momentum) in zip(norms, prior):
+        module.running_mean.mul_(n / (n + k)).add_(mean.to(module.running_mean.device), alpha=k / (n + k))
+        module.running_var.mul_(n / (n + k)).add_(var.to(module.running_var.device), alpha=k / (n + k))
+        module.num_batches_tracked.copy_(count)
+        module.momentum = momentum
     model.eval()
+    return len(windows)
 
 
 @dataclass
@@ -232,9 +365,13 @@ def bundle_probabilities(
 
     ``batchnorm``: ``None`` (bundle default), ``"model"``, a variant name (``averaged``,
     ``organ:<organ>``, ``site:<name>``), ``"per-organ"`` (each organ's head evaluated with the
-    BatchNorm of the sites that trained that organ) or ``"adapt"`` (BatchNorm re-estimated on
-    this volume). ``roi_size``: the sliding window (default: the bundle's, its training patch),
-    overlapping by ``overlap`` (default :data:`INFERENCE_OVERLAP`).
+    BatchNorm of the sites that trained that organ) or ``"adapt"`` (the model's BatchNorm with
+    its statistics re-estimated on this volume by :func:`adapt_batchnorm`: gamma 1 and beta 0 in
+    a FedBN model, trained ones in a local, central or FedAvg model; a volume too thin for any
+    window keeps trained statistics, or gets the sites' ``averaged`` BatchNorm when the model's
+    are untrained). ``roi_size``: the sliding window (default: the bundle's, its training
+    patch), overlapping by ``overlap`` (default
+    :data:`INFERENCE_OVERLAP`).
     """
     choice = bundle.default_batchnorm if batchnorm is None else batchnorm
     roi = tuple(roi_size or bundle.roi_size)
@@ -248,7 +385,19 @@ def bundle_probabilities(
         return torch.stack(channels)
     model = bundle.build_model(choice)
     if choice == "adapt":
-        adapt_batchnorm(model, prepared, bundle.roi_size, device)
+        trained = batchnorm_trained(model)
+        used = adapt_batchnorm(
+            model,
+            prepared,
+            bundle.roi_size,
+            device,
+            # Untrained statistics (a FedBN model's, whose sites kept their BatchNorm) are no prior.
+            prior_windows=ADAPT_PRIOR_WINDOWS if trained else 0.0,
+            threshold=body_threshold(bundle.preprocessing.hu_window),
+        )
+        if used == 0 and not trained and "averaged" in bundle.batchnorm_variants:
+            # Too thin for a single window without padding: the federation's statistics, not none.
+            model = bundle.build_model("averaged")
     return predict_probabilities(model, prepared, roi, device, **window)
 
 

@@ -22,7 +22,15 @@ __all__ = ["NaiveSoftmaxLoss", "PartialLabelLoss"]
 
 
 class PartialLabelLoss(nn.Module):
-    """Per-organ soft Dice + binary cross-entropy over annotated organs only.
+    """Per-organ batch soft Dice + binary cross-entropy over annotated organs only.
+
+    The Dice of an organ is one batch Dice over every patch of the batch whose site annotated
+    that organ (MONAI ``DiceLoss(batch=True)``): intersections and volumes are summed over those
+    patches before the ratio. A per-patch Dice would be about 1 on a patch without the organ
+    whatever the prediction, with a gradient spike as the predicted volume nears zero; in a batch
+    Dice such a patch adds its false positives to the denominator and nothing else. An organ
+    with no foreground in any of its annotated patches of the batch gets no Dice term (the ratio
+    would be empty) and is taught by the cross-entropy alone.
 
     Args:
         dice_weight: weight of the Dice term.
@@ -32,7 +40,8 @@ class PartialLabelLoss(nn.Module):
 
     Shapes: ``logits`` and ``target`` ``(B, C, X, Y, Z)`` (target binary, one channel per
     organ of the network), ``annotated`` ``(B, C)`` bool: which organs the sample's site
-    annotated. Returns a scalar (the mean over annotated (sample, organ) pairs).
+    annotated. Returns a scalar: the mean batch Dice over organs with annotated foreground plus
+    the mean cross-entropy over annotated (sample, organ) pairs (plus the exclusion term).
 
     Example::
 
@@ -48,7 +57,7 @@ class PartialLabelLoss(nn.Module):
         self.dice_weight = dice_weight
         self.bce_weight = bce_weight
         self.exclusion_weight = exclusion_weight
-        self.dice = DiceLoss(sigmoid=True, reduction="none")
+        self.dice = DiceLoss(sigmoid=True, batch=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
         if logits.shape != target.shape:
@@ -60,11 +69,18 @@ class PartialLabelLoss(nn.Module):
             raise ValueError("no annotated organ in the batch: nothing to learn from")
         # Select the annotated (sample, organ) pairs before any arithmetic, so the other
         # channels are not in the graph at all (zero gradient, and no 0 * NaN surprises).
-        picked_logits = logits[annotated][:, None]  # (N, 1, X, Y, Z)
-        picked_target = target[annotated][:, None].to(logits.dtype)
-        dice = self.dice(picked_logits, picked_target).reshape(-1)
-        bce = F.binary_cross_entropy_with_logits(picked_logits, picked_target, reduction="none").flatten(1).mean(1)
-        loss = (self.dice_weight * dice + self.bce_weight * bce).mean()
+        dice_terms = []
+        for organ in range(logits.shape[1]):
+            rows = annotated[:, organ]
+            organ_target = target[rows, organ]
+            if organ_target.numel() and organ_target.any():
+                dice_terms.append(self.dice(logits[rows, organ][:, None], organ_target[:, None].to(logits.dtype)))
+        picked_logits = logits[annotated]  # (N, X, Y, Z)
+        picked_target = target[annotated].to(logits.dtype)
+        bce = F.binary_cross_entropy_with_logits(picked_logits, picked_target)
+        loss = self.bce_weight * bce
+        if dice_terms:
+            loss = loss + self.dice_weight * torch.stack(dice_terms).mean()
         unannotated = ~annotated
         if self.exclusion_weight > 0 and unannotated.any():
             # Voxels some annotated organ of the sample occupies: certainly not another organ.

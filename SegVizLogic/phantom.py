@@ -46,11 +46,13 @@ __all__ = [
     "PHASES",
     "SIZES",
     "TISSUES",
+    "PatientPopulation",
     "PhantomAnatomy",
     "PhantomLayout",
     "ScannerProfile",
     "generate_phantom_sites",
     "make_phantom_case",
+    "phantom_populations",
     "phantom_scanners",
     "render_phantom_montage",
     "sample_anatomy",
@@ -159,7 +161,12 @@ class ScannerProfile:
             points to (``"LPS"`` is the identity direction; ``"RAS"``, ``"PIR"``...).
         file_format: ``".nii.gz"``, ``".nrrd"`` or ``".mha"``.
         contrast_scale: bolus factor multiplying the contrast enhancement (timing, dose).
-        noise_grain: correlation length of the noise in voxels (reconstruction kernel).
+        noise_grain: correlation length of the noise in voxels (reconstruction kernel: a soft
+            kernel gives blotchy, a sharp one fine-grained noise).
+        scan_center_z: cranio-caudal centre of the scan range in patient mm (protocols start
+            and stop at different levels: liver dome to iliac crest, or lower).
+        cupping: beam-hardening cupping in HU: the centre of the body reads this much lower
+            than its edge.
 
     Example::
 
@@ -177,6 +184,8 @@ class ScannerProfile:
     file_format: str = ".nii.gz"
     contrast_scale: float = 1.0
     noise_grain: float = 0.7
+    scan_center_z: float = 105.0
+    cupping: float = 0.0
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -198,6 +207,8 @@ class ScannerProfile:
             )
         if len(self.fov) != 3 or min(self.fov) <= 0:
             raise ValueError(f"fov must be three positive lengths in mm, got {self.fov!r}")
+        if self.cupping < 0:
+            raise ValueError(f"cupping must be >= 0 HU, got {self.cupping!r}")
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -210,12 +221,52 @@ class ScannerProfile:
         return tuple(max(8, round(f / s)) for f, s in zip(self.fov, self.spacing))  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class PatientPopulation:
+    """Who a site scans: hospitals differ in their patients as much as in their scanners.
+
+    Args:
+        name: a short name (provenance only).
+        habitus: mean body-frame size factor (skeleton and cavity).
+        fat: mean subcutaneous fat factor (1 average, 1.3 an obese population).
+        spread: scale of the inter-patient variation of organ sizes, shapes and positions
+            (see :func:`sample_anatomy`).
+        bolus_sd: spread of the contrast enhancement between patients (bolus timing, cardiac
+            output), as a fraction of the enhancement.
+        placement_sd: spread of the patient's placement in the scanner in mm (left-right,
+            antero-posterior, and where the scan range starts along the body).
+
+    Example::
+
+        PatientPopulation("bariatric", fat=1.4, spread=1.2)
+    """
+
+    name: str = "average"
+    habitus: float = 1.0
+    fat: float = 1.0
+    spread: float = 1.0
+    bolus_sd: float = 0.03
+    placement_sd: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        for key in ("habitus", "fat"):
+            if not 0.5 <= getattr(self, key) <= 2.0:
+                raise ValueError(f"{key} must be between 0.5 and 2, got {getattr(self, key)!r}")
+        if self.spread < 0 or not 0 <= self.bolus_sd <= 0.3:
+            raise ValueError(f"spread must be >= 0 and bolus_sd in [0, 0.3], got {self.spread!r}, {self.bolus_sd!r}")
+        if len(self.placement_sd) != 3 or min(self.placement_sd) < 0:
+            raise ValueError(f"placement_sd must be three lengths >= 0 in mm, got {self.placement_sd!r}")
+
+
 def phantom_scanners(size: str = "small") -> dict[str, ScannerProfile]:
     """The scanners of the paper layout: one per site plus ``"external"``.
 
     They differ in every respect a real hospital does: phase (``site-spleen`` is non-contrast,
-    ``site-kidney`` arterial, the rest portal-venous), noise, calibration, spacing, field of view,
-    on-disk orientation and file format.
+    ``site-kidney`` arterial, the rest portal-venous), noise level and texture (kernel),
+    calibration offset, beam-hardening cupping, spacing, field of view (``site-pancreas`` crops the
+    abdomen to a small field, ``site-spleen`` scans higher and ``site-kidney`` lower), on-disk
+    orientation and file format. The external scanner matches none of them: the noisiest,
+    softest-kernel and most cupped, with its own spacing, orientation and calibration.
 
     Args:
         size: ``"small"`` (2.5-3.5 mm pixels, 3-5 mm slices, < 1 M voxels: CPU) or ``"full"``
@@ -223,76 +274,52 @@ def phantom_scanners(size: str = "small") -> dict[str, ScannerProfile]:
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    #       name            phase            sigma  off   small(px, sl, fov)                      full(px, sl)  orient format  bolus grain
-    table = (
-        (
-            "site-liver",
-            "portal-venous",
-            12.0,
-            0.0,
-            (3.0, 4.0, (340.0, 260.0, 200.0)),
-            (0.78, 1.25),
-            "LPS",
-            ".nii.gz",
-            1.00,
-            0.6,
-        ),
-        (
-            "site-spleen",
-            "non-contrast",
-            16.0,
-            3.0,
-            (3.5, 5.0, (350.0, 270.0, 210.0)),
-            (0.86, 2.5),
-            "RAS",
-            ".nrrd",
-            1.00,
-            0.8,
-        ),
-        (
-            "site-pancreas",
-            "portal-venous",
-            10.0,
-            -2.0,
-            (2.5, 3.0, (330.0, 250.0, 195.0)),
-            (0.70, 1.0),
-            "LAS",
-            ".mha",
-            1.03,
-            0.5,
-        ),
-        (
-            "site-kidney",
-            "arterial",
-            14.0,
-            2.0,
-            (2.8, 3.5, (345.0, 266.0, 203.0)),
-            (0.82, 2.0),
-            "PIR",
-            ".nii.gz",
-            1.00,
-            0.7,
-        ),
-        (
-            "external",
-            "portal-venous",
-            20.0,
-            -3.0,
-            (3.2, 4.5, (340.0, 260.0, 202.0)),
-            (0.74, 1.5),
-            "RAI",
-            ".nrrd",
-            0.97,
-            0.9,
-        ),
-    )
+    # name: phase, noise sigma HU, offset HU, small (pixel, slice, fov), full (pixel, slice),
+    # orientation, format, bolus, grain, scan centre z mm, cupping HU
+    table = {
+        "site-liver": ("portal-venous", 12.0, 0.0, (3.0, 4.0, (340.0, 260.0, 200.0)), (0.78, 1.25), "LPS", ".nii.gz", 1.00, 0.6, 105.0, 0.0),
+        "site-spleen": ("non-contrast", 16.0, 3.0, (3.5, 5.0, (350.0, 270.0, 210.0)), (0.86, 2.5), "RAS", ".nrrd", 1.00, 0.8, 118.0, 12.0),
+        "site-pancreas": ("portal-venous", 10.0, -2.0, (2.5, 3.0, (300.0, 240.0, 165.0)), (0.70, 1.0), "LAS", ".mha", 1.03, 0.5, 110.0, 0.0),
+        "site-kidney": ("arterial", 14.0, 2.0, (2.8, 3.5, (345.0, 266.0, 224.0)), (0.82, 2.0), "PIR", ".nii.gz", 1.00, 0.7, 92.0, 6.0),
+        "external": ("portal-venous", 20.0, -6.0, (3.2, 4.5, (360.0, 280.0, 216.0)), (0.74, 1.5), "RAI", ".nrrd", 0.97, 1.1, 100.0, 18.0),
+    }  # fmt: skip
     scanners = {}
-    for name, phase, sigma, offset, (px, sl, fov), (fpx, fsl), orient, fmt, bolus, grain in table:
+    for name, (
+        phase,
+        sigma,
+        offset,
+        (px, sl, fov),
+        (fpx, fsl),
+        orient,
+        fmt,
+        bolus,
+        grain,
+        centre,
+        cup,
+    ) in table.items():
         if size == "full":
             px, sl, fov = fpx, fsl, (512 * fpx, 512 * fpx, fov[2])
             grain = grain + 0.6  # finer voxels, same kernel in mm: noise correlated over more voxels
-        scanners[name] = ScannerProfile(name, phase, sigma, offset, sl, px, fov, orient, fmt, bolus, grain)
+        scanners[name] = ScannerProfile(name, phase, sigma, offset, sl, px, fov, orient, fmt, bolus, grain, centre, cup)
     return scanners
+
+
+def phantom_populations() -> dict[str, PatientPopulation]:
+    """Who each site of the paper layout scans (and the external set).
+
+    ``site-liver`` an average population; ``site-spleen`` heavier patients; ``site-pancreas``
+    slimmer ones; ``site-kidney`` a wide mix; the external set average but varied. Every site
+    places patients and starts its scans a little differently from case to case, and bolus
+    timing varies between patients, so one site's few cases do not show it everything.
+    """
+    placement = (8.0, 6.0, 12.0)
+    return {
+        "site-liver": PatientPopulation("average", 1.0, 1.0, 1.0, 0.06, placement),
+        "site-spleen": PatientPopulation("heavier", 1.04, 1.3, 1.0, 0.06, placement),
+        "site-pancreas": PatientPopulation("slimmer", 0.97, 0.75, 1.0, 0.06, placement),
+        "site-kidney": PatientPopulation("mixed", 1.0, 1.0, 1.3, 0.08, placement),
+        "external": PatientPopulation("varied", 1.0, 1.1, 1.2, 0.08, placement),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,18 +433,23 @@ def _as_rng(rng_or_seed: Any) -> np.random.Generator:
     return np.random.default_rng(rng_or_seed)
 
 
-def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnatomy:
+def sample_anatomy(
+    rng_or_seed: Any = 0, variation: float = 1.0, population: PatientPopulation | None = None
+) -> PhantomAnatomy:
     """Draw one synthetic patient.
 
     Args:
         rng_or_seed: a ``numpy.random.Generator`` or anything ``default_rng`` takes.
         variation: scale of the inter-patient variation (0 gives the mean patient; 1 gives
             organ sizes about +-10-15 %, shifts of a few mm, rotations of a few degrees).
+        population: whom the patient is drawn from (habitus, fat, spread, bolus timing);
+            default: an average population.
     """
     if variation < 0:
         raise ValueError(f"variation must be >= 0, got {variation!r}")
+    population = population or PatientPopulation()
     rng = _as_rng(rng_or_seed)
-    v = float(variation)
+    v = float(variation) * population.spread
 
     def jitter(scale: float, size: Any = None) -> Any:
         return v * rng.normal(0.0, scale, size)
@@ -426,8 +458,8 @@ def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnato
         return 1.0 + v * rng.uniform(-spread, spread, size)
 
     shift = np.array([jitter(4.0), jitter(4.0), jitter(6.0)])
-    habitus = factor(0.06)
-    fat = float(np.clip(1.0 + jitter(0.25), 0.55, 1.5))
+    habitus = population.habitus * factor(0.06)
+    fat = float(np.clip(population.fat * (1.0 + jitter(0.25)), 0.55, 1.8))
     muscle = 11.0 * factor(0.15)
     # The cavity is set by the skeleton; fat and muscle add outwards (an obese patient is wider).
     body = {
@@ -596,7 +628,9 @@ def sample_anatomy(rng_or_seed: Any = 0, variation: float = 1.0) -> PhantomAnato
         gallbladder=gallbladder,
         spine_phase=float(rng.uniform(0, 34.0)) + float(shift[2]),
         ribs=ribs,
-        enhancement=float(np.clip(1.0 + jitter(0.03), 0.94, 1.06)),
+        enhancement=float(
+            np.clip(1.0 + jitter(population.bolus_sd), 1 - 2 * population.bolus_sd, 1 + 2 * population.bolus_sd)
+        ),
         texture_seed=int(rng.integers(2**31)),
         organ_waves=organ_waves,
     )
@@ -639,12 +673,17 @@ def _volume_corrected(anatomy: PhantomAnatomy, targets: dict[str, float], passes
 class _Grid:
     """The identity-direction (LPS) grid of one scanner; arrays are indexed [z, y, x]."""
 
-    def __init__(self, scanner: ScannerProfile) -> None:
+    def __init__(self, scanner: ScannerProfile, offset: Any = (0.0, 0.0, 0.0)) -> None:
         self.size = scanner.grid_size
         self.spacing = scanner.spacing
         nx, ny, nz = self.size
         sx, sy, sz = self.spacing
-        self.origin = (-(nx - 1) * sx / 2, -(ny - 1) * sy / 2, 105.0 - (nz - 1) * sz / 2)
+        dx, dy, dz = (float(o) for o in offset)
+        self.origin = (
+            dx - (nx - 1) * sx / 2,
+            dy - (ny - 1) * sy / 2,
+            scanner.scan_center_z + dz - (nz - 1) * sz / 2,
+        )
         self.xs = (self.origin[0] + sx * np.arange(nx)).astype(np.float32)
         self.ys = (self.origin[1] + sy * np.arange(ny)).astype(np.float32)
         self.zs = (self.origin[2] + sz * np.arange(nz)).astype(np.float32)
@@ -1032,6 +1071,13 @@ def _intensities(
     if scanner.noise_sigma > 0:
         g = scanner.noise_grain
         hu += np.float32(scanner.noise_sigma) * _unit_noise(noise_rng, grid.shape, (0.5 * g, g, g))
+    if scanner.cupping > 0:
+        # Beam hardening: rays through the middle of the body are hardest, so it reads lowest.
+        bd = anat.body
+        xn = (grid.xs[None, :] - bd["x0"]) / bd["a"]
+        yn = (grid.ys[:, None] - bd["y0"]) / np.where(grid.ys[:, None] < bd["y0"], bd["b_ant"], bd["b_post"])
+        cup = np.float32(scanner.cupping) * np.clip(1.0 - (xn**2 + yn**2), 0.0, 1.0).astype(np.float32)
+        hu -= np.where(tissue != T["air"], cup[None], np.float32(0.0))
     hu += np.float32(scanner.intensity_offset)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
@@ -1049,6 +1095,7 @@ def make_phantom_case(
     *,
     anatomy: PhantomAnatomy | None = None,
     variation: float = 1.0,
+    population: PatientPopulation | None = None,
     return_tissues: bool = False,
 ) -> tuple[sitk.Image, ...]:
     """Image one synthetic patient with one scanner.
@@ -1060,6 +1107,8 @@ def make_phantom_case(
         anatomy: image this patient (from :func:`sample_anatomy`) instead of drawing one; the
             generator then only draws the scanner noise.
         variation: inter-patient variation when drawing the anatomy (see :func:`sample_anatomy`).
+        population: whom the patient is drawn from and how patients are placed in the scanner
+            (default: an average population, always centred).
         return_tissues: also return the tissue-class map (values of ``TISSUES``).
 
     Returns:
@@ -1074,10 +1123,13 @@ def make_phantom_case(
     if not isinstance(scanner, ScannerProfile):
         raise TypeError(f"scanner must be a ScannerProfile, got {type(scanner).__name__}")
     rng = _as_rng(rng_or_seed)
+    population = population or PatientPopulation()
     if anatomy is None:
-        anatomy = sample_anatomy(rng, variation)
+        anatomy = sample_anatomy(rng, variation, population)
     noise_rng = np.random.default_rng(rng.integers(2**63))
-    grid = _Grid(scanner)
+    # Where this patient lies in the field of view, and where the technologist started the scan.
+    placement = rng.normal(0.0, population.placement_sd) if any(population.placement_sd) else np.zeros(3)
+    grid = _Grid(scanner, offset=placement)
     tissue, labels = _rasterise(anatomy, grid)
     ct = _intensities(tissue, anatomy, scanner, grid, noise_rng)
     out = [_to_image(ct, grid, scanner.orientation), _to_image(labels, grid, scanner.orientation)]
@@ -1132,8 +1184,11 @@ def generate_phantom_sites(
     organs, labels 1 liver, 2 spleen, 3 pancreas, 4 kidney), plus ``phantom.json`` (provenance).
 
     Each folder holds ``site.json``, ``images/caseNNN<ext>`` and ``labels/caseNNN<ext>`` in the
-    scanner's file format and orientation (see :func:`phantom_scanners`). Everything is written to
-    a temporary folder first and moved into place at the end, so an error leaves nothing behind.
+    scanner's file format and orientation (see :func:`phantom_scanners`), of patients drawn from the
+    site's population (:func:`phantom_populations`). Case ``k`` of a site depends only on ``seed``,
+    the site and ``k``: a phantom with more cases per site holds the same first cases (nested
+    training sets for a learning curve). Everything is written to a temporary folder first and
+    moved into place at the end, so an error leaves nothing behind.
 
     Args:
         out_dir: the folder to create (or fill); must be empty or absent unless ``force``.
@@ -1141,8 +1196,10 @@ def generate_phantom_sites(
             resolution; 12 per site, 8 external).
         seed: the same seed writes byte-identical voxels.
         layout: ``"paper"``.
-        cases_per_site: cases per training site (default by size).
-        external_cases: cases in the external set (default by size).
+        cases_per_site: cases per training site (default by size; a learning curve up to 8
+            training cases per site needs 8 plus its validation cases).
+        external_cases: cases in the external set (default by size; at least 12 for a paired
+            test that can reach p < 0.05 after correction).
         force: replace the phantom folders in a non-empty ``out_dir`` (other files are kept).
         progress: where to report progress.
 
@@ -1167,6 +1224,7 @@ def generate_phantom_sites(
         )
     progress = progress or ProgressReporter("none")
     scanners = phantom_scanners(size)
+    populations = phantom_populations()
     plan = [(name, [organ], scanners[name], n_site) for name, organ in PAPER_SITES]
     plan.append((EXTERNAL_NAME, [o.name for o in ORGANS], scanners[EXTERNAL_NAME], n_ext))
 
@@ -1187,7 +1245,7 @@ def generate_phantom_sites(
                     lut[organ_by_name(organ).label] = local
                 for case in range(n_cases):
                     rng = np.random.default_rng([seed, site_index, case])
-                    ct, labels = make_phantom_case(rng, scanner)
+                    ct, labels = make_phantom_case(rng, scanner, population=populations[name])
                     local_labels = sitk.GetImageFromArray(lut[sitk.GetArrayViewFromImage(labels)])
                     local_labels.CopyInformation(labels)
                     file = f"case{case:03d}{scanner.file_format}"
@@ -1199,7 +1257,10 @@ def generate_phantom_sites(
             "layout": layout,
             "size": size,
             "seed": seed,
-            "sites": {name: {"organs": organs, "cases": n, "scanner": asdict(sc)} for name, organs, sc, n in plan},
+            "sites": {
+                name: {"organs": organs, "cases": n, "scanner": asdict(sc), "population": asdict(populations[name])}
+                for name, organs, sc, n in plan
+            },
         }
         (tmp / "phantom.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.is_dir():

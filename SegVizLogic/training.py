@@ -1,8 +1,10 @@
 """Local training on one or more site folders, with the partial-label loss.
 
-Preprocessed cases are cached under each site's ``.segviz/cache`` (one file per case and setting),
-patches are drawn around organ foreground and background (``RandCropByPosNegLabeld``), and
-validation Dice per annotated organ is measured on held-out cases after every epoch.
+Preprocessed cases are cached under each site's ``.segviz/cache`` (one file per case and setting,
+with the foreground/background voxel indices the patch sampler needs), patches are drawn around
+organ foreground and background (``RandCropByPosNegLabeld``), every step is one batch of
+``batch_size`` patches drawn from several patients, and validation Dice per annotated organ is
+measured on held-out cases through the inference path (:func:`~SegVizLogic.inference.predict_probabilities`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import monai
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Compose,
+    FgBgToIndicesd,
     MapTransform,
     RandAdjustContrastd,
     RandCropByPosNegLabeld,
     RandGaussianNoised,
+    RandHistogramShiftd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     SpatialPadd,
@@ -42,11 +47,14 @@ from .progress import ProgressReporter
 from .site import Site, load_case, state_dir, validate_site
 
 __all__ = [
+    "CACHE_VERSION",
     "SiteData",
     "TrainResult",
     "TrainingConfig",
+    "cache_key",
     "evaluate_dice",
     "load_site_data",
+    "patch_loader",
     "resolve_device",
     "seed_everything",
     "train_site",
@@ -155,6 +163,25 @@ class SiteData:
         return len(self.train_items)
 
 
+CACHE_VERSION = 2
+"""Version of what a cache entry holds and of SegViz's own preprocessing code. Bump it whenever
+either changes: the cache key includes it (and MONAI's version, whose transforms do the
+resampling), so an entry written by other code is never read as if it were current.
+Version 2: foreground/background voxel indices stored with the tensors."""
+
+FG_INDICES = "label_fg_indices"
+BG_INDICES = "label_bg_indices"
+
+
+def cache_key(image_path: Path, label_path: Path, preprocessing: Preprocessing) -> str:
+    """The cache entry's name for one case: a hash of the files (path, size, mtime), the
+    preprocessing settings, :data:`CACHE_VERSION` and MONAI's version."""
+    stamp = json.dumps(
+        [_file_stamp(image_path), _file_stamp(label_path), preprocessing.to_dict(), CACHE_VERSION, monai.__version__]
+    )
+    return hashlib.sha1(stamp.encode()).hexdigest()
+
+
 def load_site_data(
     site_dir: str | Path,
     preprocessing: Preprocessing,
@@ -180,10 +207,8 @@ def load_site_data(
     items = []
     with reporter.task(f"preprocess {site.name}", total=len(site.cases)) as advance:
         for case in site.cases:
-            # The key covers the files (path, size, mtime) and the preprocessing, so a changed
-            # file or setting makes a new entry instead of reusing a stale one.
-            stamp = json.dumps([_file_stamp(case.image_path), _file_stamp(case.label_path), preprocessing.to_dict()])
-            items.append(_cached_case(transform, {"site": site.name, "case": case.name}, stamp, cache_dir))
+            key = cache_key(case.image_path, case.label_path, preprocessing)
+            items.append(_cached_case(transform, {"site": site.name, "case": case.name}, key, cache_dir))
             advance(1)
     num_val = 0 if len(items) < 2 or config.val_fraction == 0 else max(1, round(config.val_fraction * len(items)))
     # Deterministic split: the last cases by name are validation.
@@ -198,9 +223,21 @@ def load_site_data(
     )
 
 
-def _cached_case(transform: Compose, item: dict, stamp: str, cache_dir: Path | None) -> dict:
-    """Preprocess one case, or read it from ``cache_dir`` (image, label and affine as tensors)."""
-    path = None if cache_dir is None else cache_dir / (hashlib.sha1(stamp.encode()).hexdigest() + ".pt")
+def _voxel_indices(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat foreground (any annotated organ) and background voxel indices of a ``(1, X, Y, Z)``
+    label, as int32 (half the bytes of int64; volumes stay far below 2**31 voxels)."""
+    out = FgBgToIndicesd(keys="label")({"label": torch.as_tensor(label)})
+    return (
+        torch.as_tensor(out[FG_INDICES]).to(torch.int32),
+        torch.as_tensor(out[BG_INDICES]).to(torch.int32),
+    )
+
+
+def _cached_case(transform: Compose, item: dict, key: str, cache_dir: Path | None) -> dict:
+    """Preprocess one case, or read it from ``cache_dir``: image, label, affine and the
+    label's foreground/background indices (the patch sampler's input, computed once per case
+    instead of at every draw)."""
+    path = None if cache_dir is None else cache_dir / (key + ".pt")
     if path is not None and path.is_file():
         try:
             saved = torch.load(path, weights_only=True)
@@ -209,24 +246,29 @@ def _cached_case(transform: Compose, item: dict, stamp: str, cache_dir: Path | N
                 **item,
                 "image": MetaTensor(saved["image"], affine=affine),
                 "label": MetaTensor(saved["label"], affine=affine),
+                FG_INDICES: saved["fg"],
+                BG_INDICES: saved["bg"],
             }
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
     out = transform(dict(item))
-    image, label = out["image"], out["label"]
+    image, label = out["image"], out["label"].to(torch.uint8)
+    fg, bg = _voxel_indices(label)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(
             {
                 "image": image.as_tensor().contiguous(),
-                "label": label.as_tensor().to(torch.uint8).contiguous(),
+                "label": label.as_tensor().contiguous(),
                 "affine": image.affine.clone(),
+                "fg": fg,
+                "bg": bg,
             },
             tmp,
         )
         os.replace(tmp, path)
-    return {**item, "image": image, "label": label.to(torch.uint8)}
+    return {**item, "image": image, "label": label, FG_INDICES: fg, BG_INDICES: bg}
 
 
 def _file_stamp(path: Path) -> list:
@@ -244,7 +286,12 @@ def _file_stamp(path: Path) -> list:
 
 @dataclass
 class TrainResult:
-    """What a round (or a whole local training) of one site produced."""
+    """What a round (or a whole local training) of one site produced.
+
+    ``head_evidence`` counts, per organ, the voxels on which that organ's head was taught
+    anything: every voxel of a patch whose site annotated the organ, and (with the exclusion
+    term) the voxels of a site's own organs in a patch whose site did not ("not this organ").
+    """
 
     loss: float
     losses: list[float]
@@ -252,6 +299,7 @@ class TrainResult:
     steps: int
     val_dice: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    head_evidence: dict[str, float] = field(default_factory=dict)
 
 
 def _targets(label: torch.Tensor, organs: Sequence[str]) -> torch.Tensor:
@@ -260,17 +308,20 @@ def _targets(label: torch.Tensor, organs: Sequence[str]) -> torch.Tensor:
 
 
 def _patch_transform(config: TrainingConfig) -> Compose:
+    """One random patch of a case (centred on annotated foreground with ``pos_fraction``) with
+    intensity augmentation."""
     pos = config.pos_fraction
     return Compose(
         [
-            SpatialPadd(keys=("image", "label"), spatial_size=config.patch_size),
             RandCropByPosNegLabeld(
                 keys=("image", "label"),
                 label_key="label",
                 spatial_size=config.patch_size,
                 pos=pos,
                 neg=1.0 - pos,
-                num_samples=config.samples_per_case,
+                num_samples=1,
+                fg_indices_key=FG_INDICES,
+                bg_indices_key=BG_INDICES,
                 allow_smaller=False,
             ),
             # Contrast phase (tens of HU per organ), calibration and noise differ between
@@ -279,9 +330,58 @@ def _patch_transform(config: TrainingConfig) -> Compose:
             RandScaleIntensityd(keys="image", factors=0.2, prob=0.8),
             RandShiftIntensityd(keys="image", offsets=0.15, prob=0.8),
             RandAdjustContrastd(keys="image", gamma=(0.7, 1.5), prob=0.3),
+            # Contrast phases move organs against each other (the spleen 50 HU before contrast,
+            # 120 HU portal-venous; the kidney cortex far more): a random monotone remapping of
+            # the intensity histogram shows each head its organ at other contrasts.
+            RandHistogramShiftd(keys="image", num_control_points=(8, 14), prob=0.3),
             RandGaussianNoised(keys="image", std=0.02, prob=0.3),
         ]
     )
+
+
+def _padded_to_patch(item: dict, patch_size: Sequence[int]) -> dict:
+    """A case smaller than the patch along some axis, padded to it (indices recomputed for the
+    padded grid); other cases unchanged."""
+    if all(s >= p for s, p in zip(item["image"].shape[1:], patch_size)):
+        return item
+    padded = SpatialPadd(keys=("image", "label"), spatial_size=patch_size)(
+        {"image": item["image"], "label": item["label"]}
+    )
+    fg, bg = _voxel_indices(padded["label"])
+    return {**item, "image": padded["image"], "label": padded["label"], FG_INDICES: fg, BG_INDICES: bg}
+
+
+def patch_loader(items: Sequence[dict], config: TrainingConfig) -> DataLoader:
+    """Batches of exactly ``batch_size`` patches (the last of an epoch may be smaller), drawn
+    from every case in a shuffled order so that a batch mixes patients.
+
+    An epoch draws ``samples_per_case`` patches from each case: the dataset lists every case
+    that many times and each entry crops one patch, so the loader's shuffle spreads one
+    patient's patches over the epoch instead of filling a batch with them. Sampling and
+    augmentation are seeded by ``config.seed``.
+
+    Args:
+        items: cases with ``image``, ``label``, their voxel indices and any per-case keys
+            (``annotated``, ``site``, ``case``), which every patch of the case carries.
+        config: patch size, batch size, samples per case, positive share, seed.
+    """
+    cases = [_padded_to_patch(item, config.patch_size) for item in items]
+    transform = _patch_transform(config)
+    transform.set_random_state(seed=config.seed % 2**32)
+    dataset = Dataset([case for case in cases for _ in range(config.samples_per_case)], transform=transform)
+    generator = torch.Generator().manual_seed(config.seed)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=0, generator=generator)
+
+
+def _head_evidence(target: torch.Tensor, annotated: torch.Tensor, exclusion: bool) -> torch.Tensor:
+    """Per organ channel, the voxels of a batch where that head's target is known (see
+    :class:`TrainResult`): ``(C,)`` float64."""
+    voxels = float(np.prod(target.shape[2:]))
+    evidence = annotated.sum(0).double() * voxels
+    if exclusion:
+        known = (target.bool() & annotated[:, :, None, None, None]).flatten(2).any(1).sum(1).double()  # (B,)
+        evidence += ((~annotated).double() * known[:, None]).sum(0)
+    return evidence
 
 
 def train_site(
@@ -317,7 +417,8 @@ def train_site(
             ``R`` covers ``((r-1)/R, r/R)``, so federated and local arms decay alike.
 
     Returns:
-        :class:`TrainResult` with per-epoch losses and the last validation Dice.
+        :class:`TrainResult` with per-epoch losses, the last validation Dice and the evidence
+        each head was taught on.
     """
     retain_freed_memory()  # a step frees and re-allocates the same large blocks: keep them mapped
     config = config or TrainingConfig()
@@ -334,12 +435,7 @@ def train_site(
     if not any(any(item["annotated"]) for item in items):
         raise ValueError(f"the sites annotate none of the network's organs {organs}")
 
-    dataset = Dataset(items, transform=_patch_transform(config))
-    generator = torch.Generator().manual_seed(config.seed)
-    # The loader yields whole cases (``samples_per_case`` patches each) that _patch_batches
-    # regroups into steps of at least ``batch_size`` patches.
-    cases_per_load = max(1, config.batch_size // config.samples_per_case)
-    loader = DataLoader(dataset, batch_size=cases_per_load, shuffle=True, num_workers=0, generator=generator)
+    loader = patch_loader(items, config)
     loss_fn = (
         PartialLabelLoss(exclusion_weight=config.exclusion_weight)
         if config.label_mode == "partial"
@@ -348,29 +444,30 @@ def train_site(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     model.to(device)
     use_amp = config.amp and device.type == "cuda"
+    exclusion = config.label_mode == "partial" and config.exclusion_weight > 0
 
     losses: list[float] = []
     steps = 0
+    evidence = torch.zeros(len(organs), dtype=torch.float64)
     val_dice: dict[str, float] = {}
     start = time.perf_counter()
-    loads_per_step = math.ceil(config.batch_size / (cases_per_load * config.samples_per_case))
-    steps_per_epoch = math.ceil(math.ceil(len(items) / cases_per_load) / loads_per_step)
-    with reporter.task("train", total=epochs * steps_per_epoch) as advance:
+    with reporter.task("train", total=epochs * len(loader)) as advance:
         for epoch in range(1, epochs + 1):
             for group in optimizer.param_groups:
                 group["lr"] = lr * cosine_factor(lr_span[0] + (lr_span[1] - lr_span[0]) * (epoch - 1) / epochs)
             model.train()
             epoch_losses = []
-            for batch in _patch_batches(loader, config.batch_size):
+            for batch in loader:
                 image = batch["image"].to(device).float()
                 target = _targets(batch["label"].to(device), organs)
-                annotated = batch["annotated"].to(device)
+                annotated = batch["annotated"].to(device).bool()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     logits = model(image)
                 loss = loss_fn(logits.float(), target, annotated)
                 loss.backward()
                 optimizer.step()
+                evidence += _head_evidence(target, annotated, exclusion).cpu()
                 epoch_losses.append(float(loss.detach()))
                 steps += 1
                 advance(1, loss=epoch_losses[-1])
@@ -379,9 +476,7 @@ def train_site(
             # Validation costs a whole-volume inference per case: after the last epoch, or every
             # epoch when the caller selects the best epoch.
             if last or (validate and on_epoch_end is not None):
-                recalibrate_batchnorm(
-                    model, _patch_batches(loader, config.batch_size), device, config.recalibration_batches
-                )
+                recalibrate_batchnorm(model, loader, device, config.recalibration_batches)
             if validate and (last or on_epoch_end is not None):
                 val_dice = evaluate_dice(model, sites, device, config)
             reporter.emit("epoch", epoch=epoch, epochs=epochs, loss=losses[-1], dice=val_dice)
@@ -394,6 +489,7 @@ def train_site(
         steps=steps,
         val_dice=val_dice,
         seconds=time.perf_counter() - start,
+        head_evidence={organ: float(evidence[i]) for i, organ in enumerate(organs) if evidence[i] > 0},
     )
 
 
@@ -439,29 +535,6 @@ def cosine_factor(progress: float, floor: float = 0.1) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _patch_batches(loader: DataLoader, batch_size: int):
-    """Regroup the loader's per-case patch lists into batches of ``batch_size`` patches."""
-    pending: list[dict] = []
-    for batch in loader:
-        pending.append(batch)
-        size = sum(b["image"].shape[0] for b in pending)
-        if size >= batch_size:
-            yield _concat(pending)
-            pending = []
-    if pending:
-        yield _concat(pending)
-
-
-def _concat(batches: list[dict]) -> dict:
-    out = {
-        "image": torch.cat([torch.as_tensor(b["image"]) for b in batches]),
-        "label": torch.cat([torch.as_tensor(b["label"]) for b in batches]),
-    }
-    # ``annotated`` is per case; repeat it for each patch drawn from that case.
-    out["annotated"] = torch.cat([b["annotated"] for b in batches]).bool()
-    return out
-
-
 @torch.no_grad()
 def evaluate_dice(
     model: MultiOrganUNet,
@@ -470,8 +543,9 @@ def evaluate_dice(
     config: TrainingConfig | None = None,
 ) -> dict[str, float]:
     """Mean validation Dice per organ over the sites' validation cases, counting for each case
-    only the organs its site annotated, predicted by those organs' heads (on the preprocessed
-    grid, no clean-up)."""
+    only the organs its site annotated, predicted by those organs' heads with the model's
+    BatchNorm (the site's own) through the inference path (training-patch windows overlapping
+    by :data:`~SegVizLogic.inference.INFERENCE_OVERLAP`), on the preprocessed grid, no clean-up."""
     config = config or TrainingConfig()
     device = resolve_device(device) if isinstance(device, str) else device
     sites = [sites] if isinstance(sites, SiteData) else list(sites)
@@ -480,6 +554,7 @@ def evaluate_dice(
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=True)
     for site in sites:
         for item in site.val_items:
+            # The inference path: windows of the training patch with the inference overlap.
             prob = predict_probabilities(model, item["image"], config.patch_size, device)
             # A site can judge only the organs it annotated: the label map competes those heads
             # alone (the others run with this site's BatchNorm, which they were not trained with).

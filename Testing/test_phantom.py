@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from SegVizLogic.phantom import (
     ScannerProfile,
     generate_phantom_sites,
     make_phantom_case,
+    phantom_populations,
     phantom_scanners,
     sample_anatomy,
 )
@@ -231,3 +233,80 @@ def test_scanner_profile_validation():
         ScannerProfile(orientation="RRS")
     with pytest.raises(ValueError, match="file_format"):
         ScannerProfile(file_format=".dcm")
+
+
+POPULATIONS = phantom_populations()
+
+
+def _tissue_share(population, tissue: str, seeds=(0, 1, 2)) -> float:
+    shares = []
+    for seed in seeds:
+        _, _, tissues = make_phantom_case(seed, PV, population=population, return_tissues=True)
+        arr = sitk.GetArrayViewFromImage(tissues)
+        shares.append((arr == TISSUES[tissue]).sum() / (arr != TISSUES["air"]).sum())
+    return float(np.mean(shares))
+
+
+def test_sites_scan_different_populations():
+    heavier, slimmer = POPULATIONS["site-spleen"], POPULATIONS["site-pancreas"]
+    assert heavier.fat > 1.2 and slimmer.fat < 0.8
+    # the same patients (seeds) drawn from the heavier population carry far more subcutaneous fat
+    assert _tissue_share(heavier, "fat") > 1.3 * _tissue_share(slimmer, "fat")
+    # bolus timing varies between patients: the portal-venous liver of ten patients spans > 10 HU
+    livers = []
+    for seed in range(10):
+        ct, labels = _arrays(make_phantom_case(seed, PV, population=POPULATIONS["site-kidney"]))
+        livers.append(_interior_mean(ct, labels == 1))
+    assert np.ptp(livers) > 10
+
+
+def test_fields_of_view_and_scan_ranges_differ_between_sites(layout):
+    def z_range(image):
+        image = sitk.DICOMOrient(image, "LPS")
+        return image.GetOrigin()[2], image.GetOrigin()[2] + (image.GetSize()[2] - 1) * image.GetSpacing()[2]
+
+    anatomy = sample_anatomy(5)
+    imaged = {name: make_phantom_case(5, SCANNERS[name], anatomy=anatomy)[1] for name in SCANNERS}
+    ml = {
+        name: (sitk.GetArrayViewFromImage(lab) == 1).sum() * np.prod(lab.GetSpacing()) / 1000
+        for name, lab in imaged.items()
+    }
+    # the same patient's liver: whole in site-liver's field, its dome cut off by site-pancreas's short one
+    assert ml["site-pancreas"] < 0.95 * ml["site-liver"]
+    # site-spleen scans higher up the body than site-kidney (scan centres 118 mm and 92 mm)
+    spleen_z, kidney_z = z_range(imaged["site-spleen"]), z_range(imaged["site-kidney"])
+    assert spleen_z[1] > kidney_z[1] + 10 and spleen_z[0] > kidney_z[0] + 10
+    # and each patient lies a little differently in the scanner: the two cases' origins differ
+    folder = layout.root / "site-liver"
+    origins = [sitk.ReadImage(str(p)).GetOrigin() for p in sorted((folder / "images").iterdir())]
+    assert not np.allclose(origins[0], origins[1], atol=1.0)
+
+
+def test_the_external_scanner_is_none_of_the_sites():
+    scanners = phantom_scanners("small")
+    external = scanners["external"]
+    keys = ("noise_sigma", "noise_grain", "intensity_offset", "cupping", "pixel_spacing", "orientation")
+    for name, scanner in scanners.items():
+        if name != "external":
+            assert all(getattr(scanner, k) != getattr(external, k) for k in keys), name
+    # cupping: the body's centre reads lower than its edge by about the scanner's cupping, air not at all
+    anatomy = sample_anatomy(2)
+    plain = make_phantom_case(2, replace(PV, noise_sigma=0.0), anatomy=anatomy, return_tissues=True)
+    cupped = make_phantom_case(2, replace(PV, noise_sigma=0.0, cupping=30.0), anatomy=anatomy)
+    ct0, ct1, tissues = _arrays((plain[0], cupped[0], plain[2]))
+    difference = ct0.astype(float) - ct1.astype(float)
+    assert np.all(difference[tissues == TISSUES["air"]] == 0)
+    nz, ny, nx = difference.shape
+    centre = difference[nz // 2, ny // 2 - 5 : ny // 2 + 5, nx // 2 - 5 : nx // 2 + 5]
+    assert 25 <= float(np.median(centre)) <= 31
+
+
+def test_more_cases_per_site_keep_the_first_ones(layout, tmp_path):
+    """Nested training sets for a learning curve: case k depends only on the seed, site and k."""
+    fewer = generate_phantom_sites(tmp_path / "one", seed=3, cases_per_site=1, external_cases=1)
+    for small, large in ((fewer.sites[2], layout.sites[2]), (fewer.external, layout.external)):
+        name = min((small / "images").iterdir()).name
+        for kind in ("images", "labels"):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(small / kind / name)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(large / kind / name)))
+            assert a.tobytes() == b.tobytes()

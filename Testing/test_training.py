@@ -48,9 +48,9 @@ def test_short_training_lowers_loss_and_beats_chance(small_phantom, liver_bundle
     assert trained == pytest.approx(bundle.metrics["final"]["val_dice"]["liver"], abs=1e-6)
 
 
-@pytest.mark.parametrize(("samples_per_case", "batch_size", "steps"), [(4, 4, 2), (8, 4, 2), (2, 4, 1), (3, 4, 1)])
+@pytest.mark.parametrize(("samples_per_case", "batch_size", "steps"), [(4, 4, 2), (8, 4, 4), (2, 4, 1), (3, 4, 2)])
 def test_one_epoch_makes_the_steps_its_progress_bar_announces(small_phantom, samples_per_case, batch_size, steps):
-    """2 training cases; the loader yields whole cases, regrouped into steps of >= batch_size patches."""
+    """2 training cases: an epoch is 2 x samples_per_case patches in steps of batch_size patches."""
     from SegVizLogic.progress import ProgressReporter
 
     class Recorder(ProgressReporter):
@@ -71,6 +71,65 @@ def test_one_epoch_makes_the_steps_its_progress_bar_announces(small_phantom, sam
     assert result.num_examples == 2 and np.isfinite(result.loss)
     progress = [f for e, f in recorder.events if e == "progress" and f.get("stage") == "train"]
     assert progress and all(f["total"] == steps for f in progress) and progress[-1]["current"] == steps
+
+
+@pytest.mark.filterwarnings("ignore:The image's intensity is a single value")  # constant test images
+def test_batches_hold_the_configured_number_of_patches_from_several_patients():
+    """batch 4 with 8 patches per case is 4 patches a step (not 8 from one patient), and a
+    patient's patches are spread over the epoch's batches."""
+    from SegVizLogic.training import patch_loader
+
+    label = torch.zeros(1, 40, 40, 24, dtype=torch.uint8)
+    label[0, 10:20, 10:20, 5:15] = 1
+    cases = []
+    for index in range(3):
+        image = torch.full((1, 40, 40, 24), 100.0 * index)  # the intensity names the patient (augmentation or not)
+        fg = torch.nonzero(label.flatten() > 0).flatten().int()
+        bg = torch.nonzero(label.flatten() == 0).flatten().int()
+        cases.append(
+            {"image": image, "label": label, "label_fg_indices": fg, "label_bg_indices": bg, "case": f"case{index}"}
+        )
+    config = TrainingConfig(patch_size=(16, 16, 8), batch_size=4, samples_per_case=8, seed=3)
+    for epoch in range(2):
+        batches = list(patch_loader(cases, config))
+        assert [b["image"].shape[0] for b in batches] == [4] * 6
+        owners = [[int(v) for v in torch.round(b["image"].flatten(1).mean(1) / 100)] for b in batches]
+        assert all(b["case"] == [f"case{p}" for p in o] for b, o in zip(batches, owners))  # per-patch keys follow
+        patients = [set(o) for o in owners]
+        per_patient = np.bincount([p for o in owners for p in o], minlength=3)
+        assert per_patient.tolist() == [8, 8, 8]  # every patient's 8 patches, once per epoch
+        assert sum(len(p) > 1 for p in patients) >= 4, patients  # most batches mix patients
+    # the same seed draws the same patches
+    again = [b["image"] for b in patch_loader(cases, config)]
+    first = [b["image"] for b in patch_loader(cases, config)]
+    assert all(torch.equal(a, b) for a, b in zip(again, first))
+
+
+def test_cache_key_follows_files_preprocessing_code_and_monai(small_phantom, monkeypatch):
+    import monai
+
+    from SegVizLogic import training
+    from SegVizLogic.site import validate_site
+
+    case = validate_site(small_phantom.sites[0]).cases[0]
+    key = training.cache_key(case.image_path, case.label_path, COARSE)
+    assert key == training.cache_key(case.image_path, case.label_path, COARSE)
+    assert key != training.cache_key(case.image_path, case.label_path, Preprocessing(spacing=(5.0, 5.0, 5.0)))
+    monkeypatch.setattr(training, "CACHE_VERSION", training.CACHE_VERSION + 1)
+    code_changed = training.cache_key(case.image_path, case.label_path, COARSE)
+    monkeypatch.setattr(monai, "__version__", "0.0.1")
+    monai_changed = training.cache_key(case.image_path, case.label_path, COARSE)
+    assert len({key, code_changed, monai_changed}) == 3
+    # a new key is a new entry: the stale one is never read as current
+    before = set((small_phantom.sites[0] / ".segviz" / "cache").glob("*.pt"))
+    data = load_site_data(small_phantom.sites[0], COARSE, FAST)
+    after = set((small_phantom.sites[0] / ".segviz" / "cache").glob("*.pt"))
+    assert len(after - before) == 3 and (after - before) >= {p for p in after if p.stem == monai_changed}
+    item = data.train_items[0]
+    fg = item["label_fg_indices"]
+    assert fg.dtype == torch.int32 and torch.equal(
+        fg.long(), torch.nonzero(torch.as_tensor(item["label"]).flatten() > 0).flatten()
+    )
 
 
 def test_train_bundle_restricts_output_to_trained_organs(small_phantom, tmp_path):

@@ -321,7 +321,7 @@ class ExperimentConfig:
             "network": self.network.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
             "training": self.training.to_dict(),
-            "federation": self.federation.to_dict(),
+            "federation": {**self.federation.to_dict(), "total_epochs": self.federation.total_epochs},
             "arms": list(self.arms),
             "selection": self.selection.to_dict(),
             "learning_curve": None if self.learning_curve is None else self.learning_curve.to_dict(),

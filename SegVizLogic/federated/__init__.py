@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["FINAL_BATCHNORM_RECORD", "LOCAL_STATE_DIR"]
+__all__ = ["AVERAGED_BATCHNORM_RECORD", "FINAL_BATCHNORM_RECORD", "LOCAL_STATE_DIR"]
+
+AVERAGED_BATCHNORM_RECORD = "averaged-batchnorm"
+"""Train-message record of a FedBN run resumed from a bundle: the federation's averaged
+BatchNorm (already in that bundle), which a site without BatchNorm of its own for the run's
+lineage starts from. It flows from the coordinator to the sites only."""
 
 FINAL_BATCHNORM_RECORD = "final-batchnorm"
 """Reply record holding a site's BatchNorm, shared once with its final-round reply."""

@@ -40,6 +40,7 @@ import numpy as np
 from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED
 from .strategy import (
     EXAMPLES_CAP_FACTOR,
+    HEAD_AGGREGATIONS,
     STRATEGIES,
     WEIGHTINGS,
     Partition,
@@ -49,15 +50,11 @@ from .strategy import (
 )
 
 __all__ = [
-    "HEAD_AGGREGATIONS",
     "MIN_COUNTS_FOR_CAP",
     "RoundAggregator",
     "RunningWeightedSum",
     "lower_median_cap",
 ]
-
-HEAD_AGGREGATIONS = ("annotating", "evidence")
-"""How an organ's head is averaged (see the module docstring)."""
 
 MIN_COUNTS_FOR_CAP = 3
 """Under ``weighting = "examples"`` replies are held back until the count book knows this many

@@ -3,17 +3,18 @@
 BatchNorm and the global bundle
 -------------------------------
 Under FedBN a site's BatchNorm never leaves it while the federation trains: train messages
-carry ``shared`` and the heads only, replies carry ``shared`` and the site's annotated heads,
+carry ``shared`` and the heads only, replies carry ``shared`` and the heads the site taught,
 and the global training model keeps its initial BatchNorm. A site that never trained still
 needs BatchNorm statistics to segment, so with ``share-final-batchnorm`` (default true, what
 SegViz evaluation needs) each site adds its BatchNorm **once**, to its final-round reply,
 after training has finished. The server never aggregates it into the training model; it only
 builds the bundle's BatchNorm variants from it: ``averaged`` (all sites), ``organ:<organ>``
 (sites that annotate the organ) and ``site:<name>``. Per-round bundles before the final round
-carry the initial BatchNorm. Every FedBN bundle defaults to ``adapt`` (test-time
-re-estimation on the input), which measured best at an unseen scanner (docs/RESULTS.md); the
-shared variants stay selectable. With ``share-final-batchnorm = false`` no BatchNorm ever
-leaves a site. Under FedAvg BatchNorm is averaged every round like ``shared``.
+carry the initial BatchNorm. Every FedBN bundle defaults to
+:data:`~SegVizLogic.bundle.FEDBN_DEFAULT_BATCHNORM`, chosen on the sites' validation cases by
+the leave-site-out rule of docs/METHOD.md (never on an external set); the shared variants stay
+selectable. With ``share-final-batchnorm = false`` no BatchNorm ever leaves a site. Under
+FedAvg BatchNorm is averaged every round like ``shared``.
 
 Faults
 ------
@@ -29,6 +30,11 @@ Each round waits (up to ``wait-timeout``) until ``min-clients`` sites are connec
 A run started with ``resume-from`` (a ``round-NNN.segviz`` this ServerApp wrote) continues
 after that round: same lineage (each site restores its own BatchNorm), round numbers, total
 rounds and cosine learning-rate schedule, and the earlier rounds' records.
+
+The one way BatchNorm flows to the sites under FedBN: a run resumed from a bundle that has
+``averaged`` sends that averaged BatchNorm (already in the bundle every site holds) with each
+train message, and a site with no BatchNorm of its own for the lineage (one joining late)
+starts from it instead of the initial one.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from .. import __version__
+from ..bundle import FEDBN_DEFAULT_BATCHNORM
 from ..errors import SegVizError
 from ..network import build_network, partition_state
 from ..progress import ProgressReporter
@@ -255,8 +262,14 @@ class _Federation:
         self.history: list[dict] = []
         self.sites: dict[str, list[str]] = {}
         self.node_sites: dict[int, str] = {}
-        self.strategy = SegVizStrategy(settings.strategy, settings.weighting, settings.replies_needed)
+        self.strategy = SegVizStrategy(
+            settings.strategy, settings.weighting, settings.replies_needed, settings.head_aggregation
+        )
         self.strategy.transfer_dtype = settings.transfer_dtype
+        if settings.head_aggregation == "evidence":
+            # Sites also send the heads their exclusion term taught ("not this organ"), each with
+            # its evidence count; the reply checks must let those through.
+            self.strategy.extra_heads = tuple(settings.network.organs)
         # DP noise comes from fresh OS entropy, never from the run's seed: the bundle records
         # the seed, and noise anyone can regenerate could be subtracted again.
         self.strategy.privacy = settings.privacy
@@ -295,6 +308,9 @@ class _Federation:
             for site, site_metrics in entry.get("sites", {}).items():
                 if "num-examples" in site_metrics:
                     self.strategy.count_book[site] = int(site_metrics["num-examples"])
+        if settings.strategy == "fedbn" and "averaged" in bundle.batchnorm_variants:
+            # a site without BatchNorm of this lineage (one joining late) starts from it
+            self.strategy.averaged_batchnorm = bundle.batchnorm_variants["averaged"]
         self.started = provenance.get("started", self.started)
         self.reporter.emit(
             "stage", stage="resume", message=f"resuming after round {done} of {settings.rounds} from {path.name}"
@@ -420,9 +436,9 @@ class _Federation:
             variants = batchnorm_variants(updates, settings.weighting)
         default = settings.default_batchnorm
         if default == "auto":
-            # FedBN at a site that never trained: test-time re-estimation measured best of
-            # model / per-organ / averaged / adapt (docs/RESULTS.md, experiments/cpu.toml).
-            default = "model" if settings.strategy == "fedavg" else "adapt"
+            # FedAvg's model BatchNorm is the federation's average; FedBN's is the initial one,
+            # so a FedBN bundle gets the default chosen on validation (docs/METHOD.md).
+            default = "model" if settings.strategy == "fedavg" else FEDBN_DEFAULT_BATCHNORM
         load_partition_into_model(self.model, strategy.current)
         # A round's own bundle holds its time up to writing; later bundles hold the full time.
         metrics["seconds"]["round"] = round(time.perf_counter() - round_start, 3)
@@ -477,6 +493,7 @@ class _Federation:
             "mode": self.mode,
             "strategy": settings.strategy,
             "weighting": settings.weighting,
+            "head_aggregation": settings.head_aggregation,
             "round": server_round,
             "rounds": settings.rounds,
             "local_epochs": settings.local_epochs,
@@ -489,7 +506,7 @@ class _Federation:
                 if settings.strategy == "fedavg"
                 else "shared once by each site with its final-round reply"
                 if shared_batchnorm
-                else "initial (FedBN keeps BatchNorm on site); re-estimate at inference (adapt)"
+                else "initial (FedBN keeps BatchNorm on site); re-estimated on the input at inference (adapt)"
             ),
             "lineage": self.lineage,
             "privacy": privacy_report(settings.privacy, server_round, len(self.sites)),

@@ -122,6 +122,7 @@ def run_federated_simulation(
     strategy: str = "fedbn",
     weighting: str = "uniform",
     lr: float = 1e-3,
+    head_aggregation: str = "annotating",
     preprocessing: Preprocessing | None = None,
     training_config=None,
     reporter: ProgressReporter | None = None,
@@ -136,6 +137,7 @@ def run_federated_simulation(
     min_clients: int | None = None,
     dp_noise_multiplier: float = 0.0,
     dp_clipping_norm: float = 0.0,
+    resume_from: str | Path = "",
     engine: str = "auto",
     fraction_train: float = 1.0,
     min_train_nodes: int = 0,
@@ -152,6 +154,7 @@ def run_federated_simulation(
         strategy: ``"fedbn"`` or ``"fedavg"``.
         weighting: ``"examples"`` or ``"uniform"``.
         lr: local learning rate.
+        head_aggregation: ``"evidence"`` or ``"annotating"`` (see :class:`FederationSettings`).
         preprocessing: preprocessing (default: the paper's).
         training_config: a ``TrainingConfig`` (default: the paper's).
         reporter: progress events (round_started, update_sent, round_finished, run_finished).
@@ -169,6 +172,8 @@ def run_federated_simulation(
         dp_noise_multiplier: differential privacy's noise multiplier (0: off; see
             :mod:`~SegVizLogic.federated.privacy`).
         dp_clipping_norm: differential privacy's clipping norm (0: off).
+        resume_from: a bundle to continue from (its weights and lineage; under FedBN a site
+            without BatchNorm of that lineage starts from the bundle's averaged BatchNorm).
         engine: ``"auto"``, ``"simulation"`` or ``"deployment"`` (:func:`choose_engine`).
         fraction_train, min_train_nodes, round_deadline, transfer_dtype: see
             :class:`~SegVizLogic.federated.task.FederationSettings`.
@@ -198,6 +203,7 @@ def run_federated_simulation(
             lr=lr,
             strategy=strategy,
             weighting=weighting,
+            head_aggregation=head_aggregation,
             min_clients=min_clients or len(site_dirs),
             out_dir=str(Path(out_dir).resolve()),
             share_final_batchnorm=share_final_batchnorm,
@@ -209,6 +215,7 @@ def run_federated_simulation(
             wait_timeout=120,
             dp_noise_multiplier=dp_noise_multiplier,
             dp_clipping_norm=dp_clipping_norm,
+            resume_from=str(resume_from),
             fraction_train=fraction_train,
             min_train_nodes=min_train_nodes,
             round_deadline=round_deadline,

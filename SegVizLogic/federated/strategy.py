@@ -40,10 +40,11 @@ import numpy as np
 
 from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED
 from ..organs import ORGAN_NAMES
-from . import FINAL_BATCHNORM_RECORD
+from . import AVERAGED_BATCHNORM_RECORD, FINAL_BATCHNORM_RECORD
 
 __all__ = [
     "FINAL_BATCHNORM_RECORD",
+    "HEAD_AGGREGATIONS",
     "STRATEGIES",
     "WEIGHTINGS",
     "Partition",
@@ -54,6 +55,7 @@ __all__ = [
     "capped_example_counts",
     "check_update",
     "groups_sent_to_clients",
+    "head_contributions",
     "reply_weights",
     "round_metrics",
     "screen_updates",
@@ -63,6 +65,7 @@ __all__ = [
 
 STRATEGIES = ("fedbn", "fedavg")
 WEIGHTINGS = ("examples", "uniform")
+HEAD_AGGREGATIONS = ("annotating", "evidence")
 
 EXAMPLES_CAP_FACTOR = 3
 """Under ``weighting = "examples"`` no site counts more than this many times the round's
@@ -300,11 +303,41 @@ def groups_sent_to_clients(partition: Mapping[str, Mapping[str, np.ndarray]], st
     return [g for g in partition if strategy == "fedavg" or g != PARTITION_BATCHNORM]
 
 
+def head_contributions(
+    organ: str, updates: Sequence[SiteUpdate], head_aggregation: str, weighting: str
+) -> tuple[list[SiteUpdate], np.ndarray]:
+    """The replies an organ's head is averaged over, and their weights.
+
+    ``"annotating"``: the sites that annotate the organ, weighted by ``weighting``.
+    ``"evidence"``: every site that sent the head (annotating sites, and sites whose exclusion
+    term taught it "not this organ" on their own organs' voxels), weighted by the voxels each
+    taught it on (``evidence-<organ>`` metric: every voxel of an annotating site's patches, only
+    the own-organ voxels of another site's); a head no replying site annotates stays as it is
+    under both rules, since "not this organ" alone would only teach it to say no.
+
+    Returns:
+        ``(contributors, weights)``; no contributors when the head stays as it is.
+    """
+    _check_choice("head aggregation", head_aggregation, HEAD_AGGREGATIONS)
+    group = HEAD_PREFIX + organ
+    annotating = [u for u in updates if organ in u.organs and group in u.partition]
+    if not annotating:
+        return [], np.zeros(0)
+    if head_aggregation == "annotating":
+        return annotating, reply_weights([u.num_examples for u in annotating], weighting)
+    senders = [u for u in updates if group in u.partition]
+    evidence = np.array([float(u.metrics.get(f"evidence-{organ}", 0.0)) for u in senders])
+    if not np.all(np.isfinite(evidence)) or np.any(evidence < 0) or evidence.sum() <= 0:
+        raise ValueError(f"replies for head {organ!r} carry no usable evidence counts: {evidence.tolist()}")
+    return senders, evidence / evidence.sum()
+
+
 def aggregate_updates(
     current: Mapping[str, Mapping[str, np.ndarray]],
     updates: Sequence[SiteUpdate],
     strategy: str = "fedbn",
     weighting: str = "uniform",
+    head_aggregation: str = "annotating",
 ) -> Partition:
     """The next global model from one round of replies (head-aware FedBN / FedAvg).
 
@@ -313,7 +346,10 @@ def aggregate_updates(
         updates: the round's replies.
         strategy: ``"fedbn"`` (``batchnorm`` stays at ``current``) or ``"fedavg"``
             (``batchnorm`` averaged over all replies).
-        weighting: ``"examples"`` or ``"uniform"``.
+        weighting: ``"examples"`` or ``"uniform"`` (``shared``, ``batchnorm`` and, under
+            ``"annotating"``, the heads).
+        head_aggregation: which replies an organ's head is averaged over, with which weights
+            (:func:`head_contributions`).
 
     Returns:
         A new partition with the same groups and keys as ``current``.
@@ -324,6 +360,7 @@ def aggregate_updates(
     """
     _check_choice("strategy", strategy, STRATEGIES)
     _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_choice("head aggregation", head_aggregation, HEAD_AGGREGATIONS)
     if not updates:
         raise ValueError("cannot aggregate a round without replies")
     averaged_groups = [PARTITION_SHARED] + ([PARTITION_BATCHNORM] if strategy == "fedavg" else [])
@@ -334,15 +371,13 @@ def aggregate_updates(
             for update in contributors:
                 if group not in update.partition:
                     raise ValueError(f"site {update.site!r} sent no {group!r} tensors")
+            weights = reply_weights([u.num_examples for u in contributors], weighting)
         elif group.startswith(HEAD_PREFIX):
-            organ = group[len(HEAD_PREFIX) :]
-            # Only the sites that annotate the organ taught its head anything.
-            contributors = [u for u in updates if organ in u.organs and group in u.partition]
+            contributors, weights = head_contributions(group[len(HEAD_PREFIX) :], updates, head_aggregation, weighting)
         else:
             continue  # FedBN: the global BatchNorm is never trained by the federation
         if not contributors:
             continue
-        weights = reply_weights([u.num_examples for u in contributors], weighting)
         averaged = weighted_average([u.partition[group] for u in contributors], weights)
         if set(averaged) != set(result[group]):
             raise ValueError(f"replies' {group!r} tensors do not match the global model's")
@@ -419,30 +454,41 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
 
     Messages carry one ``ArrayRecord`` per partition group (record names ``shared``,
     ``head:<organ>``, ``batchnorm``), a ``ConfigRecord`` ``config`` (server → client) or
-    ``site`` (client → server: name, organs) and a ``MetricRecord`` ``metrics``.
+    ``site`` (client → server: name, organs) and a ``MetricRecord`` ``metrics``. Under FedBN a
+    train message also carries :attr:`averaged_batchnorm` when the caller set it (a run resumed
+    from a bundle that has it), for sites that join late.
 
     Args:
         strategy: ``"fedbn"`` or ``"fedavg"``.
         weighting: ``"examples"`` or ``"uniform"``.
         min_clients: nodes required before a round starts and replies required to aggregate.
+        head_aggregation: ``"annotating"`` or ``"evidence"`` (:func:`head_contributions`).
     """
 
-    def __init__(self, strategy: str = "fedbn", weighting: str = "uniform", min_clients: int = 2) -> None:
+    def __init__(
+        self,
+        strategy: str = "fedbn",
+        weighting: str = "uniform",
+        min_clients: int = 2,
+        head_aggregation: str = "annotating",
+    ) -> None:
         _check_choice("strategy", strategy, STRATEGIES)
         _check_choice("weighting", weighting, WEIGHTINGS)
+        _check_choice("head aggregation", head_aggregation, HEAD_AGGREGATIONS)
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
         self.strategy = strategy
         self.weighting = weighting
         self.min_clients = min_clients
+        self.head_aggregation = head_aggregation
         self.current: Partition = {}
+        self.averaged_batchnorm: dict[str, np.ndarray] | None = None
         self.last_updates: list[SiteUpdate] = []
         self.last_errors: list[str] = []
         self.last_rejected: dict[str, str] = {}
         self.last_nodes: dict[int, str] = {}
         self.known_sites: dict[str, tuple[str, ...]] = {}
         self.count_book: dict[str, int] = {}  # latest accepted example count per site (streaming cap)
-        self.head_aggregation = "annotating"
         self.transfer_dtype = "float32"  # the shared body on the wire (transfer.py)
         self.extra_heads: tuple[str, ...] = ()
         self.privacy = None  # a privacy.DifferentialPrivacy: clip-checked replies, noised averages
@@ -467,6 +513,9 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         content = RecordDict()
         for group in groups_sent_to_clients(self.current, self.strategy):
             content[group] = _arrays_to_record(for_transfer(group, self.current[group], self.transfer_dtype))
+        if self.strategy == "fedbn" and self.averaged_batchnorm is not None:
+            # For a site without BatchNorm of its own in this lineage (one joining late).
+            content[AVERAGED_BATCHNORM_RECORD] = _arrays_to_record(self.averaged_batchnorm)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         content["config"] = config

@@ -19,8 +19,8 @@ from .. import __version__
 from ..network import HEAD_PREFIX, PARTITION_BATCHNORM, PARTITION_SHARED, NetworkConfig, build_network, partition_state
 from ..preprocessing import Preprocessing
 from ..progress import ProgressReporter
-from . import LOCAL_STATE_DIR
-from .strategy import STRATEGIES, WEIGHTINGS, Partition
+from . import AVERAGED_BATCHNORM_RECORD, LOCAL_STATE_DIR
+from .strategy import HEAD_AGGREGATIONS, STRATEGIES, WEIGHTINGS, Partition
 
 __all__ = [
     "APP_CONFIG_DEFAULTS",
@@ -44,6 +44,7 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "lr": 0.001,
     "strategy": "fedbn",
     "weighting": "uniform",
+    "head-aggregation": "annotating",
     "min-clients": 2,
     "round-timeout": 3600,
     "out-dir": "",
@@ -87,6 +88,11 @@ class FederationSettings:
         lr: local learning rate.
         strategy: ``"fedbn"`` or ``"fedavg"``.
         weighting: ``"examples"`` or ``"uniform"`` (the paper's choice).
+        head_aggregation: how an organ's head is averaged (see
+            :func:`~SegVizLogic.federated.strategy.aggregate_updates`): ``"annotating"`` (only
+            the sites that annotate the organ reply with it) or ``"evidence"`` (every site that
+            taught it anything replies with it, the exclusion term's "not this organ" included,
+            weighted by the voxels it was taught on).
         min_clients: sites that must be connected before a round starts; when every site trains
             (``fraction_train = 1``) also the usable replies a round needs to aggregate.
         round_timeout: seconds to wait for a round's replies.
@@ -95,10 +101,11 @@ class FederationSettings:
         share_final_batchnorm: each site sends its BatchNorm once, with its final-round reply,
             so the final bundle carries ``averaged`` / ``organ:*`` / ``site:*`` BatchNorm for
             sites that never trained (what SegViz evaluation needs). ``False`` keeps BatchNorm
-            strictly on site; the bundle then defaults to test-time re-estimation (``adapt``).
+            strictly on site; ``adapt`` then re-estimates the statistics on the input alone.
         default_batchnorm: the bundle's default BatchNorm; ``"auto"`` is ``model`` under FedAvg
-            and ``adapt`` (test-time re-estimation, the measured best) under FedBN; the shared
-            ``averaged`` / ``organ:*`` / ``site:*`` variants stay selectable.
+            and :data:`~SegVizLogic.bundle.FEDBN_DEFAULT_BATCHNORM` under FedBN (chosen on the
+            sites' validation cases, docs/METHOD.md); the shared ``averaged`` / ``organ:*`` /
+            ``site:*`` variants stay selectable.
         seed: seeds the global model's initialisation and the sites' patch sampling.
         network: network configuration.
         training: local training configuration (``TrainingConfig.to_dict()``).
@@ -126,6 +133,7 @@ class FederationSettings:
     lr: float = 1e-3
     strategy: str = "fedbn"
     weighting: str = "uniform"
+    head_aggregation: str = "annotating"
     min_clients: int = 2
     round_timeout: float = 3600.0
     wait_timeout: float = 600.0
@@ -162,6 +170,10 @@ class FederationSettings:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.head_aggregation not in HEAD_AGGREGATIONS:
+            raise ValueError(
+                f"head aggregation must be one of {', '.join(HEAD_AGGREGATIONS)}, got {self.head_aggregation!r}"
+            )
         if self.lr <= 0 or self.min_clients < 1:
             raise ValueError(f"lr must be > 0 and min-clients >= 1, got {self.lr} and {self.min_clients}")
         if (self.dp_noise_multiplier > 0) != (self.dp_clipping_norm > 0):
@@ -205,6 +217,7 @@ class FederationSettings:
             lr=float(cfg["lr"]),
             strategy=str(cfg["strategy"]).lower(),
             weighting=str(cfg["weighting"]).lower(),
+            head_aggregation=str(cfg["head-aggregation"]).lower(),
             min_clients=int(cfg["min-clients"]),
             round_timeout=float(cfg["round-timeout"]),
             wait_timeout=float(cfg["wait-timeout"]),
@@ -235,6 +248,7 @@ class FederationSettings:
             "lr": self.lr,
             "strategy": self.strategy,
             "weighting": self.weighting,
+            "head-aggregation": self.head_aggregation,
             "min-clients": self.min_clients,
             "round-timeout": int(self.round_timeout),
             "wait-timeout": int(self.wait_timeout),
@@ -263,6 +277,7 @@ class FederationSettings:
             "local-epochs": self.local_epochs,
             "lr": self.lr,
             "strategy": self.strategy,
+            "head-aggregation": self.head_aggregation,
             "share-final-batchnorm": self.share_final_batchnorm,
             "seed": self.seed,
             "lineage": lineage,
@@ -376,14 +391,19 @@ def train_client_round(
 
     Loads the global ``shared`` and head tensors (and ``batchnorm`` under FedAvg), restores
     the site's own BatchNorm under FedBN (from ``state``, Flower's ``context.state``, during a
-    run; from ``<site>/.segviz/federated`` after the site left and re-joined), trains
+    run; from ``<site>/.segviz/federated`` after the site left and re-joined; a site with no
+    BatchNorm of this lineage, one that joins late, starts from the federation's averaged
+    BatchNorm when the coordinator sent one, else from the initial one), trains
     ``local-epochs`` epochs, saves the BatchNorm back to both, and returns only what leaves
-    the site: ``shared``, the heads of the organs it annotates, scalar metrics, and under
-    FedAvg (or in the final round when ``share-final-batchnorm``) its BatchNorm.
+    the site: ``shared``, the heads it taught (those of the organs it annotates; under
+    ``head-aggregation = "evidence"`` also those its exclusion term taught, with the voxel
+    counts behind each as ``evidence-<organ>`` metrics), scalar metrics, and under FedAvg (or in
+    the final round when ``share-final-batchnorm``) its BatchNorm.
 
     Args:
         site_dir: the site folder.
-        global_groups: the global model's groups received this round.
+        global_groups: the global model's groups received this round, and possibly the
+            coordinator's averaged BatchNorm (:data:`~SegVizLogic.federated.AVERAGED_BATCHNORM_RECORD`).
         config: the train message's ``config`` record (see :meth:`FederationSettings.client_config`).
         state: ``context.state`` (a ``RecordDict``) or ``None``.
         reporter: progress of the local epochs.
@@ -413,6 +433,8 @@ def train_client_round(
 
     data = load_site_data(site_dir, preprocessing, training)
     model = build_network(network)
+    global_groups = dict(global_groups)
+    averaged_batchnorm = global_groups.pop(AVERAGED_BATCHNORM_RECORD, None)
     unknown = sorted(set(global_groups) - set(partition_state(model)))
     if unknown:
         raise ValueError(f"the server sent groups this network does not have: {unknown}")
@@ -430,6 +452,10 @@ def train_client_round(
             saved = load_local_batchnorm(site_dir, lineage, network)
             if saved is not None:
                 batchnorm, restored = saved[0], "disk"
+        if batchnorm is None and averaged_batchnorm is not None:
+            # Joining late: the federation's averaged BatchNorm (trained gamma/beta, statistics of
+            # the sites' features) is a far better start than the initial gamma 1, beta 0.
+            batchnorm, restored = averaged_batchnorm, "averaged"
         if batchnorm is not None:
             load_partition_into_model(model, {PARTITION_BATCHNORM: batchnorm})
 
@@ -465,8 +491,11 @@ def train_client_round(
     save_local_batchnorm(site_dir, batchnorm, info)
 
     organs = tuple(o for o in data.organs if o in network.organs)
+    taught = organs
+    if str(config.get("head-aggregation", "annotating")) == "evidence":
+        taught = tuple(o for o in network.organs if o in organs or result.head_evidence.get(o, 0.0) > 0)
     reply: Partition = {PARTITION_SHARED: groups[PARTITION_SHARED]}
-    reply.update({HEAD_PREFIX + o: groups[HEAD_PREFIX + o] for o in organs})
+    reply.update({HEAD_PREFIX + o: groups[HEAD_PREFIX + o] for o in taught})
     if strategy == "fedavg":
         reply[PARTITION_BATCHNORM] = batchnorm
     final_batchnorm = (
@@ -482,8 +511,9 @@ def train_client_round(
         "loss": float(result.loss),
         "steps": int(result.steps),
         "train-seconds": float(seconds),
-        "batchnorm-restored": {"initial": 0, "context": 1, "disk": 2}[restored],
+        "batchnorm-restored": {"initial": 0, "context": 1, "disk": 2, "averaged": 3}[restored],
     }
+    metrics.update({f"evidence-{organ}": float(result.head_evidence.get(organ, 0.0)) for organ in taught})
     metrics.update({f"dice-{organ}": float(value) for organ, value in result.val_dice.items()})
     return ClientRoundResult(
         site=data.name, organs=organs, partition=reply, metrics=metrics, final_batchnorm=final_batchnorm

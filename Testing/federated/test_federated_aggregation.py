@@ -9,8 +9,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from scipy.stats import chisquare
 from federated_tiny import TINY_NETWORK
+from scipy.stats import chisquare
 
 from SegVizLogic.federated.aggregation import RoundAggregator, RunningWeightedSum, lower_median_cap
 from SegVizLogic.federated.privacy import DifferentialPrivacy, update_norm
@@ -69,6 +69,36 @@ def test_streaming_sum_equals_the_batch_rule(current, strategy, weighting):
         np.testing.assert_array_equal(aggregator.result()["head:pancreas"][key], value)
     # what is kept of a reply: no tensors
     assert all(u.partition == {} for u in aggregator.accepted)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "examples"])
+def test_streaming_evidence_heads_equal_the_batch_rule(current, weighting):
+    """head_aggregation "evidence": sites send heads their exclusion term taught, weighted by voxels."""
+    rng = np.random.default_rng(11)
+    updates = [_update(current, s, o, n, rng) for s, o, n in SPECS]
+    extra = ("liver", "pancreas")
+    for i, update in enumerate(updates):
+        for organ in extra:  # every site taught the liver and pancreas heads "not this organ"
+            if organ not in update.organs:
+                update.partition[f"head:{organ}"] = _update(current, "x", (organ,), 1, rng).partition[f"head:{organ}"]
+        for group in update.partition:
+            if group.startswith("head:"):
+                update.metrics[f"evidence-{group[5:]}"] = float(
+                    100 * (i + 1) + (400 if group[5:] in update.organs else 0)
+                )
+    aggregator = RoundAggregator(current, "fedbn", weighting, head_aggregation="evidence", extra_heads=extra)
+    for update in updates:
+        assert aggregator.add(update), aggregator.rejected
+    expected = aggregate_updates(current, updates, "fedbn", weighting, "evidence")
+    result = aggregator.result()
+    _assert_partitions_close(result, expected)
+    # the pancreas head: taught only "not pancreas", so both rules keep it as it was
+    for key, value in current["head:pancreas"].items():
+        np.testing.assert_array_equal(result["head:pancreas"][key], value)
+    # and the evidence rule differs from the annotating rule on the liver head (b, c, d taught it too)
+    annotating = aggregate_updates(current, updates, "fedbn", weighting, "annotating")
+    key = next(iter(current["head:liver"]))
+    assert not np.allclose(result["head:liver"][key], annotating["head:liver"][key])
 
 
 def test_head_weights_are_per_group_uniform_over_the_annotating_sites(current):

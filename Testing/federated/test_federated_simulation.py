@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from federated_tiny import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
 
-from SegVizLogic.bundle import load_bundle
+from SegVizLogic.bundle import FEDBN_DEFAULT_BATCHNORM, load_bundle
 from SegVizLogic.federated.simulation import run_federated_simulation, simulation_available
 from SegVizLogic.federated.strategy import update_from_content
 from SegVizLogic.network import build_network, partition_state
@@ -137,7 +137,8 @@ def test_fedbn_heads_change_only_where_their_organ_was_trained(fedbn):
     for record in rounds.values():
         for update in record["updates"]:
             (organ,) = update.organs
-            assert set(update.partition) == {"shared", f"head:{organ}"}  # FedBN: no batchnorm, own head only
+            # FedBN, heads averaged over the sites that annotate them (the default): no batchnorm, own head only
+            assert set(update.partition) == {"shared", f"head:{organ}"}
             for key, value in update.partition[f"head:{organ}"].items():
                 np.testing.assert_array_equal(record["global"][f"head:{organ}"][key], value)
     changed = [
@@ -178,7 +179,7 @@ def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
         "site:site-spleen",
         "site:site-kidney",
     }
-    assert bundle.default_batchnorm == "adapt"  # FedBN default at a new site, chosen by measurement (docs/RESULTS.md)
+    assert bundle.default_batchnorm == FEDBN_DEFAULT_BATCHNORM  # chosen on validation (docs/METHOD.md)
     np.testing.assert_allclose(
         bundle.batchnorm_variants["site:site-spleen"][mean_key],
         np.asarray(by_site["site-spleen"][mean_key]).reshape(
@@ -209,7 +210,7 @@ def test_fedbn_bundles_and_progress(fedbn):
     assert [h["round"] for h in history] == [1, 2]
     assert set(history[-1]["sites"]) == {"site-liver", "site-spleen", "site-kidney"}
     assert set(history[-1]["dice"]) == {"liver", "spleen", "kidney"}
-    assert load_bundle(out / "round-001.segviz").default_batchnorm == "adapt"  # FedBN, BatchNorm not shared yet
+    assert load_bundle(out / "round-001.segviz").default_batchnorm == FEDBN_DEFAULT_BATCHNORM  # not shared yet
     names = [e["event"] for e in events]
     assert names.count("round_started") == 2 and names.count("round_finished") == 2 and names[-1] == "run_finished"
     finished = [e for e in events if e["event"] == "round_finished"]
@@ -268,3 +269,33 @@ def test_nothing_but_parameters_and_scalar_metrics_leaves_a_site(fedbn, fedavg):
             texts = [site["name"], *site["organs"], *out["metrics"]["metrics"]]
             for text in texts:
                 assert "/" not in text and "case" not in text.lower() and not any(p in text for p in site_paths)
+
+
+def test_a_site_joining_a_resumed_run_starts_from_the_averaged_batchnorm(fedbn, phantom_root, tmp_path):
+    """Resumed from the FedBN bundle: a site of the run resumes its own BatchNorm from disk, a
+    site that was not in it starts from the bundle's averaged BatchNorm, which only the
+    coordinator sends (nothing new leaves a site)."""
+    import shutil
+
+    sites, path, rounds, _sent, _ = fedbn
+    newcomer = shutil.copytree(phantom_root / "site-pancreas", tmp_path / "site-pancreas")
+    restored: dict[str, float] = {}
+
+    def on_round(server_round, replies, partition):
+        for reply in replies:
+            update = update_from_content(reply.content)
+            restored[update.site] = update.metrics["batchnorm-restored"]
+
+    run_federated_simulation(
+        [sites[0], newcomer],
+        tmp_path / "out",
+        rounds=max(rounds) + 1,  # one round after the run's last
+        local_epochs=1,
+        preprocessing=TINY_PREPROCESSING,
+        training_config=tiny_training(),
+        network_config=TINY_NETWORK,
+        device="cpu",
+        on_round=on_round,
+        resume_from=path,
+    )
+    assert restored == {"site-liver": 2, "site-pancreas": 3}  # 2: its own, from disk; 3: the averaged

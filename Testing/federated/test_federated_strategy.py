@@ -160,3 +160,37 @@ def test_round_metrics(setup):
     assert metrics["loss"] == pytest.approx(20.0)
     assert metrics["dice"] == {"liver": 0.5, "spleen": 0.5, "kidney": 0.5}
     assert metrics["num_examples"] == 60 and set(metrics["sites"]) == {"a", "b", "c"}
+
+
+def test_evidence_rule_averages_each_head_by_the_voxels_it_was_taught_on(setup):
+    """Sites also send the heads their exclusion term taught; each head is averaged over its
+    senders, weighted by their evidence counts; a head nobody annotates stays as it is."""
+    current, updates = setup
+    a, b, c = updates
+    rng = np.random.default_rng(1)
+    for update, extra in ((a, ("kidney", "pancreas")), (b, ("kidney",)), (c, ("liver",))):
+        for organ in extra:  # taught "not <organ>" on the site's own organ voxels
+            update.partition[f"head:{organ}"] = _perturbed({"h": current[f"head:{organ}"]}, rng)["h"]
+    evidence = {
+        "a": {"liver": 100.0, "kidney": 30.0, "pancreas": 30.0},
+        "b": {"liver": 300.0, "spleen": 200.0, "kidney": 50.0},
+        "c": {"kidney": 100.0, "liver": 20.0},
+    }
+    for update in updates:
+        update.metrics.update({f"evidence-{o}": v for o, v in evidence[update.site].items()})
+    result = aggregate_updates(current, updates, "fedbn", "uniform", head_aggregation="evidence")
+    for organ, senders in (("liver", (a, b, c)), ("kidney", (a, b, c)), ("spleen", (b,))):
+        weights = np.array([evidence[u.site][organ] for u in senders])
+        weights /= weights.sum()
+        for key, value in result[f"head:{organ}"].items():
+            expected = sum(w * u.partition[f"head:{organ}"][key].astype(np.float64) for w, u in zip(weights, senders))
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+    for key, value in result["head:pancreas"].items():  # only "not pancreas" was taught: unchanged
+        np.testing.assert_array_equal(value, current["head:pancreas"][key])
+    # the previous rule ignores the exclusion-only heads
+    annotating = aggregate_updates(current, updates, "fedbn", "uniform", head_aggregation="annotating")
+    for key, value in annotating["head:kidney"].items():
+        np.testing.assert_array_equal(value, c.partition["head:kidney"][key])
+    del c.metrics["evidence-kidney"], a.metrics["evidence-kidney"], b.metrics["evidence-kidney"]
+    with pytest.raises(ValueError, match="evidence"):
+        aggregate_updates(current, updates, "fedbn", "uniform", head_aggregation="evidence")

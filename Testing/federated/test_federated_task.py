@@ -41,6 +41,8 @@ def test_batchnorm_survives_leaving_and_rejoining(make_sites):
     first = train_client_round(site, _global(), _config(1), state=state, device="cpu")
     assert first.metrics["batchnorm-restored"] == 0
     assert set(first.partition) == {"shared", "head:liver"} and first.final_batchnorm is None
+    # its head was taught on every voxel of its patches (one step of 2 patches of 32x32x16)
+    assert first.metrics["evidence-liver"] == 2 * 32 * 32 * 16
     saved = load_local_batchnorm(site, "L1", TINY_NETWORK)
     assert saved is not None and saved[1]["round"] == 1
     # same run, new SuperNode process (context.state lost): resumes from the site folder
@@ -82,3 +84,39 @@ def test_settings_round_trip_through_the_run_config():
     assert FederationSettings.from_run_config({}) == FederationSettings()
     with pytest.raises(ValueError, match="strategy"):
         FederationSettings(strategy="fedprox")
+
+
+def test_a_site_joining_late_starts_from_the_averaged_batchnorm(make_sites):
+    """No BatchNorm of this lineage at the site: it starts from the federation's averaged
+    BatchNorm the coordinator sent (gamma 3 here), not from the initial gamma 1."""
+    from SegVizLogic.federated import AVERAGED_BATCHNORM_RECORD
+
+    (site,) = make_sites(["site-kidney"])
+    averaged = partition_state(build_network(TINY_NETWORK))["batchnorm"]
+    averaged = {k: np.full_like(v, 3.0) if k.endswith(".weight") else v for k, v in averaged.items()}
+    groups = {**_global(), AVERAGED_BATCHNORM_RECORD: averaged}
+    late = train_client_round(site, groups, _config(1), state=None, device="cpu")
+    assert late.metrics["batchnorm-restored"] == 3
+    saved, _ = load_local_batchnorm(site, "L1", TINY_NETWORK)
+    gammas = np.concatenate([np.ravel(v) for k, v in saved.items() if k.endswith(".weight")])
+    assert np.all(np.abs(gammas - 3.0) < 0.05)  # one local step away from the averaged gamma
+    # a site with its own BatchNorm of the lineage keeps it: the averaged one is only a start
+    again = train_client_round(site, groups, _config(2), state=None, device="cpu")
+    assert again.metrics["batchnorm-restored"] == 2
+    # without the record a newcomer starts from the initial BatchNorm, as before
+    (fresh,) = make_sites(["site-liver"])
+    initial = train_client_round(fresh, _global(), _config(1), state=None, device="cpu")
+    assert initial.metrics["batchnorm-restored"] == 0
+    saved, _ = load_local_batchnorm(fresh, "L1", TINY_NETWORK)
+    gammas = np.concatenate([np.ravel(v) for k, v in saved.items() if k.endswith(".weight")])
+    assert np.all(np.abs(gammas - 1.0) < 0.05)
+
+
+def test_under_evidence_aggregation_a_site_also_sends_the_heads_its_exclusion_term_taught(make_sites):
+    (site,) = make_sites(["site-spleen"])
+    config = {**_config(1), "head-aggregation": "evidence"}
+    result = train_client_round(site, _global(), config, device="cpu")
+    extra = set(result.partition) - {"shared", "head:spleen"}
+    assert extra and extra <= {"head:liver", "head:pancreas", "head:kidney"}
+    for group in extra:  # "not <organ>" on the spleen voxels of its patches: fewer than all their voxels
+        assert 0 < result.metrics["evidence-" + group.split(":")[1]] < result.metrics["evidence-spleen"]
