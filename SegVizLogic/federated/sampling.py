@@ -47,4 +47,6 @@ def sample_nodes(node_ids: Iterable[int], fraction: float, minimum: int, seed: i
     if size >= len(nodes):
         return nodes
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(server_round)])
-    return sorted(int(n) for n in rng.choice(nodes, size=size, replace=False))
+    # Draw positions, not ids: Flower's node ids are unsigned 64-bit, which numpy would hold as
+    # float64 (and round) in a mixed array.
+    return sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=size, replace=False))

@@ -143,6 +143,7 @@ def run_federated_simulation(
     min_train_nodes: int = 0,
     round_deadline: float = 0.0,
     transfer_dtype: str = "float32",
+    sites_at_once: int = 1,
 ) -> Path:
     """Train one global model over ``site_dirs`` on this machine (see the module docstring).
 
@@ -177,6 +178,10 @@ def run_federated_simulation(
         engine: ``"auto"``, ``"simulation"`` or ``"deployment"`` (:func:`choose_engine`).
         fraction_train, min_train_nodes, round_deadline, transfer_dtype: see
             :class:`~SegVizLogic.federated.task.FederationSettings`.
+        sites_at_once: virtual sites the simulation engine trains at the same time (default 1:
+            one at a time with every CPU, fastest for torch on a small machine; more lets a
+            round's replies arrive out of order, as in a real federation). The deployment
+            engine always trains every site in its own process.
 
     Returns:
         The final bundle's path (``out_dir/model.segviz``).
@@ -193,6 +198,8 @@ def run_federated_simulation(
         raise SegVizInputError(None, "client mods and on_round hooks need the simulation engine (Ray)")
     if len(site_dirs) < 1:
         raise SegVizInputError(None, "give at least one --site")
+    if sites_at_once < 1:
+        raise SegVizInputError(None, f"sites_at_once must be >= 1, got {sites_at_once}")
     reporter = reporter or ProgressReporter("none")
     preprocessing = preprocessing or Preprocessing()
     training_config = training_config or TrainingConfig()
@@ -235,7 +242,9 @@ def run_federated_simulation(
         from .loopback import run_loopback_federation
 
         return run_loopback_federation(settings, site_dirs, reporter, device=device)
-    return _run_simulation_engine(settings, site_dirs, reporter, device, client_mods, on_round, num_cpus)
+    return _run_simulation_engine(
+        settings, site_dirs, reporter, device, client_mods, on_round, num_cpus, sites_at_once
+    )
 
 
 def _run_simulation_engine(
@@ -246,6 +255,7 @@ def _run_simulation_engine(
     client_mods: Sequence[Callable],
     on_round: Callable | None,
     num_cpus: int | None,
+    sites_at_once: int = 1,
 ) -> Path:
     """The federation in Flower's simulation engine (Ray); returns the final bundle."""
     from flwr.simulation import run_simulation
@@ -259,9 +269,15 @@ def _run_simulation_engine(
     cpus = num_cpus or os.cpu_count() or 1
     backend_config = {
         # One virtual client at a time gets all CPUs: torch is faster with threads than with
-        # several clients competing on a small machine.
+        # several clients competing on a small machine. Ray runs init CPUs // client CPUs actors
+        # at once, so `sites_at_once` declares that many times the CPUs (Ray's CPUs are logical).
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": cpus * sites_at_once,
+            "num_gpus": 0,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        },
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -290,7 +290,8 @@ def test_sample_size(connected, fraction, minimum, size):
 
 
 def test_sampling_is_seeded_per_round_and_covers_the_sites():
-    nodes = [int(n) for n in np.random.default_rng(0).integers(1, 2**62, 100)]
+    # Flower's node ids are unsigned 64-bit: beyond int64 and float64's exact range
+    nodes = [int(n) for n in np.random.default_rng(0).integers(1, 2**64 - 1, 100, dtype=np.uint64)]
     first = sample_nodes(nodes, 0.1, 2, seed=3, server_round=1)
     assert first == sample_nodes(list(reversed(nodes)), 0.1, 2, seed=3, server_round=1)  # order of ids is irrelevant
     assert len(first) == 10 and set(first) <= set(nodes) and first == sorted(first)
