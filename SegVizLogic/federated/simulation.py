@@ -242,9 +242,7 @@ def run_federated_simulation(
         from .loopback import run_loopback_federation
 
         return run_loopback_federation(settings, site_dirs, reporter, device=device)
-    return _run_simulation_engine(
-        settings, site_dirs, reporter, device, client_mods, on_round, num_cpus, sites_at_once
-    )
+    return _run_simulation_engine(settings, site_dirs, reporter, device, client_mods, on_round, num_cpus, sites_at_once)
 
 
 def _run_simulation_engine(
