@@ -24,7 +24,7 @@ the coordinator's *count book*: the latest accepted count of every site heard fr
 (earlier rounds, and this round's replies so far). While the book holds fewer than
 :data:`MIN_COUNTS_FOR_CAP` sites (the first replies of the first round), replies are held back
 rather than summed, and summed once the book is large enough or the round ends. So the rule is
-the batch rule exactly in any round of at most three replies, and from the second round on the
+the batch rule exactly in a first round of at most three replies, and from the second round on the
 reference covers every site that took part so far (counts are a site's number of training
 cases, the same every round); in a first round of more than three replies the reference grows
 from the first three counts. The memory bound is the running sums plus at most two held replies.
