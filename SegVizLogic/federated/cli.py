@@ -190,7 +190,7 @@ def _add_round_options(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "float16"),
         default="float32",
         help="float16: send the shared body both ways in half precision (half the bytes; the coordinator keeps "
-        "float32 weights; see docs/BENCHMARKS.md for its Dice cost)",
+        "float32 weights; bench/bench_transfer_dtype.py measures its Dice cost)",
     )
 
 

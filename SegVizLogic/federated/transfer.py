@@ -7,8 +7,8 @@ tensor stay as they are. Nothing is averaged in half precision: a site loads the
 into its float32 network (``load_partition_into_model`` casts) and trains in float32, and the
 coordinator sums replies in float64 into float32 master weights
 (:class:`~SegVizLogic.federated.aggregation.RunningWeightedSum`). What float16 costs is one
-rounding of every shared weight on each leg (relative error at most 2**-11), measured on the
-phantom in docs/BENCHMARKS.md.
+rounding of every shared weight on each leg (relative error at most 2**-11); its Dice cost on
+the phantom is what ``bench/bench_transfer_dtype.py`` measures (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
