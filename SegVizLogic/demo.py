@@ -40,10 +40,14 @@ class DemoSettings:
     Args:
         setup: the training setup (default: the ``demo`` preset, the one place its values live).
         strategy: ``"fedbn"`` or ``"fedavg"``.
+        head_aggregation: each head averaged over the sites that annotate its organ
+            (``"annotating"``); sending the heads the exclusion term taught too (``"evidence"``)
+            validated level with it (docs/METHOD.md), so the simpler rule stays.
     """
 
     setup: TrainingSetup = field(default_factory=lambda: load_preset("demo"))
     strategy: str = "fedbn"
+    head_aggregation: str = "annotating"
 
     @property
     def spacing(self) -> tuple[float, float, float]:

@@ -125,6 +125,7 @@ def run_deployment(sites: list[Path], work: Path, args) -> Path:
             ProgressReporter(args.progress),
             run_id=run_id,
             flwr_home=work / "run" / "flwr-home",
+            superlink=link.control_address,  # a slow `flwr list` on a busy machine is not a SuperLink gone
         )
     finally:
         for stop in stops:

@@ -8,7 +8,8 @@ learning rate and budget (``rounds × local_epochs`` epochs):
 - ``central-naive``: all sites pooled, one softmax model, unannotated organs as background;
 - ``central-partial``: all sites pooled, the partial-label loss;
 - ``fedavg`` / ``fedbn``: the federated code path
-  (:func:`~SegVizLogic.federated.simulation.run_federated_simulation`); every round's bundle is kept
+  (:func:`~SegVizLogic.federated.simulation.run_federated_simulation`, in Flower's simulation engine
+  or, without Ray, its deployment engine: ``engine`` in the config); every round's bundle is kept
   so a checkpoint can be chosen on validation.
 
 What an arm's models are then scored with (BatchNorm, overlap, threshold, checkpoint) is chosen on
@@ -226,6 +227,7 @@ def train_arm(
             reporter=reporter,
             seed=seed,
             device=config.device,
+            engine=config.engine,
         )
         from ..bundle_manifest import read_manifest
 

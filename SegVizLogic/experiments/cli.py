@@ -43,6 +43,13 @@ def add_experiment_command(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="override the config's device")
     p.add_argument(
+        "--engine",
+        choices=("auto", "simulation", "deployment"),
+        default=None,
+        help="how the federated arms run (override the config's engine; default auto: Flower's simulation engine "
+        "when Ray imports, else its deployment engine on 127.0.0.1)",
+    )
+    p.add_argument(
         "--progress",
         choices=("rich", "json", "none"),
         default="rich",
@@ -66,6 +73,8 @@ def _cmd_experiment(args) -> int:
             config = replace(config, seeds=tuple(range(args.seeds)))
         if args.device is not None:
             config = replace(config, device=args.device)
+        if args.engine is not None:
+            config = replace(config, engine=args.engine)
         if args.arms is not None:
             config = replace(config, arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()))
     except ValueError as error:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import SegVizInputError
+from ..federated.simulation import choose_engine
 from ..progress import ProgressReporter
 from ..site import load_case, load_site
 from .arms import prepare_data
@@ -118,6 +119,7 @@ def run_comparison(
         "commands": reproduce_commands(config, out, command),
         "config": config.to_dict(),
         "device": config.device,
+        "engine": choose_engine(config.engine),  # the federated arms' Flower engine (fails early without Ray)
         "seeds": list(config.seeds),
         "sites": [
             {"name": s.name, "organs": list(s.organs), "cases": len(s.cases), "path": str(s.root)} for s in sites

@@ -91,6 +91,7 @@ _TOP_KEYS = {
     "description",
     "seeds",
     "device",
+    "engine",
     "hd95",
     "data",
     "network",
@@ -245,6 +246,9 @@ class ExperimentConfig:
         learning_curve: makes the experiment a learning curve; ``None`` for one comparison.
         seeds: training seeds; each external case is averaged over them before any test.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        engine: how the federated arms run: ``"auto"`` (Flower's simulation engine when Ray
+            imports, else its deployment engine on loopback), ``"simulation"`` or ``"deployment"``
+            (:func:`~SegVizLogic.federated.simulation.choose_engine`).
         hd95: also compute HD95 (mm) per external case and organ.
         name: a title for the report.
         description: free text for the report.
@@ -261,6 +265,7 @@ class ExperimentConfig:
     learning_curve: LearningCurveConfig | None = None
     seeds: tuple[int, ...] = (0,)
     device: str = "auto"
+    engine: str = "auto"
     hd95: bool = True
     name: str = "SegViz comparison"
     description: str = ""
@@ -274,6 +279,8 @@ class ExperimentConfig:
             raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(self.seeds)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.engine not in ("auto", "simulation", "deployment"):
+            raise ValueError(f"engine must be auto, simulation or deployment, got {self.engine!r}")
         if any(p % self.network.divisor for p in self.training.patch_size):
             raise ValueError(
                 f"[training] patch_size {list(self.training.patch_size)} must be a multiple of "
@@ -320,6 +327,7 @@ class ExperimentConfig:
             "learning_curve": None if self.learning_curve is None else self.learning_curve.to_dict(),
             "seeds": list(self.seeds),
             "device": self.device,
+            "engine": self.engine,
             "hd95": self.hd95,
         }
 
@@ -421,6 +429,7 @@ def config_from_dict(
         learning_curve=curve,
         seeds=seeds,
         device=str(data.get("device", "auto")),
+        engine=str(data.get("engine", "auto")),
         hd95=bool(data.get("hd95", True)),
         name=str(data.get("name", "SegViz comparison" if curve is None else "SegViz learning curve")),
         description=str(data.get("description", "")),

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SegVizInputError
+from ..federated.simulation import choose_engine
 from ..organs import organ_by_name
 from ..progress import ProgressReporter
 from ..site import SITE_FILE, Site, load_site, state_dir
@@ -340,6 +341,7 @@ def run_learning_curve(
         "commands": reproduce_commands(config, out, command),
         "config": config.to_dict(),
         "device": config.device,
+        "engine": choose_engine(config.engine),  # the federated arms' Flower engine (fails early without Ray)
         "seeds": list(config.seeds),
         "sites": [
             {"name": s.name, "organs": list(s.organs), "cases": len(s.cases), "path": str(s.root)} for s in sites

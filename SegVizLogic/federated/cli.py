@@ -163,6 +163,37 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
     add_setup_arguments(parser, "federation")
 
 
+def _add_round_options(parser: argparse.ArgumentParser) -> None:
+    """Which sites train each round, how long a round waits, and what travels on the wire."""
+    parser.add_argument(
+        "--fraction-train",
+        type=float,
+        default=1.0,
+        help="share of the connected sites trained each round, sampled with the run's seed (default 1: all)",
+    )
+    parser.add_argument(
+        "--min-train-nodes",
+        type=int,
+        default=0,
+        help="with --fraction-train < 1: sample at least this many sites and need this many usable replies "
+        "(default 0: --min-clients)",
+    )
+    parser.add_argument(
+        "--round-deadline",
+        type=float,
+        default=0.0,
+        help="seconds a round waits for more replies once it has the usable replies it needs; later replies are "
+        "dropped and named (default 0: wait for every site up to the round timeout)",
+    )
+    parser.add_argument(
+        "--transfer-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="float16: send the shared body both ways in half precision (half the bytes; the coordinator keeps "
+        "float32 weights; bench/bench_transfer_dtype.py measures its Dice cost)",
+    )
+
+
 def _configs(args: argparse.Namespace) -> TrainingSetup:
     """The training setup of a federated run (preset or file, then flags).
 
@@ -201,6 +232,10 @@ def _run_settings(args: argparse.Namespace):
         preprocessing=setup.preprocessing,
         dp_noise_multiplier=args.dp_noise_multiplier,
         dp_clipping_norm=args.dp_clipping_norm,
+        fraction_train=args.fraction_train,
+        min_train_nodes=args.min_train_nodes,
+        round_deadline=args.round_deadline,
+        transfer_dtype=args.transfer_dtype,
     )
 
 
@@ -217,13 +252,24 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
     )
     sub = federation.add_subparsers(dest="federation_command", required=True, metavar="SUBCOMMAND")
 
-    p = sub.add_parser("simulate", help="a whole federation on this machine (Flower's simulation engine)")
+    p = sub.add_parser(
+        "simulate",
+        help="a whole federation on this machine (Flower's simulation engine with Ray, else its deployment engine)",
+    )
     p.add_argument(
         "--site", action="append", required=True, type=Path, help="site folder (repeat: one virtual site each)"
     )
     p.add_argument("--out", required=True, type=Path, help="folder for round-NNN.segviz and model.segviz")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "simulation", "deployment"),
+        default="auto",
+        help="simulation: Flower's simulation engine (needs Ray: pip install 'segviz[simulation]'); deployment: a "
+        "SuperLink and one site process each on 127.0.0.1; auto (default): simulation when Ray imports",
+    )
     _add_training(p)
+    _add_round_options(p)
     add_progress_argument(p)
     p.set_defaults(func=_cmd_simulate)
 
@@ -332,6 +378,7 @@ def add_federation_commands(subparsers: argparse._SubParsersAction) -> argparse.
         "--round-timeout", type=float, default=3600, help="seconds to wait for a round's replies (default 3600)"
     )
     p.add_argument("--timeout", type=float, default=None, help="give up following the run after this many seconds")
+    _add_round_options(p)
     p.add_argument(
         "--resume-from",
         type=Path,
@@ -413,6 +460,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             device=args.device,
             dp_noise_multiplier=args.dp_noise_multiplier,
             dp_clipping_norm=args.dp_clipping_norm,
+            engine=args.engine,
+            fraction_train=args.fraction_train,
+            min_train_nodes=args.min_train_nodes,
+            round_deadline=args.round_deadline,
+            transfer_dtype=args.transfer_dtype,
         )
     finally:
         reporter.close()

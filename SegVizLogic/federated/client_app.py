@@ -31,6 +31,7 @@ from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
 from .privacy import dp_clipping_mod
 from .site_failures import SiteRoundError, failure_category, site_name_for_reports
+from .transfer import for_transfer
 
 __all__ = [
     "ERRORS_FILE",
@@ -214,7 +215,11 @@ def handle_train(
         # What the coordinator sees: the site's name and a fixed sentence, never a path or a file name.
         reason = f"{site_name_for_reports(site_dir)}: {category}"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-    content = RecordDict({name: _record(arrays) for name, arrays in result["partition"].items()})
+    # The shared body goes back in the dtype the coordinator sent it in (transfer.py).
+    transfer_dtype = str(config.get("transfer-dtype", "float32"))
+    content = RecordDict(
+        {name: _record(for_transfer(name, arrays, transfer_dtype)) for name, arrays in result["partition"].items()}
+    )
     if result["final_batchnorm"] is not None:
         if site_consents_to_share_batchnorm(context):
             content[FINAL_BATCHNORM_RECORD] = _record(result["final_batchnorm"])

@@ -366,10 +366,14 @@ def watch_lifeline(
 
 
 def _console_script(name: str) -> Callable[[], Any]:
-    """The function behind an installed console script (``flower-supernode`` ...)."""
+    """The function behind an installed console script (``flower-supernode`` ..., or ``segviz``)."""
     wanted = Path(name).name
     if wanted.lower().endswith((".exe", ".py")):
         wanted = wanted.rsplit(".", 1)[0]
+    if wanted == "segviz":  # this package's own command, also when it runs from a checkout
+        from ..cli import main
+
+        return main
     for entry in importlib.metadata.entry_points(group="console_scripts"):
         if entry.name == wanted:
             return entry.load()

@@ -115,6 +115,7 @@ def start_run(
     work_dir: str | Path | None = None,
     signing_key: str | Path | None = None,
     registry_port: int | None = None,
+    sign_bundles: bool = True,
 ) -> int:
     """Submit a SegViz run to the SuperLink's Control API and return its run id.
 
@@ -137,6 +138,8 @@ def start_run(
         signing_key: ``federation.key``; default: :func:`find_signing_key`.
         registry_port: the app registry's port the SuperLink was started with (default: the
             Control API's port + 1, as ``segviz federation superlink`` does).
+        sign_bundles: also sign every bundle the run writes with the key (the loopback engine's
+            throw-away key signs the app only).
 
     Raises:
         SegVizInputError: unknown settings, no signing key with TLS, an unusable key.
@@ -162,7 +165,7 @@ def start_run(
     home = work / "flwr-home"
     _write_flower_config(home, superlink, root_cert, insecure)
     overrides = {**run_config, "out-dir": str(Path(out_dir).resolve())}
-    if key_path is not None:
+    if key_path is not None and sign_bundles:
         overrides["signing-key"] = str(key_path)
     config_file = work / "run-config.toml"
     config_file.write_text(tomli_w.dumps(overrides), encoding="utf-8")

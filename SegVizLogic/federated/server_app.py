@@ -57,9 +57,10 @@ from flwr.serverapp import Grid, ServerApp
 from .. import __version__
 from ..bundle import FEDBN_DEFAULT_BATCHNORM
 from ..errors import SegVizError
-from ..network import PARTITION_BATCHNORM, build_network, partition_state
+from ..network import build_network, partition_state
 from ..progress import ProgressReporter
 from .privacy import privacy_report
+from .sampling import sample_nodes
 from .strategy import SegVizStrategy, SiteUpdate, batchnorm_variants, round_metrics
 from .task import FederationSettings, load_partition_into_model, new_lineage
 
@@ -111,20 +112,44 @@ def _wait_for_clients(grid: Grid, settings: FederationSettings, reporter: Progre
 
 DISCONNECTED = "disconnected: its SuperNode signed off or stopped sending heartbeats"
 
+POLL_SECONDS = 0.25
+"""How often the ServerApp pulls replies (each pull is one request to the SuperLink)."""
+CONNECTED_CHECK_SECONDS = 2.0
+"""How often it asks which destination nodes are still connected."""
+
 
 def collect_replies(
-    grid: Grid, messages: list[Message], timeout: float, poll: float = 1.0
+    grid: Grid,
+    messages: list[Message],
+    timeout: float,
+    poll: float = POLL_SECONDS,
+    on_reply: Callable[[Message], bool] | None = None,
+    needed: int | None = None,
+    deadline: float = 0.0,
 ) -> tuple[list[Message], dict[int, str]]:
-    """Push ``messages`` and pull their replies until every destination replied or went away.
+    """Push ``messages`` and pull their replies until every destination replied, went away,
+    or was left behind by the round's deadline.
 
     Unlike ``grid.send_and_receive`` this stops waiting for a node as soon as it is no longer
     connected (``grid.get_node_ids()``; Flower also answers a message to an offline node with
     a ``NODE_UNAVAILABLE`` error reply), so a site that dropped out costs the round seconds
     (its sign-off, or Flower's heartbeat patience), not ``timeout``.
 
+    Args:
+        grid: the Flower grid.
+        messages: one train message per sampled node.
+        timeout: seconds after which every node still pending is given up.
+        poll: seconds between pulls.
+        on_reply: called with each reply the moment it is pulled and returns whether it was
+            usable; the reply is then not kept (the ServerApp sums it and drops it). Without
+            it every reply is returned.
+        needed: usable replies the round needs (replies when ``on_reply`` is not given).
+        deadline: with ``needed``, seconds to wait for the other nodes once ``needed`` usable
+            replies came; those still pending then are dropped as late (0: no deadline).
+
     Returns:
-        ``(replies, {node id: why it gave no reply})``; error replies other than
-        ``NODE_UNAVAILABLE`` are among the replies.
+        ``(replies kept, {node id: why it gave no reply})``; error replies other than
+        ``NODE_UNAVAILABLE`` go to ``on_reply`` (or among the replies) like any other.
     """
     accepted = {mid for mid in grid.push_messages(messages) if mid}
     # Both grids stamp each pushed message with its id; a message the SuperLink refused has none.
@@ -135,7 +160,10 @@ def collect_replies(
         if m.metadata.message_id not in accepted
     }
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout
+    usable = 0
+    enough_at: float | None = None
+    started = time.monotonic()
+    last_check = started
     while pending:
         for reply in grid.pull_messages(list(pending)):
             node = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -143,16 +171,30 @@ def collect_replies(
                 continue
             if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                 missing[node] = DISCONNECTED
+            elif on_reply is not None:
+                usable += bool(on_reply(reply))
             else:
                 replies.append(reply)
+                usable += not reply.has_error()
+        now = time.monotonic()
+        if needed is not None and enough_at is None and usable >= needed:
+            enough_at = now
         if not pending:
             break
-        connected = set(grid.get_node_ids())
-        for mid, node in list(pending.items()):
-            if node not in connected:
-                del pending[mid]
-                missing[node] = DISCONNECTED
-        if pending and time.monotonic() > deadline:
+        if now - last_check >= CONNECTED_CHECK_SECONDS:
+            last_check = now
+            connected = set(grid.get_node_ids())
+            for mid, node in list(pending.items()):
+                if node not in connected:
+                    del pending[mid]
+                    missing[node] = DISCONNECTED
+        if pending and deadline > 0 and enough_at is not None and now - enough_at > deadline:
+            late = (
+                f"late: no reply within the round deadline ({deadline:g} s after the round had {needed} usable replies)"
+            )
+            missing.update({node: late for node in pending.values()})
+            break
+        if pending and now - started > timeout:
             missing.update({node: f"no reply within the round timeout ({timeout:.0f} s)" for node in pending.values()})
             break
         if pending:
@@ -221,8 +263,13 @@ class _Federation:
         self.sites: dict[str, list[str]] = {}
         self.node_sites: dict[int, str] = {}
         self.strategy = SegVizStrategy(
-            settings.strategy, settings.weighting, settings.min_clients, settings.head_aggregation
+            settings.strategy, settings.weighting, settings.replies_needed, settings.head_aggregation
         )
+        self.strategy.transfer_dtype = settings.transfer_dtype
+        if settings.head_aggregation == "evidence":
+            # Sites also send the heads their exclusion term taught ("not this organ"), each with
+            # its evidence count; the reply checks must let those through.
+            self.strategy.extra_heads = tuple(settings.network.organs)
         # DP noise comes from fresh OS entropy, never from the run's seed: the bundle records
         # the seed, and noise anyone can regenerate could be subtracted again.
         self.strategy.privacy = settings.privacy
@@ -257,6 +304,10 @@ class _Federation:
         self.history = list(bundle.metrics.get("rounds", []))[:done]
         self.sites = {site: list(organs) for site, organs in provenance.get("organs_per_site", {}).items()}
         self.strategy.known_sites = {site: tuple(organs) for site, organs in self.sites.items()}
+        for entry in self.history:  # the example-count cap's reference (aggregation.py)
+            for site, site_metrics in entry.get("sites", {}).items():
+                if "num-examples" in site_metrics:
+                    self.strategy.count_book[site] = int(site_metrics["num-examples"])
         if settings.strategy == "fedbn" and "averaged" in bundle.batchnorm_variants:
             # a site without BatchNorm of this lineage (one joining late) starts from it
             self.strategy.averaged_batchnorm = bundle.batchnorm_variants["averaged"]
@@ -293,16 +344,52 @@ class _Federation:
         round_start = time.perf_counter()
         config = ConfigRecord(settings.client_config(server_round, self.lineage))
         messages = strategy.configure_train(server_round, ArrayRecord(), config, self.grid)
+        connected = len(messages)
+        sampled = set(
+            sample_nodes(
+                [m.metadata.dst_node_id for m in messages],
+                settings.fraction_train,
+                settings.replies_needed,
+                settings.seed,
+                server_round,
+            )
+        )
+        messages = [m for m in messages if m.metadata.dst_node_id in sampled]
         # Names for a node that drops out before its first reply: the name it was registered
         # under (node authentication); a reply's own site name takes precedence.
         for node in self.grid.get_nodes():
             if getattr(node, "name", ""):
                 self.node_sites.setdefault(node.node_id, str(node.name))
-        replies, missing = collect_replies(self.grid, messages, settings.round_timeout)
+        aggregator = strategy.start_round(final_round=server_round == settings.rounds)
+        kept: list[Message] = []  # only for the on_round hook (tests, benchmarks)
+        reply_bytes: dict[str, int] = {}
+        aggregate_seconds = 0.0
+
+        def on_reply(reply: Message) -> bool:
+            nonlocal aggregate_seconds
+            started = time.perf_counter()
+            if self.on_round is not None:
+                kept.append(reply)
+            usable = aggregator.add_reply(reply)
+            if not reply.has_error():
+                reply_bytes[aggregator.nodes.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")] = (
+                    _record_bytes(reply.content)
+                )
+            aggregate_seconds += time.perf_counter() - started
+            return usable
+
+        _, missing = collect_replies(
+            self.grid,
+            messages,
+            settings.round_timeout,
+            on_reply=on_reply,
+            needed=settings.replies_needed,
+            deadline=settings.round_deadline,
+        )
         wire_seconds = time.perf_counter() - round_start
         aggregate_start = time.perf_counter()
-        strategy.aggregate_train(server_round, replies)
-        aggregate_seconds = time.perf_counter() - aggregate_start
+        strategy.finish_round(server_round, aggregator)
+        aggregate_seconds += time.perf_counter() - aggregate_start
         self.node_sites.update(strategy.last_nodes)  # replies name their site
         dropped = {self.node_sites.get(node, f"node {node}"): why for node, why in missing.items()}
         for site, why in dropped.items():
@@ -310,21 +397,21 @@ class _Federation:
         for site, why in strategy.last_rejected.items():
             self.reporter.emit("reply_rejected", round=server_round, site=site, reason=why)
         updates: list[SiteUpdate] = strategy.last_updates
-        if len(updates) < settings.min_clients:
+        if len(updates) < settings.replies_needed:
             problems = (
                 "; ".join(
                     [*strategy.last_errors, *(f"{s}: {w}" for s, w in {**dropped, **strategy.last_rejected}.items())]
                 )
-                or f"{len(replies)} of {len(messages)} sites replied in time"
+                or f"{len(reply_bytes)} of {len(messages)} sites replied in time"
             )
             raise SegVizError(
-                f"round {server_round}: only {len(updates)} usable replies, {settings.min_clients} needed ({problems})"
+                f"round {server_round}: only {len(updates)} usable replies, {settings.replies_needed} needed ({problems})"
             )
         for update in updates:
             self.sites[update.site] = list(update.organs)
             self.reporter.emit("update_sent", round=server_round, site=update.site, num_examples=update.num_examples)
         if self.on_round is not None:
-            self.on_round(server_round, replies, strategy.current)
+            self.on_round(server_round, kept, strategy.current)
 
         metrics = round_metrics(updates)
         metrics.update(
@@ -332,9 +419,10 @@ class _Federation:
             errors=strategy.last_errors,
             dropped=dropped,
             rejected=dict(strategy.last_rejected),
+            sampled={"connected": connected, "trained": len(messages)},
             bytes={
                 "to_each_site": _record_bytes(messages[0].content) if messages else 0,
-                "from_site": {_update_site(r): _record_bytes(r.content) for r in replies if not r.has_error()},
+                "from_site": reply_bytes,
             },
             seconds={"wire_and_clients": round(wire_seconds, 3), "aggregate": round(aggregate_seconds, 3)},
         )
@@ -344,9 +432,7 @@ class _Federation:
         final = server_round == settings.rounds
         variants = {}
         if final:
-            if settings.strategy == "fedavg":
-                for update in updates:
-                    update.batchnorm = update.partition.get(PARTITION_BATCHNORM)
+            # The aggregator kept each final reply's BatchNorm (FedAvg: its averaged group).
             variants = batchnorm_variants(updates, settings.weighting)
         default = settings.default_batchnorm
         if default == "auto":
@@ -462,11 +548,6 @@ def _record_bytes(content) -> int:
     """Payload bytes of a message's records (arrays, metrics, config)."""
     records = [*content.array_records.values(), *content.metric_records.values(), *content.config_records.values()]
     return int(sum(record.count_bytes() for record in records))
-
-
-def _update_site(reply: Message) -> str:
-    """The site name a reply carries."""
-    return str(reply.content.config_records["site"]["name"])
 
 
 def _flower_version() -> str:

@@ -1,8 +1,22 @@
-"""Federated simulation on one machine with Flower's simulation engine and the SegViz apps.
+"""A whole federation on one machine: Flower's simulation engine (Ray) or its deployment engine.
+
+:func:`run_federated_simulation` is the one entry point (``segviz federation simulate``,
+``segviz experiment``, the demo); ``engine`` chooses how the federation runs:
+
+- ``"simulation"``: Flower's simulation engine, whose only backend in Flower 1.42 is Ray
+  (``pip install segviz[simulation]``): one process, virtual sites trained one at a time;
+- ``"deployment"``: Flower's deployment engine on loopback
+  (:func:`~SegVizLogic.federated.loopback.run_loopback_federation`): a SuperLink and one
+  ``segviz federation join`` process per site, as in a real federation; needs no Ray;
+- ``"auto"`` (default): the simulation engine when Ray imports, else the deployment engine.
+
+Both run the same ServerApp and ClientApp code with the same settings, so they train the same
+model up to floating-point summation order and thread counts (measured in
+Testing/federated/test_federated_engines.py).
 
 ``flwr.simulation.run_simulation`` runs the same ServerApp/ClientApp logic as a real
 federation, but hands the ServerApp an empty run config and gives each virtual SuperNode only
-``partition-id``. So configuration travels like this:
+``partition-id``. So in the simulation engine configuration travels like this:
 
 - the ServerApp is built by :func:`~SegVizLogic.federated.server_app.make_server_app` with the
   :class:`~SegVizLogic.federated.task.FederationSettings` bound in Python;
@@ -12,11 +26,12 @@ federation, but hands the ServerApp an empty run config and gives each virtual S
 - the ClientApp built by :func:`~SegVizLogic.federated.client_app.make_client_app` maps
   ``partition-id`` *i* to the *i*-th site folder.
 
-The engine's only backend in Flower 1.42 is Ray (``pip install ray``, CPU wheel).
+The deployment engine reads the same settings from the run config (``flwr run --run-config``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -29,17 +44,25 @@ from ..preprocessing import Preprocessing
 from ..progress import ProgressReporter
 from .task import FederationSettings
 
-__all__ = ["quiet_simulation_notices", "run_federated_simulation", "simulation_available"]
+__all__ = [
+    "ENGINES",
+    "choose_engine",
+    "quiet_simulation_notices",
+    "run_federated_simulation",
+    "simulation_available",
+]
+
+ENGINES = ("auto", "simulation", "deployment")
 
 
 class _SimulationNotices(logging.Filter):
     """Drops two Flower log records that every simulation prints and no user can act on.
 
     - "The `run_simulation` function is deprecated ... use `flwr run`": ``flwr run`` runs the
-      apps from a packaged app with only its run config, but the simulation binds its settings,
-      its progress reporter and the tests' ``on_round``/``client_mods`` hooks in Python (see the
-      module docstring). Moving to ``flwr run`` with a local SuperLink is the deployment-engine
-      simulation of issue 12; until then the warning is silenced here, and only this one.
+      apps from a packaged app with only its run config, but the simulation engine binds its
+      settings, its progress reporter and the tests' ``on_round``/``client_mods`` hooks in Python
+      (see the module docstring). The ``flwr run`` path is the deployment engine
+      (:mod:`~SegVizLogic.federated.loopback`); here the warning is silenced, and only this one.
     - "Manually terminating ClientAppActor": how Flower ends every Ray actor at the end of a run.
     """
 
@@ -61,9 +84,34 @@ def quiet_simulation_notices(message, context, call_next):
     return call_next(message, context)
 
 
+@functools.lru_cache(maxsize=1)
 def simulation_available() -> bool:
-    """Whether Flower's simulation engine can run here (it needs Ray)."""
-    return importlib.util.find_spec("ray") is not None
+    """Whether Flower's simulation engine can run here: Ray is installed and imports."""
+    if importlib.util.find_spec("ray") is None:
+        return False
+    try:
+        import ray  # noqa: F401 - a broken or shadowed Ray must not be chosen
+    except ImportError:
+        return False
+    return True
+
+
+def choose_engine(engine: str = "auto") -> str:
+    """``"simulation"`` or ``"deployment"`` for ``engine`` (``auto``: simulation when Ray imports).
+
+    Raises:
+        SegVizInputError: an unknown engine, or ``simulation`` without Ray.
+    """
+    if engine not in ENGINES:
+        raise SegVizInputError(None, f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        return "simulation" if simulation_available() else "deployment"
+    if engine == "simulation" and not simulation_available():
+        raise SegVizInputError(
+            None,
+            "the simulation engine needs Ray: pip install 'segviz[simulation]', or run with --engine deployment",
+        )
+    return engine
 
 
 def run_federated_simulation(
@@ -90,8 +138,14 @@ def run_federated_simulation(
     dp_noise_multiplier: float = 0.0,
     dp_clipping_norm: float = 0.0,
     resume_from: str | Path = "",
+    engine: str = "auto",
+    fraction_train: float = 1.0,
+    min_train_nodes: int = 0,
+    round_deadline: float = 0.0,
+    transfer_dtype: str = "float32",
+    sites_at_once: int = 1,
 ) -> Path:
-    """Train one global model over ``site_dirs`` with Flower's simulation engine.
+    """Train one global model over ``site_dirs`` on this machine (see the module docstring).
 
     Args:
         site_dirs: site folders (one virtual SuperNode each).
@@ -110,29 +164,42 @@ def run_federated_simulation(
         share_final_batchnorm: see :class:`FederationSettings`.
         default_batchnorm: the bundle's default BatchNorm (``auto``: see :class:`FederationSettings`).
         device: training device of the sites.
-        client_mods: Flower client mods (tests record what leaves each site with one).
-        on_round: ``(round, replies, global partition)`` after each aggregation.
-        num_cpus: CPUs given to the engine (default: all).
+        client_mods: Flower client mods (tests record what leaves each site with one);
+            simulation engine only.
+        on_round: ``(round, replies, global partition)`` after each aggregation; simulation
+            engine only (the deployment engine's ServerApp is another process).
+        num_cpus: CPUs given to the simulation engine (default: all).
         min_clients: usable replies a round needs (default: every site).
         dp_noise_multiplier: differential privacy's noise multiplier (0: off; see
             :mod:`~SegVizLogic.federated.privacy`).
         dp_clipping_norm: differential privacy's clipping norm (0: off).
         resume_from: a bundle to continue from (its weights and lineage; under FedBN a site
             without BatchNorm of that lineage starts from the bundle's averaged BatchNorm).
+        engine: ``"auto"``, ``"simulation"`` or ``"deployment"`` (:func:`choose_engine`).
+        fraction_train, min_train_nodes, round_deadline, transfer_dtype: see
+            :class:`~SegVizLogic.federated.task.FederationSettings`.
+        sites_at_once: virtual sites the simulation engine trains at the same time (default 1:
+            one at a time with every CPU, fastest for torch on a small machine; more lets a
+            round's replies arrive out of order, as in a real federation). The deployment
+            engine always trains every site in its own process.
 
     Returns:
         The final bundle's path (``out_dir/model.segviz``).
 
     Raises:
-        SegVizInputError: a site folder is not usable (checked before anything starts).
-        SegVizError: Ray is missing, or the federation failed.
+        SegVizInputError: a site folder is not usable (checked before anything starts), an
+            unknown engine, or the simulation engine without Ray.
+        SegVizError: the federation failed.
     """
     from ..training import TrainingConfig, load_site_data
 
-    if not simulation_available():
-        raise SegVizError("the federated simulation needs Ray (Flower's simulation engine): pip install ray")
+    engine = choose_engine(engine)
+    if engine == "deployment" and (client_mods or on_round is not None):
+        raise SegVizInputError(None, "client mods and on_round hooks need the simulation engine (Ray)")
     if len(site_dirs) < 1:
         raise SegVizInputError(None, "give at least one --site")
+    if sites_at_once < 1:
+        raise SegVizInputError(None, f"sites_at_once must be >= 1, got {sites_at_once}")
     reporter = reporter or ProgressReporter("none")
     preprocessing = preprocessing or Preprocessing()
     training_config = training_config or TrainingConfig()
@@ -156,6 +223,10 @@ def run_federated_simulation(
             dp_noise_multiplier=dp_noise_multiplier,
             dp_clipping_norm=dp_clipping_norm,
             resume_from=str(resume_from),
+            fraction_train=fraction_train,
+            min_train_nodes=min_train_nodes,
+            round_deadline=round_deadline,
+            transfer_dtype=transfer_dtype,
         )
     except ValueError as error:
         raise SegVizInputError(None, str(error)) from None
@@ -167,7 +238,24 @@ def run_federated_simulation(
         if data.name in names:
             raise SegVizInputError(site_dir, f"two sites are called {data.name!r}; site names must be unique")
         names.add(data.name)
+    if engine == "deployment":
+        from .loopback import run_loopback_federation
 
+        return run_loopback_federation(settings, site_dirs, reporter, device=device)
+    return _run_simulation_engine(settings, site_dirs, reporter, device, client_mods, on_round, num_cpus, sites_at_once)
+
+
+def _run_simulation_engine(
+    settings: FederationSettings,
+    site_dirs: Sequence[str | Path],
+    reporter: ProgressReporter,
+    device: str,
+    client_mods: Sequence[Callable],
+    on_round: Callable | None,
+    num_cpus: int | None,
+    sites_at_once: int = 1,
+) -> Path:
+    """The federation in Flower's simulation engine (Ray); returns the final bundle."""
     from flwr.simulation import run_simulation
 
     from .client_app import make_client_app
@@ -179,9 +267,15 @@ def run_federated_simulation(
     cpus = num_cpus or os.cpu_count() or 1
     backend_config = {
         # One virtual client at a time gets all CPUs: torch is faster with threads than with
-        # several clients competing on a small machine.
+        # several clients competing on a small machine. Ray runs init CPUs // client CPUs actors
+        # at once, so `sites_at_once` declares that many times the CPUs (Ray's CPUs are logical).
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "ERROR", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": cpus * sites_at_once,
+            "num_gpus": 0,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+        },
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

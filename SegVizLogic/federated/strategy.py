@@ -15,7 +15,9 @@ dicts, so the rules are unit-testable without Flower:
 Weights are the replies' example counts (``weighting="examples"``, each capped at
 :data:`EXAMPLES_CAP_FACTOR` times the round's lower-median count so one site cannot claim the
 average: :func:`capped_example_counts`) or equal (``weighting="uniform"``, what the SegViz
-paper used).
+paper used). The ServerApp applies these rules to each reply as it arrives, with running sums
+(:mod:`~SegVizLogic.federated.aggregation`); there the cap's reference is the run's count book,
+not the round's counts (that module's docstring says where the two differ).
 
 The coordinator checks every reply before it averages anything (:func:`check_update`,
 :func:`screen_updates`): finite tensors with the global model's keys, shapes and dtypes, only
@@ -446,8 +448,9 @@ except ImportError:  # pragma: no cover - exercised only without flwr
 
 
 class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
-    """Flower message-API strategy applying :func:`aggregate_updates` to the replies that pass
-    :func:`screen_updates`.
+    """Flower message-API strategy: the head-aware rule of :func:`aggregate_updates`, applied to
+    the replies that pass :func:`check_update` one by one as they arrive
+    (:mod:`~SegVizLogic.federated.aggregation`: running sums, no round held in memory).
 
     Messages carry one ``ArrayRecord`` per partition group (record names ``shared``,
     ``head:<organ>``, ``batchnorm``), a ``ConfigRecord`` ``config`` (server → client) or
@@ -485,6 +488,8 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         self.last_rejected: dict[str, str] = {}
         self.last_nodes: dict[int, str] = {}
         self.known_sites: dict[str, tuple[str, ...]] = {}
+        self.count_book: dict[str, int] = {}  # latest accepted example count per site (streaming cap)
+        self.transfer_dtype = "float32"  # the shared body on the wire (transfer.py)
         self.extra_heads: tuple[str, ...] = ()
         self.privacy = None  # a privacy.DifferentialPrivacy: clip-checked replies, noised averages
         self.noise_rng = np.random.default_rng()
@@ -499,12 +504,15 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         """One train message per connected node with the global groups and ``config``.
 
         ``arrays`` is ignored: the global model is the partition in :attr:`current`
-        (set by the caller), which keeps the groups apart on the wire.
+        (set by the caller), which keeps the groups apart on the wire. The shared body goes
+        in :attr:`transfer_dtype`; the ServerApp then trains a sample of these nodes.
         """
+        from .transfer import for_transfer
+
         node_ids = sorted(grid.get_node_ids())
         content = RecordDict()
         for group in groups_sent_to_clients(self.current, self.strategy):
-            content[group] = _arrays_to_record(self.current[group])
+            content[group] = _arrays_to_record(for_transfer(group, self.current[group], self.transfer_dtype))
         if self.strategy == "fedbn" and self.averaged_batchnorm is not None:
             # For a site without BatchNorm of its own in this lineage (one joining late).
             content[AVERAGED_BATCHNORM_RECORD] = _arrays_to_record(self.averaged_batchnorm)
@@ -513,68 +521,55 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         content["config"] = config
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id) for node_id in node_ids]
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check every reply (:func:`screen_updates`) and aggregate the accepted ones into
-        :attr:`current`.
+    def start_round(self, final_round: bool = False):
+        """A :class:`~SegVizLogic.federated.aggregation.RoundAggregator` for this round's replies,
+        over :attr:`current` and the run's sites, counts and privacy (add replies as they arrive,
+        then :meth:`finish_round`)."""
+        from .aggregation import RoundAggregator
 
-        Afterwards :attr:`last_updates` holds the accepted replies, :attr:`last_errors` the
-        sites' own failures and :attr:`last_rejected` ``{site: reason}`` for replies the
-        coordinator refused; each refusal is logged with the site and the reason.
-        """
-        parsed, errors, malformed = [], [], {}
-        self.last_nodes = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                errors.append(f"node {node}: {reply.error.reason}")
-                continue
-            try:
-                update = update_from_content(reply.content)
-            except (ValueError, KeyError, TypeError) as error:
-                malformed[f"node {node}"] = f"malformed reply: {error}"
-                continue
-            self.last_nodes[node] = update.site
-            parsed.append(update)
-        updates, rejected = screen_updates(
-            parsed, self.current, self.strategy, self.known_sites, extra_heads=self.extra_heads
+        return RoundAggregator(
+            self.current,
+            self.strategy,
+            self.weighting,
+            known_sites=self.known_sites,
+            count_book=self.count_book,
+            extra_heads=self.extra_heads,
+            privacy=self.privacy,
+            head_aggregation=self.head_aggregation,
+            final_round=final_round,
         )
-        rejected = {**malformed, **rejected}
-        if self.privacy is not None:
-            from .privacy import update_norm
 
-            clip = self.privacy.clipping_norm
-            # A clipped update re-added to float32 weights is rounded by up to eps/2 per weight.
-            margin = 1e-6 * float(
-                np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for a in self.current.values() for v in a.values()))
-            )
-            norms = {u.site: update_norm(u.partition, self.current) for u in updates}
-            too_large = {s: n for s, n in norms.items() if n > clip * 1.001 + margin}
-            rejected.update(
-                {s: f"update norm {n:.4g} exceeds the DP clipping norm {clip:g}" for s, n in too_large.items()}
-            )
-            updates = [u for u in updates if u.site not in too_large]
-        for update in updates:
-            self.known_sites.setdefault(update.site, tuple(update.organs))
-        self.last_updates, self.last_errors, self.last_rejected = updates, errors, rejected
-        for error in errors:
+    def finish_round(self, server_round: int, aggregator) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Take the round's result into :attr:`current` when at least ``min_clients`` replies
+        were accepted, and record :attr:`last_updates` (accepted, without tensors),
+        :attr:`last_errors` (the sites' own failures), :attr:`last_rejected` (``{site: reason}``,
+        each also logged) and :attr:`last_nodes`."""
+        updates = aggregator.accepted
+        self.last_updates, self.last_errors = updates, aggregator.errors
+        self.last_rejected, self.last_nodes = aggregator.rejected, aggregator.nodes
+        for error in self.last_errors:
             _flwr_log(WARNING, "round %d: a site failed: %s", server_round, error)
-        for site, reason in rejected.items():
+        for site, reason in self.last_rejected.items():
             _flwr_log(WARNING, "round %d: rejected the reply of %s: %s", server_round, site, reason)
         if len(updates) < self.min_clients:
             return None, None
-        self.current = aggregate_updates(self.current, updates, self.strategy, self.weighting, self.head_aggregation)
-        if self.privacy is not None:
-            from .privacy import add_group_noise, averaged_group_sizes
-
-            sizes = averaged_group_sizes(updates, self.strategy)
-            self.current = add_group_noise(self.current, sizes, self.privacy, self.noise_rng)
+        self.current = aggregator.result(self.noise_rng)
         metrics = round_metrics(updates)
         flat = {"loss": metrics["loss"], "num-examples": metrics["num_examples"]}
         flat.update({f"dice-{o}": v for o, v in metrics["dice"].items()})
         flat_arrays = {k: v for arrays in self.current.values() for k, v in arrays.items()}
         return _arrays_to_record(flat_arrays), MetricRecord(flat)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply and aggregate the accepted ones into :attr:`current`
+        (:meth:`start_round`, each reply, :meth:`finish_round`): Flower's batch interface over
+        the streaming aggregation the ServerApp uses as replies arrive."""
+        aggregator = self.start_round()
+        for reply in replies:
+            aggregator.add_reply(reply)
+        return self.finish_round(server_round, aggregator)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

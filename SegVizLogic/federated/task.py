@@ -59,6 +59,10 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "signing-key": "",
     "dp-noise-multiplier": 0.0,
     "dp-clipping-norm": 0.0,
+    "fraction-train": 1.0,
+    "min-train-nodes": 0,
+    "round-deadline": 0.0,
+    "transfer-dtype": "float32",
 }
 
 _STATE_BATCHNORM = "segviz-batchnorm"
@@ -89,7 +93,8 @@ class FederationSettings:
             the sites that annotate the organ reply with it) or ``"evidence"`` (every site that
             taught it anything replies with it, the exclusion term's "not this organ" included,
             weighted by the voxels it was taught on).
-        min_clients: sites needed to start a round and to aggregate it.
+        min_clients: sites that must be connected before a round starts; when every site trains
+            (``fraction_train = 1``) also the usable replies a round needs to aggregate.
         round_timeout: seconds to wait for a round's replies.
         wait_timeout: seconds to wait for ``min_clients`` sites to connect.
         out_dir: where bundles and ``progress.jsonl`` go.
@@ -112,6 +117,15 @@ class FederationSettings:
             :mod:`~SegVizLogic.federated.privacy`. DP needs uniform weighting and never shares
             the final BatchNorm (``share_final_batchnorm`` is switched off).
         dp_clipping_norm: differential privacy's clipping norm ``C`` (0: no DP).
+        fraction_train: share of the connected sites trained each round (1: all), sampled
+            with the run's seed (:func:`~SegVizLogic.federated.sampling.sample_nodes`).
+        min_train_nodes: with ``fraction_train < 1``, at least this many sites are sampled and
+            this many usable replies are needed (0: ``min_clients``; never more than it).
+        round_deadline: seconds a round waits for more replies once it has the usable replies
+            it needs (:attr:`replies_needed`); later replies are dropped and named (0: wait for
+            every site up to ``round_timeout``).
+        transfer_dtype: ``"float32"``, or ``"float16"`` to send the shared body both ways in
+            half precision (heads, BatchNorm and the coordinator's master weights stay float32).
     """
 
     rounds: int = 3
@@ -134,8 +148,22 @@ class FederationSettings:
     signing_key: str = ""
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 0.0
+    fraction_train: float = 1.0
+    min_train_nodes: int = 0
+    round_deadline: float = 0.0
+    transfer_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        from .transfer import TRANSFER_DTYPES
+
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.min_train_nodes < 0 or self.round_deadline < 0:
+            raise ValueError(
+                f"min-train-nodes and round-deadline must be >= 0, got {self.min_train_nodes} and {self.round_deadline}"
+            )
+        if self.transfer_dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"transfer-dtype must be one of {', '.join(TRANSFER_DTYPES)}, got {self.transfer_dtype!r}")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError(f"rounds and local epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
         if self.strategy not in STRATEGIES:
@@ -157,6 +185,18 @@ class FederationSettings:
             if self.weighting != "uniform":
                 raise ValueError("differential privacy needs uniform weighting (a site's weight bounds its influence)")
             self.share_final_batchnorm = False  # BatchNorm statistics would leave the site un-noised
+            if self.transfer_dtype != "float32":
+                # Half precision rounds every weight by up to 2**-11 of its value both ways: far more
+                # than the coordinator's clip check can allow without loosening the DP bound.
+                raise ValueError("differential privacy needs transfer-dtype float32")
+
+    @property
+    def replies_needed(self) -> int:
+        """Usable replies a round needs to aggregate: ``min_clients`` when every site trains,
+        else ``min_train_nodes`` (0: ``min_clients``), never more than ``min_clients``."""
+        if self.fraction_train >= 1:
+            return self.min_clients
+        return min(self.min_train_nodes or self.min_clients, self.min_clients)
 
     @property
     def privacy(self):
@@ -194,6 +234,10 @@ class FederationSettings:
             signing_key=str(cfg["signing-key"]),
             dp_noise_multiplier=float(cfg["dp-noise-multiplier"]),
             dp_clipping_norm=float(cfg["dp-clipping-norm"]),
+            fraction_train=float(cfg["fraction-train"]),
+            min_train_nodes=int(cfg["min-train-nodes"]),
+            round_deadline=float(cfg["round-deadline"]),
+            transfer_dtype=str(cfg["transfer-dtype"]),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -219,6 +263,10 @@ class FederationSettings:
             "signing-key": self.signing_key,
             "dp-noise-multiplier": self.dp_noise_multiplier,
             "dp-clipping-norm": self.dp_clipping_norm,
+            "fraction-train": self.fraction_train,
+            "min-train-nodes": self.min_train_nodes,
+            "round-deadline": self.round_deadline,
+            "transfer-dtype": self.transfer_dtype,
         }
 
     def client_config(self, server_round: int, lineage: str) -> dict[str, Any]:
@@ -239,6 +287,8 @@ class FederationSettings:
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
             # Sites clip their update to this norm (privacy.dp_clipping_mod); absent: no DP.
             **({"dp-clipping-norm": self.dp_clipping_norm} if self.privacy is not None else {}),
+            # Sites send their shared body back in this dtype (transfer.py).
+            "transfer-dtype": self.transfer_dtype,
         }
 
 
