@@ -33,6 +33,7 @@ Every organ in ``labels`` must be in ``organs`` and, with a value mapping, every
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,14 +69,19 @@ __all__ = [
     "SEGMENT_NAMES",
     "SITE_FILE",
     "STATE_DIR",
+    "VALIDATION_RECORD",
+    "VALIDATION_VERSION",
     "Case",
     "Site",
     "SiteValidationError",
     "case_organ_map",
+    "file_stamp",
     "load_case",
     "load_site",
+    "site_stamp",
     "state_dir",
     "validate_site",
+    "validated_site",
     "write_site",
 ]
 
@@ -85,6 +91,11 @@ LABELS_DIR = "labels"
 STATE_DIR = ".segviz"
 SEGMENT_NAMES = "segment-names"
 """Value of ``labels`` in site.json meaning: map .seg.nrrd segments to organs by their names."""
+VALIDATION_RECORD = "validation.json"
+"""File under ``.segviz/`` recording that the site, as its files stand, passed :func:`validate_site`."""
+VALIDATION_VERSION = 1
+"""Version of the checks :func:`validate_site` applies; bump it when they change, so that a record
+written under older rules is not taken as a pass under the new ones."""
 
 # Data files of .mhd headers sit beside them and are not cases.
 _COMPANION_SUFFIXES = (".raw", ".zraw", ".img")
@@ -421,6 +432,73 @@ def validate_site(path: str | Path, check_images: bool = True) -> Site:
             print("\\n".join(error.problems))
     """
     return _collect(path, check_images=check_images)
+
+
+def file_stamp(path: str | Path) -> list:
+    """``[resolved path, size, mtime_ns]`` of a file; for a folder (a DICOM series), the total
+    size and the newest mtime of its files. What decides that a file is unchanged, for the
+    validation record and the preprocessing cache.
+
+    Raises:
+        OSError: the path does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return [
+            str(path.resolve()),
+            sum(p.stat().st_size for p in files),
+            max((p.stat().st_mtime_ns for p in files), default=0),
+        ]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def site_stamp(site: Site) -> str:
+    """A hash of everything :func:`validate_site` looks at: site.json's content, every case's
+    image and label map (:func:`file_stamp`: path, size, mtime), :data:`VALIDATION_VERSION`
+    and SegViz's version. Any added, removed, replaced or touched file changes it."""
+    from . import __version__
+
+    cases = [[case.name, file_stamp(case.image_path), file_stamp(case.label_path)] for case in site.cases]
+    declaration = hashlib.sha1(site.site_file.read_bytes()).hexdigest()
+    text = json.dumps([VALIDATION_VERSION, __version__, declaration, cases])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def validated_site(path: str | Path) -> Site:
+    """:func:`validate_site` once per change of the site folder, not at every use.
+
+    Reading every image and label map of a 1000-case site takes minutes; a federated round
+    would pay it every time. The folder is parsed and paired (cheap, always), and its
+    :func:`site_stamp` compared with the one recorded in ``.segviz/validation.json`` by the
+    last thorough validation that passed; only when they differ (a file added, removed,
+    replaced or touched, site.json edited, new checks) is every image read and checked again.
+    A site that fails is never recorded, so it is checked in full each time.
+
+    Args:
+        path: the site folder.
+
+    Returns:
+        the :class:`Site`.
+
+    Raises:
+        SiteValidationError: as :func:`validate_site`.
+    """
+    site = load_site(path)
+    record = site.root / STATE_DIR / VALIDATION_RECORD
+    stamp = site_stamp(site)
+    try:
+        if json.loads(record.read_text(encoding="utf-8")).get("stamp") == stamp:
+            return site
+    except (OSError, ValueError, AttributeError):
+        pass  # no record, or a damaged one: validate in full
+    site = validate_site(path)
+    try:
+        write_text_atomic(record, json.dumps({"stamp": stamp, "cases": len(site.cases)}) + "\n")
+    except SegVizInputError:
+        pass  # a read-only site folder: it stays usable, only validated in full each time
+    return site
 
 
 # --------------------------------------------------------------------------------------

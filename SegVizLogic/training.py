@@ -1,28 +1,36 @@
 """Local training on one or more site folders, with the partial-label loss.
 
 Preprocessed cases are cached under each site's ``.segviz/cache`` (one file per case and setting,
-with the foreground/background voxel indices the patch sampler needs), patches are drawn around
-organ foreground and background (``RandCropByPosNegLabeld``), every step is one batch of
-``batch_size`` patches drawn from several patients, and validation Dice per annotated organ is
-measured on held-out cases through the inference path (:func:`~SegVizLogic.inference.predict_probabilities`).
+with the foreground/background voxel indices the patch sampler needs) and memory-mapped from there,
+so a site of a thousand cases does not hold them in RAM; the site's raw images are validated once per
+change of its files (:func:`~SegVizLogic.site.validated_site`). Patches are drawn around organ
+foreground and background (``RandCropByPosNegLabeld``) and augmented in worker threads, each patch
+from its own seed, so the batches are the same whatever the number of workers
+(:class:`PatchBatches`); every step is one batch of ``batch_size`` patches drawn from several
+patients, and validation Dice per annotated organ is measured on held-out cases through the
+inference path (:func:`~SegVizLogic.inference.predict_probabilities`).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import random
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import monai
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset, MetaTensor
+from monai.data import MetaTensor, list_data_collate
 from monai.metrics import DiceMetric
 from monai.transforms import (
     Compose,
@@ -36,6 +44,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     SpatialPadd,
 )
+from monai.utils import convert_to_tensor
 
 from .allocator import retain_freed_memory
 from .inference import predict_probabilities, probabilities_to_labels, resolve_device
@@ -44,14 +53,18 @@ from .network import MultiOrganUNet
 from .organs import organ_by_name
 from .preprocessing import Preprocessing, preprocessing_transforms, sitk_to_metatensor
 from .progress import ProgressReporter
-from .site import Site, load_case, state_dir, validate_site
+from .site import Site, file_stamp, load_case, state_dir, validated_site
 
 __all__ = [
     "CACHE_VERSION",
+    "LOADER_WORKERS_ENV",
+    "DataPathTimes",
+    "PatchBatches",
     "SiteData",
     "TrainResult",
     "TrainingConfig",
     "cache_key",
+    "default_loader_workers",
     "evaluate_dice",
     "load_site_data",
     "patch_loader",
@@ -163,11 +176,13 @@ class SiteData:
         return len(self.train_items)
 
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Version of what a cache entry holds and of SegViz's own preprocessing code. Bump it whenever
 either changes: the cache key includes it (and MONAI's version, whose transforms do the
 resampling), so an entry written by other code is never read as if it were current.
-Version 2: foreground/background voxel indices stored with the tensors."""
+Version 2: foreground/background voxel indices stored with the tensors. Version 3: those
+indices as plain tensors (version 2 stored MetaTensors, which ``weights_only`` loading refuses,
+so every entry was recomputed at every load)."""
 
 FG_INDICES = "label_fg_indices"
 BG_INDICES = "label_bg_indices"
@@ -177,7 +192,7 @@ def cache_key(image_path: Path, label_path: Path, preprocessing: Preprocessing) 
     """The cache entry's name for one case: a hash of the files (path, size, mtime), the
     preprocessing settings, :data:`CACHE_VERSION` and MONAI's version."""
     stamp = json.dumps(
-        [_file_stamp(image_path), _file_stamp(label_path), preprocessing.to_dict(), CACHE_VERSION, monai.__version__]
+        [file_stamp(image_path), file_stamp(label_path), preprocessing.to_dict(), CACHE_VERSION, monai.__version__]
     )
     return hashlib.sha1(stamp.encode()).hexdigest()
 
@@ -191,12 +206,18 @@ def load_site_data(
 ) -> SiteData:
     """Validate a site folder and load its preprocessed cases (cached under ``.segviz/cache``).
 
+    The raw images are read and checked only when the site's files changed since the last
+    validation that passed (:func:`~SegVizLogic.site.validated_site`); cached cases are
+    memory-mapped from their files (their pages are read when a patch touches them and can be
+    dropped by the OS), so the RAM a site needs does not grow with its number of cases.
+    ``cache=False`` preprocesses every case into RAM and writes nothing.
+
     Raises:
         SiteValidationError: the site folder is not usable (one line per problem).
     """
     config = config or TrainingConfig()
     reporter = reporter or ProgressReporter("none")
-    site = validate_site(site_dir)
+    site = validated_site(site_dir)
     transform = Compose(
         [
             LoadSiteCased({site.name: site}),
@@ -227,61 +248,56 @@ def _voxel_indices(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat foreground (any annotated organ) and background voxel indices of a ``(1, X, Y, Z)``
     label, as int32 (half the bytes of int64; volumes stay far below 2**31 voxels)."""
     out = FgBgToIndicesd(keys="label")({"label": torch.as_tensor(label)})
+    # Plain tensors: a MetaTensor in a cache entry makes it unreadable with weights_only=True.
     return (
-        torch.as_tensor(out[FG_INDICES]).to(torch.int32),
-        torch.as_tensor(out[BG_INDICES]).to(torch.int32),
+        convert_to_tensor(out[FG_INDICES], track_meta=False).to(torch.int32),
+        convert_to_tensor(out[BG_INDICES], track_meta=False).to(torch.int32),
     )
 
 
 def _cached_case(transform: Compose, item: dict, key: str, cache_dir: Path | None) -> dict:
     """Preprocess one case, or read it from ``cache_dir``: image, label, affine and the
     label's foreground/background indices (the patch sampler's input, computed once per case
-    instead of at every draw)."""
+    instead of at every draw). A cached case's tensors are memory-mapped from its file."""
     path = None if cache_dir is None else cache_dir / (key + ".pt")
     if path is not None and path.is_file():
         try:
-            saved = torch.load(path, weights_only=True)
-            affine = saved["affine"]
-            return {
-                **item,
-                "image": MetaTensor(saved["image"], affine=affine),
-                "label": MetaTensor(saved["label"], affine=affine),
-                FG_INDICES: saved["fg"],
-                BG_INDICES: saved["bg"],
-            }
+            return _mapped_case(item, path)
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
     out = transform(dict(item))
     image, label = out["image"], out["label"].to(torch.uint8)
     fg, bg = _voxel_indices(label)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(
-            {
-                "image": image.as_tensor().contiguous(),
-                "label": label.as_tensor().contiguous(),
-                "affine": image.affine.clone(),
-                "fg": fg,
-                "bg": bg,
-            },
-            tmp,
-        )
-        os.replace(tmp, path)
-    return {**item, "image": image, "label": label, FG_INDICES: fg, BG_INDICES: bg}
+    if path is None:
+        return {**item, "image": image, "label": label, FG_INDICES: fg, BG_INDICES: bg}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(
+        {
+            "image": image.as_tensor().contiguous(),
+            "label": label.as_tensor().contiguous(),
+            "affine": image.affine.clone(),
+            "fg": fg,
+            "bg": bg,
+        },
+        tmp,
+    )
+    os.replace(tmp, path)
+    # Read back mapped: a first round over a thousand cases must not keep them all in RAM.
+    return _mapped_case(item, path)
 
 
-def _file_stamp(path: Path) -> list:
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file())
-        return [
-            str(path.resolve()),
-            sum(p.stat().st_size for p in files),
-            max((p.stat().st_mtime_ns for p in files), default=0),
-        ]
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+def _mapped_case(item: dict, path: Path) -> dict:
+    """A cache entry with its tensors memory-mapped (copy-on-write: the file is never written)."""
+    saved = torch.load(path, weights_only=True, mmap=True)
+    affine = saved["affine"].clone()
+    return {
+        **item,
+        "image": MetaTensor(saved["image"], affine=affine),
+        "label": MetaTensor(saved["label"], affine=affine),
+        FG_INDICES: saved["fg"],
+        BG_INDICES: saved["bg"],
+    }
 
 
 @dataclass
@@ -300,6 +316,71 @@ class TrainResult:
     val_dice: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     head_evidence: dict[str, float] = field(default_factory=dict)
+    data_path: DataPathTimes | None = None
+
+
+@dataclass
+class DataPathTimes:
+    """Where the training steps' wall time went: the device computing, or waiting for data.
+
+    Attributes:
+        steps_seconds: wall time of the epochs' step loops (from asking for the first batch to
+            the last step done; validation excluded).
+        data_wait_seconds: of that, the time the training thread waited for the next batch.
+        busy_seconds: time the device spent on the steps (forward, backward, optimiser): on a GPU
+            the sum of CUDA-event intervals around each step, on a CPU the steps' wall time.
+        device: ``"cuda"`` or ``"cpu"``.
+        workers: patch worker threads used.
+    """
+
+    steps_seconds: float
+    data_wait_seconds: float
+    busy_seconds: float
+    device: str
+    workers: int
+
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the step loops' wall time the device was busy (0 when nothing ran)."""
+        return self.busy_seconds / self.steps_seconds if self.steps_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict, with the busy fraction."""
+        return {**asdict(self), "busy_fraction": self.busy_fraction}
+
+
+class _StepClock:
+    """Times the device's work on each step: CUDA events on a GPU (the host does not wait for
+    them until :meth:`busy_seconds`), wall time on a CPU (where a step is synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.cpu_seconds = 0.0
+        self._started = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.cpu_seconds += time.perf_counter() - self._started
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def busy_seconds(self) -> float:
+        if not self.cuda:
+            return self.cpu_seconds
+        self.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
 
 
 def _targets(label: torch.Tensor, organs: Sequence[str]) -> torch.Tensor:
@@ -351,26 +432,136 @@ def _padded_to_patch(item: dict, patch_size: Sequence[int]) -> dict:
     return {**item, "image": padded["image"], "label": padded["label"], FG_INDICES: fg, BG_INDICES: bg}
 
 
-def patch_loader(items: Sequence[dict], config: TrainingConfig) -> DataLoader:
-    """Batches of exactly ``batch_size`` patches (the last of an epoch may be smaller), drawn
-    from every case in a shuffled order so that a batch mixes patients.
+LOADER_WORKERS_ENV = "SEGVIZ_LOADER_WORKERS"
+"""Environment variable that sets the number of patch worker threads (0: on the training thread)."""
 
-    An epoch draws ``samples_per_case`` patches from each case: the dataset lists every case
-    that many times and each entry crops one patch, so the loader's shuffle spreads one
-    patient's patches over the epoch instead of filling a batch with them. Sampling and
-    augmentation are seeded by ``config.seed``.
+
+def default_loader_workers(device: torch.device | str = "cpu") -> int:
+    """Patch worker threads for training on ``device``: :data:`LOADER_WORKERS_ENV` when set;
+    else on a GPU one per spare CPU core up to 8 (cropping and augmenting a batch of the paper's
+    patches takes a core several times as long as the GPU's step), and on a CPU one thread, which
+    prepares the next batch while the network's step runs.
+
+    Raises:
+        ValueError: the environment variable is not a whole number >= 0.
+    """
+    text = os.environ.get(LOADER_WORKERS_ENV, "").strip()
+    if text:
+        if not text.isdigit():
+            raise ValueError(f"{LOADER_WORKERS_ENV} must be a whole number >= 0, got {text!r}")
+        return int(text)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.device(device).type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 1 if cores > 1 else 0
+
+
+class PatchBatches:
+    """The training batches of one epoch each time it is iterated: ``batch_size`` patches (the last
+    of an epoch may be fewer) drawn from every case in a shuffled order, so that a batch mixes
+    patients, cropped and augmented by ``workers`` threads ahead of the training step.
+
+    An epoch draws ``samples_per_case`` patches from each case: every case is listed that many
+    times and each entry crops one patch, shuffled with a generator seeded by ``config.seed``
+    (a new order each epoch), so one patient's patches spread over the epoch instead of filling a
+    batch. Each patch is cropped and augmented with its own seed, drawn from ``config.seed``, the
+    epoch and its position in the epoch: a patch does not depend on which thread made it or when,
+    so the batches are the same with any number of workers, 0 included (on the calling thread).
+    Workers are threads, not processes: they share the memory-mapped cases without copying them,
+    and the crops and intensity transforms spend their time in numpy and torch, which release the
+    GIL.
 
     Args:
-        items: cases with ``image``, ``label``, their voxel indices and any per-case keys
-            (``annotated``, ``site``, ``case``), which every patch of the case carries.
+        items: cases with ``image``, ``label`` ``(1, X, Y, Z)``, their voxel indices and any
+            per-case keys (``annotated``, ``site``, ``case``), which every patch of the case carries.
         config: patch size, batch size, samples per case, positive share, seed.
+        workers: threads preparing batches (0: the iterating thread prepares each batch when asked).
+        pin_memory: put each batch's tensors in page-locked memory (for asynchronous copies to a GPU).
+
+    Example::
+
+        batches = PatchBatches(site.train_items, TrainingConfig(batch_size=8), workers=4)
+        for batch in batches:  # one epoch
+            batch["image"].shape  # (8, 1, 128, 128, 32), a plain tensor
     """
-    cases = [_padded_to_patch(item, config.patch_size) for item in items]
-    transform = _patch_transform(config)
-    transform.set_random_state(seed=config.seed % 2**32)
-    dataset = Dataset([case for case in cases for _ in range(config.samples_per_case)], transform=transform)
-    generator = torch.Generator().manual_seed(config.seed)
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, num_workers=0, generator=generator)
+
+    def __init__(
+        self, items: Sequence[dict], config: TrainingConfig, workers: int = 0, pin_memory: bool = False
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.cases = [_padded_to_patch(item, config.patch_size) for item in items]
+        self.config = config
+        self.workers = workers
+        self.pin_memory = pin_memory
+        self._transform = _patch_transform(config)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._epoch = 0
+        self._thread = threading.local()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.cases) * self.config.samples_per_case / self.config.batch_size)
+
+    def _epoch_plan(self) -> list[list[tuple[int, int]]]:
+        """``(case index, patch seed)`` of every patch of the next epoch, batch by batch."""
+        per_case = self.config.samples_per_case
+        count = len(self.cases) * per_case
+        order = torch.randperm(count, generator=self._generator).tolist()
+        seeds = np.random.SeedSequence([self.config.seed % 2**63, self._epoch]).generate_state(count)
+        self._epoch += 1
+        patches = [(entry // per_case, int(seed)) for entry, seed in zip(order, seeds)]
+        size = self.config.batch_size
+        return [patches[i : i + size] for i in range(0, count, size)]
+
+    def _patch(self, case: int, seed: int) -> list[dict]:
+        # MONAI's random transforms keep their state in the object: one copy per thread.
+        transform = getattr(self._thread, "transform", None)
+        if transform is None:
+            transform = self._thread.transform = copy.deepcopy(self._transform)
+        transform.set_random_state(seed=seed)
+        return transform(dict(self.cases[case]))
+
+    def _batch(self, plan: list[tuple[int, int]]) -> dict:
+        batch = list_data_collate([self._patch(case, seed) for case, seed in plan])
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                # A plain tensor: MetaTensor's bookkeeping on every operation of the network
+                # would cost the GPU step its launch speed; training needs no metadata.
+                value = value.as_tensor() if isinstance(value, MetaTensor) else value
+                batch[key] = value.pin_memory() if self.pin_memory else value
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self._epoch_plan()
+        if self.workers == 0:
+            for batch in plan:
+                yield self._batch(batch)
+            return
+        executor = ThreadPoolExecutor(self.workers, thread_name_prefix="segviz-patches")
+        ahead: deque = deque()
+        upcoming = iter(plan)
+        try:
+            # Two batches per worker in flight: a worker never waits for the training step to
+            # take a batch, and at most that many batches are held in memory.
+            for batch in upcoming:
+                ahead.append(executor.submit(self._batch, batch))
+                if len(ahead) >= 2 * self.workers:
+                    break
+            while ahead:
+                ready = ahead.popleft().result()
+                following = next(upcoming, None)
+                if following is not None:
+                    ahead.append(executor.submit(self._batch, following))
+                yield ready
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def patch_loader(
+    items: Sequence[dict], config: TrainingConfig, workers: int = 0, pin_memory: bool = False
+) -> PatchBatches:
+    """The training batches of ``items`` (:class:`PatchBatches`); each iteration is an epoch."""
+    return PatchBatches(items, config, workers=workers, pin_memory=pin_memory)
 
 
 def _head_evidence(target: torch.Tensor, annotated: torch.Tensor, exclusion: bool) -> torch.Tensor:
@@ -395,6 +586,7 @@ def train_site(
     validate: bool = True,
     on_epoch_end: Callable[[int, float, dict[str, float]], None] | None = None,
     lr_span: tuple[float, float] = (0.0, 1.0),
+    loader_workers: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one site (or several pooled sites) for ``epochs`` epochs.
 
@@ -415,10 +607,13 @@ def train_site(
         lr_span: the part of a cosine learning-rate schedule (from ``lr`` down to ``lr/10``)
             these epochs cover: ``(0, 1)`` for a whole training; a federated round ``r`` of
             ``R`` covers ``((r-1)/R, r/R)``, so federated and local arms decay alike.
+        loader_workers: threads preparing patches (:class:`PatchBatches`); ``None``:
+            :func:`default_loader_workers`. The batches, and so the training, are the same for
+            any number.
 
     Returns:
-        :class:`TrainResult` with per-epoch losses, the last validation Dice and the evidence
-        each head was taught on.
+        :class:`TrainResult` with per-epoch losses, the last validation Dice, the evidence
+        each head was taught on, and where the steps' time went (:class:`DataPathTimes`).
     """
     retain_freed_memory()  # a step frees and re-allocates the same large blocks: keep them mapped
     config = config or TrainingConfig()
@@ -435,7 +630,8 @@ def train_site(
     if not any(any(item["annotated"]) for item in items):
         raise ValueError(f"the sites annotate none of the network's organs {organs}")
 
-    loader = patch_loader(items, config)
+    workers = default_loader_workers(device) if loader_workers is None else loader_workers
+    loader = PatchBatches(items, config, workers=workers, pin_memory=device.type == "cuda")
     loss_fn = (
         PartialLabelLoss(exclusion_weight=config.exclusion_weight)
         if config.label_mode == "partial"
@@ -448,29 +644,50 @@ def train_site(
 
     losses: list[float] = []
     steps = 0
-    evidence = torch.zeros(len(organs), dtype=torch.float64)
+    evidence = torch.zeros(len(organs), dtype=torch.float64, device=device)
     val_dice: dict[str, float] = {}
+    clock = _StepClock(device)
+    steps_seconds = waited = 0.0
     start = time.perf_counter()
     with reporter.task("train", total=epochs * len(loader)) as advance:
         for epoch in range(1, epochs + 1):
             for group in optimizer.param_groups:
                 group["lr"] = lr * cosine_factor(lr_span[0] + (lr_span[1] - lr_span[0]) * (epoch - 1) / epochs)
             model.train()
-            epoch_losses = []
-            for batch in loader:
-                image = batch["image"].to(device).float()
-                target = _targets(batch["label"].to(device), organs)
-                annotated = batch["annotated"].to(device).bool()
+            epoch_losses: list[float] = []
+            # A step's loss is read after the next step is queued, so that reading it never
+            # leaves the GPU without work; the progress bar shows each loss one step late.
+            unread = None
+            loop_start = time.perf_counter()
+            batches = iter(loader)
+            while True:
+                asked = time.perf_counter()
+                batch = next(batches, None)
+                waited += time.perf_counter() - asked
+                if batch is None:
+                    break
+                image = batch["image"].to(device, non_blocking=True).float()
+                target = _targets(batch["label"].to(device, non_blocking=True), organs)
+                annotated = batch["annotated"].to(device, non_blocking=True).bool()
+                clock.start()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     logits = model(image)
                 loss = loss_fn(logits.float(), target, annotated)
                 loss.backward()
                 optimizer.step()
-                evidence += _head_evidence(target, annotated, exclusion).cpu()
-                epoch_losses.append(float(loss.detach()))
+                clock.stop()
+                evidence += _head_evidence(target, annotated, exclusion)
+                if unread is not None:
+                    epoch_losses.append(float(unread))
+                    advance(1, loss=epoch_losses[-1])
+                unread = loss.detach()
                 steps += 1
+            if unread is not None:
+                epoch_losses.append(float(unread))
                 advance(1, loss=epoch_losses[-1])
+            clock.synchronize()
+            steps_seconds += time.perf_counter() - loop_start
             losses.append(float(np.mean(epoch_losses)))
             last = epoch == epochs
             # Validation costs a whole-volume inference per case: after the last epoch, or every
@@ -482,6 +699,14 @@ def train_site(
             reporter.emit("epoch", epoch=epoch, epochs=epochs, loss=losses[-1], dice=val_dice)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, losses[-1], val_dice)
+    evidence = evidence.cpu()
+    data_path = DataPathTimes(
+        steps_seconds=steps_seconds,
+        data_wait_seconds=waited,
+        busy_seconds=clock.busy_seconds(),
+        device=device.type,
+        workers=workers,
+    )
     return TrainResult(
         loss=losses[-1],
         losses=losses,
@@ -490,6 +715,7 @@ def train_site(
         val_dice=val_dice,
         seconds=time.perf_counter() - start,
         head_evidence={organ: float(evidence[i]) for i, organ in enumerate(organs) if evidence[i] > 0},
+        data_path=data_path,
     )
 
 

@@ -317,9 +317,10 @@ def join_federation(
         LeftMidRound: interrupted (Ctrl-C, SIGTERM) while the coordinator waited for this
             site's update; the SuperNode signed off before this is raised.
     """
-    from ..site import validate_site
+    from ..site import validated_site
 
-    site = validate_site(site_dir)
+    # Read every image once per change of the site's files (the rounds then find the record).
+    site = validated_site(site_dir)
     _tls_args_client(root_cert, insecure)  # a missing ca.crt is named before the trust file next to it
     trust_file = find_trust_file(trust, root_cert)
     if trust_file is None and not insecure:

@@ -370,13 +370,15 @@ def load_partition_into_model(model: torch.nn.Module, groups: Mapping[str, Mappi
 
 @dataclass
 class ClientRoundResult:
-    """What a site sends back after a round (nothing else leaves the site)."""
+    """What a site sends back after a round (nothing else leaves the site), and, for the site's
+    own logs and benchmarks only, where its training time went (``data_path``: never sent)."""
 
     site: str
     organs: tuple[str, ...]
     partition: Partition
     metrics: dict[str, float]
     final_batchnorm: dict[str, np.ndarray] | None = None
+    data_path: dict[str, Any] | None = None
 
 
 def train_client_round(
@@ -516,7 +518,12 @@ def train_client_round(
     metrics.update({f"evidence-{organ}": float(result.head_evidence.get(organ, 0.0)) for organ in taught})
     metrics.update({f"dice-{organ}": float(value) for organ, value in result.val_dice.items()})
     return ClientRoundResult(
-        site=data.name, organs=organs, partition=reply, metrics=metrics, final_batchnorm=final_batchnorm
+        site=data.name,
+        organs=organs,
+        partition=reply,
+        metrics=metrics,
+        final_batchnorm=final_batchnorm,
+        data_path=None if result.data_path is None else result.data_path.to_dict(),
     )
 
 
