@@ -378,7 +378,7 @@ def adaptation_windows(
         np.unique(np.round(np.linspace(0, s - r, num=int(np.ceil((s - r) / max(r // 2, 1))) + 1)).astype(int))
         for s, r in zip(shape, roi_size)
     ]
-    body = (torch.as_tensor(volume) > threshold).double().numpy()
+    body = (torch.as_tensor(volume) > threshold).double().cpu().numpy()
     integral = np.pad(body.cumsum(0).cumsum(1).cumsum(2), ((1, 0), (1, 0), (1, 0)))
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     lo, hi = grid, grid + np.asarray(roi_size)

@@ -365,7 +365,7 @@ def run_infer_benchmark(
             monai_dir = work / "monai"
             extra["monai_pipeline"] = _child(
                 [sys.executable, str(REPO / "bench" / "monai_pipeline.py"), "--model", str(model_path)]
-                + ["--input", str(ct_path), "--output-dir", str(monai_dir)]
+                + ["--input", str(ct_path), "--output-dir", str(monai_dir), "--device", device]
             )
             extra["monai_pipeline"]["ratio_to_fast"] = round(extra["monai_pipeline"]["wall_s"] / best["wall_s"], 2)
             extra["exact"]["ratio_to_fast"] = round(extra["exact"]["wall_s"] / best["wall_s"], 2)
