@@ -172,7 +172,8 @@ class WorkerJob:
                 self.status.process_exited(-1)
             else:
                 tail = " ".join(self.worker.stderr_tail[-3:]) or "no message"
-                self.status.fail(f"the SegViz worker stopped unexpectedly ({tail})")
+                code = self.worker.process.returncode if self.worker.process is not None else None
+                self.status.fail(f"the SegViz worker stopped unexpectedly (exit status {code}: {tail})")
         if self._done and self.status.active and not self.output.is_file():
             self.status.fail(f"segviz serve reported done without writing {self.output}")
         return self.status
