@@ -267,7 +267,9 @@ def restore_on_organs(ct: Path, device: str = "cpu") -> dict:
         mask = sitk.GetImageFromArray(np.isin(array, organ_values).astype(np.float32))
         mask.CopyInformation(image)
         maps.append(sitk.SmoothingRecursiveGaussian(mask, 1.5))
-    prepared = [preprocessing_transforms(Preprocessing())({"image": sitk_to_metatensor(m)})["image"] for m in maps]
+    # Orientation and spacing of the paper preprocessing; the identity window keeps probabilities in [0, 1].
+    grid = Preprocessing(hu_window=(0.0, 1.0))
+    prepared = [preprocessing_transforms(grid)({"image": sitk_to_metatensor(m)})["image"] for m in maps]
     affine = prepared[0].affine
     probabilities = torch.cat([torch.as_tensor(p).float() for p in prepared]).to(device)
     mapping = grid_mapping(sitk_to_metatensor_affine(image), np.asarray(affine))
