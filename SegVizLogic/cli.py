@@ -13,7 +13,7 @@ from .errors import SegVizError, SegVizInputError
 from .organs import ORGANS
 from .training_setup import add_setup_arguments
 
-__all__ = ["add_progress_argument", "build_parser", "main", "triple_argument"]
+__all__ = ["add_progress_argument", "build_parser", "infer_from_args", "main", "triple_argument"]
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
@@ -122,10 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="segment an image whose values are not Hounsfield units (NaN, infinite or constant images are refused regardless)",
     )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="the reference path: float32 on every window of the whole grid, each organ's probability resampled onto "
+        "the input grid (slower; the default fast path gives the same label map up to bfloat16 rounding: "
+        "docs/BENCHMARKS.md)",
+    )
     _add_trust_argument(p)
     p.add_argument("--force", action="store_true", help="overwrite --output / --stats (never the input)")
     add_progress_argument(p)
     p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser(
+        "serve",
+        help="a warm inference worker: JSON-line requests on stdin (the options of infer), events on stdout",
+        description="Keep torch, MONAI and the model bundles loaded and segment one CT per request. Each stdin line "
+        'is a JSON object with the options of `segviz infer` (e.g. {"id": "1", "model": "m.segviz", "input": '
+        '"ct.nii.gz", "output": "labels.nii.gz", "force": true}); the worker answers with JSON-line events on stdout, '
+        'each carrying the request\'s "id", ending with "done" or "error" (the same refusals as infer). '
+        '{"command": "shutdown"} or the end of stdin stops it.',
+    )
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
         "evaluate",
@@ -329,13 +347,34 @@ def _read_infer_input(args, bundle):
 
 
 def _cmd_infer(args) -> int:
-    from .bundle import load_bundle
-    from .inference import organ_volumes_ml, resolve_device, segment_image
+    return infer_from_args(args, _reporter(args))
+
+
+def _cmd_serve(args) -> int:
+    from .serve import serve
+
+    return serve(sys.stdin, sys.stdout)
+
+
+def infer_from_args(args, reporter, load_bundle=None) -> int:
+    """``segviz infer`` with parsed arguments: the one code path of ``infer`` and ``serve``.
+
+    Args:
+        args: the parsed ``infer`` arguments.
+        reporter: where progress and the result go.
+        load_bundle: ``path -> ModelBundle`` (``serve`` passes its cache; default: read the file).
+
+    Raises:
+        SegVizError: a refused input, model or output (nothing is written).
+    """
+    from .inference import FAST, REFERENCE, organ_volumes_ml, resolve_device, segment_image
     from .io import write_label_map_like
     from .signing import bundle_signature
 
+    if load_bundle is None:
+        from .bundle import load_bundle
+
     _check_infer_outputs(args)
-    reporter = _reporter(args)
     if reporter.mode == "json":
         # The Slicer module shows this stage at once; on a terminal nothing is printed before the
         # inputs pass their checks, so that a refusal is the one line a person reads.
@@ -357,7 +396,14 @@ def _cmd_infer(args) -> int:
     reporter.emit("stage", stage="signature", message=f"model {signature.message}", signature=signature.to_dict())
     device = resolve_device(args.device)
     result = segment_image(
-        bundle, image, device, batchnorm=args.batchnorm, cleanup=not args.no_cleanup, reporter=reporter
+        bundle,
+        image,
+        device,
+        batchnorm=args.batchnorm,
+        cleanup=not args.no_cleanup,
+        reporter=reporter,
+        levers=REFERENCE if args.exact else FAST,
+        sw_batch_size=1 if args.exact else 0,  # 0: from the device's free memory
     )
     clock = time.perf_counter()
     write_label_map_like(result.labels, image, args.output, force=args.force)

@@ -292,6 +292,10 @@ def score_label_maps(
         SegVizInputError: a prediction in SegViz values (no ``pred_map``) holds another value: a
             SegViz prediction never does, so it is the wrong file or another tool's labels.
     """
+    # isort: off
+    from . import lean_monai  # noqa: F401  (before MONAI)
+
+    # isort: on
     from monai.metrics import compute_dice, compute_hausdorff_distance
 
     ref_map = dict(SEGVIZ_VALUES if ref_map is None else ref_map)

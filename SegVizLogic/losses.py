@@ -14,6 +14,11 @@ unannotated head gets exactly zero gradient.
 from __future__ import annotations
 
 import torch
+
+# isort: off
+from . import lean_monai  # noqa: F401  (before MONAI: keeps its heavy optional packages out)
+
+# isort: on
 from monai.losses import DiceLoss
 from torch import nn
 from torch.nn import functional as F

@@ -8,6 +8,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+# isort: off
+from . import lean_monai  # noqa: F401  (before MONAI: keeps its heavy optional packages out)
+
+# isort: on
 from monai.networks.nets import UNet
 from torch import nn
 

@@ -18,6 +18,11 @@ import nibabel.orientations as nib_orientations
 import numpy as np
 import SimpleITK as sitk
 import torch
+
+# isort: off
+from . import lean_monai  # noqa: F401  (before MONAI: keeps its heavy optional packages out)
+
+# isort: on
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
@@ -39,6 +44,7 @@ __all__ = [
     "preprocessed_shape",
     "preprocessing_transforms",
     "sitk_to_metatensor",
+    "sitk_to_metatensor_affine",
 ]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -86,6 +92,11 @@ def _ras_affine(image: sitk.Image) -> np.ndarray:
     affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
     affine[:3, 3] = LPS_TO_RAS @ np.asarray(image.GetOrigin(), dtype=np.float64)
     return affine
+
+
+def sitk_to_metatensor_affine(image: sitk.Image) -> np.ndarray:
+    """The RAS affine :func:`sitk_to_metatensor` gives ``image``: 4x4 from its (i, j, k) to RAS mm."""
+    return _ras_affine(image)
 
 
 def sitk_to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> MetaTensor:

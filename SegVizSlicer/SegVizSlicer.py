@@ -661,6 +661,7 @@ class SegVizSlicerTest(ScriptedLoadableModuleTest):
             request = logic.startInference(volume, model.bundle, "cpu")
             self.assertEqual(request.input.path, model.ct, "the volume's own file is read, not a copy")
             segmentation, table = logic.waitForInference(timeout=900, tick=slicer.app.processEvents)
+            logic.stopAll()  # this logic's warm worker (the panel's ends with the module)
             self.assertFalse(request.input.work_dir.exists(), "the job's temporary folder is removed")
             segments = segmentation.GetSegmentation()
             names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]

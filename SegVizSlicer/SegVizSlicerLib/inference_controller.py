@@ -11,9 +11,10 @@ volume came from Slicer's DICOM database; otherwise a copy written to Slicer's t
 Everything written for a job is removed once its result is loaded, or when it fails or is
 cancelled.
 
-A runner starts the work. :class:`SubprocessRunner` starts one ``segviz infer`` child per job; a
-warm worker kept for the session (issue 12's ``segviz serve``) plugs in as another runner with
-the same ``start(request) -> job`` shape.
+A runner starts the work. :class:`SubprocessRunner` starts one ``segviz infer`` child per job;
+:class:`~SegVizSlicerLib.inference_worker.WorkerRunner` (the panel's) serves every job of the
+session in one warm ``segviz serve`` worker, with the same ``start(request) -> job`` shape and a
+``stop()`` for the module's cleanup.
 """
 
 from __future__ import annotations
@@ -303,7 +304,11 @@ class InferenceController:
             shutil.rmtree(self.request.input.work_dir, ignore_errors=True)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End a running job and remove its files (module unload, Slicer exit)."""
-        if self.job is not None and self.job.process.running:
+        """End a running job and remove its files, and end the runner's worker (module unload, Slicer exit)."""
+        process = getattr(self.job, "process", None)
+        if self.job is not None and (self.job.status.active or (process is not None and process.running)):
             self.job.cancel(timeout=timeout, wait=True)
+        stop_runner = getattr(self.runner, "stop", None)
+        if stop_runner is not None:
+            stop_runner(timeout=timeout)
         self.cleanup()

@@ -192,9 +192,16 @@ class ProcessJob:
             time.sleep(0.1)
     """
 
-    def __init__(self, argv: Sequence[str], cwd: str | Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        stdin: bool = False,
+    ) -> None:
         if not argv:
             raise ValueError("empty command")
+        self.stdin = stdin
         self.argv = [str(a) for a in argv]
         self.cwd = None if cwd is None else str(cwd)
         self.env = child_environment() if env is None else env
@@ -233,7 +240,7 @@ class ProcessJob:
                 self.argv,
                 cwd=self.cwd,
                 env=self.env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -248,6 +255,28 @@ class ProcessJob:
             reader = threading.Thread(target=self._read, args=(name, stream), daemon=True, name=f"segviz-{name}")
             reader.start()
             self._readers.append(reader)
+
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin (a job started with ``stdin=True``).
+
+        Raises:
+            SegVizError: the child is not running or no longer reads its input.
+        """
+        if not self.running or self.process is None or self.process.stdin is None:
+            raise SegVizError("the process is not running")
+        try:
+            self.process.stdin.write(line.rstrip("\n") + "\n")
+            self.process.stdin.flush()
+        except (OSError, ValueError) as exc:
+            raise SegVizError(f"the process stopped reading its input: {exc}") from None
+
+    def close_input(self) -> None:
+        """Close the child's stdin (a worker reading requests then ends by itself)."""
+        if self.process is not None and self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
 
     def _read(self, name: str, stream) -> None:
         try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .federation_controller import FederationController, FederationPoll, JoinRequest
 from .inference_controller import InferenceController, InferencePoll, SubprocessRunner
+from .inference_worker import WorkerRunner
 from .model_summary import ModelSummary, describe_model
 from .site_export import Case, SiteCase, write_case
 from .terminology import SegVizTerminology
@@ -50,6 +51,8 @@ class SegVizSlicerLogic(scripted_logic_base()):  # type: ignore[misc]
         temp_root: folder for inference files (default: :func:`temporary_root`).
         python: interpreter of the ``segviz`` children (default: PythonSlicer inside Slicer).
         dicom_series: maps DICOM instance UIDs to ``(files, series UID)`` (Slicer's DICOM database).
+        warm_worker: run applies in one ``segviz serve`` worker kept for the session (the second
+            apply pays no imports and no model load); False: a ``segviz infer`` child per apply.
 
     Example::
 
@@ -58,13 +61,16 @@ class SegVizSlicerLogic(scripted_logic_base()):  # type: ignore[misc]
         segmentation, table = logic.waitForInference()
     """
 
-    def __init__(self, scene=None, temp_root=None, python: str | None = None, dicom_series=None) -> None:
+    def __init__(
+        self, scene=None, temp_root=None, python: str | None = None, dicom_series=None, warm_worker: bool = True
+    ) -> None:
         import slicer
 
         super().__init__()  # ScriptedLoadableModuleLogic names the module's parameter node
         self.scene = scene if scene is not None else slicer.mrmlScene
+        runner = WorkerRunner(python) if warm_worker else SubprocessRunner(python)
         self.inference = InferenceController(
-            temp_root if temp_root is not None else temporary_root(slicer), SubprocessRunner(python), dicom_series
+            temp_root if temp_root is not None else temporary_root(slicer), runner, dicom_series
         )
         self.federation = FederationController(python)
         self._terminology: SegVizTerminology | None = None
@@ -150,6 +156,6 @@ class SegVizSlicerLogic(scripted_logic_base()):  # type: ignore[misc]
         return self.federation.poll()
 
     def stopAll(self, timeout: float = 10.0) -> None:
-        """End every running child and its process tree, and remove temporary files."""
+        """End every running child and its process tree (the warm worker too), and remove temporary files."""
         self.inference.stop(timeout=min(timeout, 5.0))
         self.federation.stop(timeout=timeout)

@@ -50,6 +50,7 @@ def test_logic_applies_a_small_model_then_adds_the_reviewed_case_to_the_site(sma
     request = logic.startInference(volume, small_model.bundle, "cpu")
     assert (request.input.path, request.input.copied) == (small_model.ct, False), "the volume's own file is read"
     segmentation, table = logic.waitForInference(timeout=600, splitKidney=True)
+    logic.stopAll()  # the session's warm worker
 
     assert not request.input.work_dir.exists() and not any((tmp_path / "temp").iterdir()), "no file is left"
     segments = segmentation.GetSegmentation()
