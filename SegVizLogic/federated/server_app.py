@@ -112,8 +112,10 @@ def _wait_for_clients(grid: Grid, settings: FederationSettings, reporter: Progre
 
 DISCONNECTED = "disconnected: its SuperNode signed off or stopped sending heartbeats"
 
-POLL_SECONDS = 0.25
-"""How often the ServerApp pulls replies (each pull is one request to the SuperLink)."""
+POLL_SECONDS = 1.0
+"""How often the ServerApp pulls replies (each pull is one request to the SuperLink). 0.25 s was
+tried for issue 12: on a loaded 2-core machine the SuperLink's SQLite state database (``--database``)
+then answered "database is locked" and a run lost its ServerApp, so the interval stays at 1 s."""
 CONNECTED_CHECK_SECONDS = 2.0
 """How often it asks which destination nodes are still connected."""
 
