@@ -238,7 +238,7 @@ class RoundAggregator:
         if self.weighting == "examples" and len(self.count_book) < MIN_COUNTS_FOR_CAP:
             self._held.append(update)
         else:
-            self._flush()
+            self.flush()
             self._sum(update)
         return True
 
@@ -291,7 +291,9 @@ class RoundAggregator:
             batchnorm = update.partition.get(PARTITION_BATCHNORM)
         self.accepted.append(replace(update, partition={}, batchnorm=batchnorm if self.final_round else None))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Sum the replies held back for the examples cap (a round that ends with fewer sites known
+        than :data:`MIN_COUNTS_FOR_CAP`, e.g. a two-site federation): they count as accepted."""
         held, self._held = self._held, []
         for update in held:
             self._sum(update)
@@ -304,7 +306,7 @@ class RoundAggregator:
         Raises:
             ValueError: no reply was accepted.
         """
-        self._flush()
+        self.flush()
         if not self.accepted:
             raise ValueError("cannot aggregate a round without accepted replies")
         result: Partition = {}

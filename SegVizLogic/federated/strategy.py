@@ -544,6 +544,7 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         were accepted, and record :attr:`last_updates` (accepted, without tensors),
         :attr:`last_errors` (the sites' own failures), :attr:`last_rejected` (``{site: reason}``,
         each also logged) and :attr:`last_nodes`."""
+        aggregator.flush()  # replies held back for the examples cap are accepted replies too
         updates = aggregator.accepted
         self.last_updates, self.last_errors = updates, aggregator.errors
         self.last_rejected, self.last_nodes = aggregator.rejected, aggregator.nodes

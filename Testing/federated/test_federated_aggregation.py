@@ -320,3 +320,20 @@ def test_float16_transfer_halves_the_shared_body_and_leaves_the_rest(current):
     )
     with pytest.raises(ValueError, match="transfer-dtype"):
         for_transfer("shared", current["shared"], "bfloat16")
+
+
+def test_a_two_site_examples_round_aggregates_both_replies(current):
+    """Under ``weighting = "examples"`` replies wait until three sites are known; a federation of
+    two never gets there in its first round, and its round must still count and sum both."""
+    from SegVizLogic.federated.strategy import SegVizStrategy
+
+    rng = np.random.default_rng(3)
+    updates = [_update(current, "a", ("liver",), 10, rng), _update(current, "c", ("kidney",), 20, rng)]
+    strategy = SegVizStrategy("fedbn", "examples", 2)
+    strategy.current = current
+    aggregator = strategy.start_round()
+    for update in updates:
+        assert aggregator.add(update)
+    arrays, _ = strategy.finish_round(1, aggregator)
+    assert arrays is not None and [u.site for u in strategy.last_updates] == ["a", "c"]
+    _assert_partitions_close(strategy.current, aggregate_updates(current, updates, "fedbn", "examples"))
