@@ -11,6 +11,7 @@ and a label map on the input's exact grid.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io as bytes_io
 import json
@@ -714,6 +715,7 @@ def test_bad_input_is_refused_with_one_line(name, tmp_path, kit, capfd):
     build, fragment, in_subprocess = ROWS[name]
     argv, named = build(tmp_path, kit)
     before = _snapshot(tmp_path, kit.folder)
+    gc.collect()  # earlier tests' garbage warns (ResourceWarning) now, not inside this command's stderr
     capfd.readouterr()
     code, out, err = _run(argv, not in_subprocess, capfd)
     lines = err.strip().splitlines()

@@ -145,6 +145,8 @@ class WorkerJob:
         }
         self._id: str | None = None
         self._done = False
+        self._answered = False  # the worker sent an event for this request
+        self._resubmitted = False
 
     def start(self) -> InferenceStatus:
         self.status.start()
@@ -161,6 +163,7 @@ class WorkerJob:
         if self._id is None or not self.status.active:
             return self.status
         for event in self.worker.events(self._id):
+            self._answered = True
             self.status.apply_event(event)
             if event.get("event") == "done":
                 self._done = True
@@ -168,6 +171,17 @@ class WorkerJob:
                 self.served_s = float(event.get("seconds", 0.0))
                 self.bundle_loaded = bool(event.get("bundle_loaded"))
         if self.status.active and not self._done and not self.worker.running:
+            if not self._answered and not self._resubmitted and not self.status._cancelling:
+                # The worker died before it took this request (killed between the check that it
+                # runs and the request, or as it was sent): start a new one and send it once more.
+                self._resubmitted = True
+                try:
+                    self._id = self.worker.submit(self._request)
+                    self.status.message = "Restarting the SegViz worker"
+                    return self.status
+                except SegVizError as exc:
+                    self.status.fail(f"the SegViz worker could not be restarted: {exc}")
+                    return self.status
             if self.status._cancelling:
                 self.status.process_exited(-1)
             else:

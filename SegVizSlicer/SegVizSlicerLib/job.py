@@ -322,6 +322,7 @@ class ProcessJob:
                 self._end_survivors()
                 for reader in self._readers:
                     reader.join(timeout=2.0)
+                self._close_pipes()
                 self.returncode = code
         lines = []
         while True:
@@ -334,6 +335,18 @@ class ProcessJob:
                 del self.stderr_tail[:-_STDERR_TAIL]
             lines.append(item)
         return lines
+
+    def _close_pipes(self) -> None:
+        """Close the pipes of a child that ended (a worker killed mid-request leaves its stdin
+        open otherwise); its output pipes only once the readers have drained them."""
+        process = self.process
+        drained = not any(reader.is_alive() for reader in self._readers)
+        for stream in (process.stdin, *((process.stdout, process.stderr) if drained else ())):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # a broken pipe to a dead child: nothing left to flush
 
     def _ask_to_stop(self) -> bool:
         """Send the graceful stop signal to the child alone; False when it cannot be delivered."""
