@@ -451,6 +451,7 @@ def _join_locked(request: _JoinRequest, reporter: ProgressReporter, stop: thread
         reporter.emit("connected", superlink=address)
         reporter.emit("waiting", message="connected; waiting for the coordinator to start a round")
         leaving, sent_at, reconnecting, restarts = False, None, False, []
+        seen_retries = 0
         while not stop.is_set():
             text = process.log_text()[log_offset:]
             for run_id, why in app_refusals(text):
@@ -474,10 +475,13 @@ def _join_locked(request: _JoinRequest, reporter: ProgressReporter, stop: thread
                 elif event["event"] == "round_finished":
                     reporter.emit("waiting", message="update sent; waiting for the next round")
             lost, back = text.rfind(_RETRYING_MARK), text.rfind(_RECONNECTED_MARK)
-            if lost > back and not reconnecting:
+            retries = text.count(_RETRYING_MARK)
+            # A SuperLink that came back between two looks at the log still counts as lost once.
+            if (lost > back or retries > seen_retries) and not reconnecting:
                 reconnecting = True
                 reporter.emit("reconnecting", message=f"lost the SuperLink at {address}; reconnecting with backoff")
-            elif reconnecting and back > lost:
+            seen_retries = retries
+            if reconnecting and back > lost:
                 reconnecting = False
                 reporter.emit("connected", superlink=address, reconnected=True)
             if leaving and sent_at is None and text.count(_SENT_MARK) >= text.count(_RECEIVED_MARK):
