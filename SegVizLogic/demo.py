@@ -103,6 +103,23 @@ class DemoSettings:
         """The demo's training config with ``seed``."""
         return replace(self.setup.training, seed=seed)
 
+    def federation_options(self, seed: int) -> dict:
+        """The keywords of :func:`~SegVizLogic.federated.simulation.run_federated_simulation` that
+        make the demo's federation (the demo, ``bench/bench_transfer_dtype.py`` and
+        ``experiments/method_selection.py`` train the same one)."""
+        return {
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "strategy": self.strategy,
+            "weighting": self.weighting,
+            "head_aggregation": self.head_aggregation,
+            "lr": self.lr,
+            "preprocessing": self.preprocessing,
+            "training_config": self.training(seed),
+            "network_config": self.network,
+            "seed": seed,
+        }
+
 
 def run_demo(
     out: str | Path,
@@ -142,17 +159,8 @@ def run_demo(
         model_path = run_federated_simulation(
             [str(s) for s in layout.sites],
             work / "federation",
-            rounds=settings.rounds,
-            local_epochs=settings.local_epochs,
-            strategy=settings.strategy,
-            weighting=settings.weighting,
-            head_aggregation=settings.head_aggregation,
-            lr=settings.lr,
-            preprocessing=settings.preprocessing,
-            training_config=settings.training(seed),
-            network_config=settings.network,
             reporter=reporter,
-            seed=seed,
+            **settings.federation_options(seed),
         )
         shutil.copyfile(model_path, work / "model.segviz")
         bundle = load_bundle(work / "model.segviz")

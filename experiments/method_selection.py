@@ -106,17 +106,8 @@ def main() -> None:
         model = run_federated_simulation(
             [str(s) for s in train_sites],
             out,
-            rounds=settings.rounds,
-            local_epochs=settings.local_epochs,
-            strategy=settings.strategy,
-            weighting=settings.weighting,
-            head_aggregation=settings.head_aggregation,
-            lr=settings.lr,
-            preprocessing=settings.preprocessing,
-            training_config=settings.training(args.seed),
-            network_config=settings.network,
             reporter=ProgressReporter("none"),
-            seed=args.seed,
+            **settings.federation_options(args.seed),
         )
     train_seconds = time.perf_counter() - started
     from SegVizLogic.bundle import load_bundle

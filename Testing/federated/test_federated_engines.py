@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from federated_tiny import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+from federated_tiny import TINY_NETWORK, tiny_run_options
 
 from SegVizLogic.bundle import load_bundle
 from SegVizLogic.errors import SegVizInputError
 from SegVizLogic.federated import simulation
 from SegVizLogic.federated.simulation import choose_engine, run_federated_simulation, simulation_available
 from SegVizLogic.network import build_network
-from SegVizLogic.progress import ProgressReporter
 from SegVizLogic.training import seed_everything
 
 
@@ -37,24 +36,7 @@ def test_hooks_need_the_simulation_engine(make_sites, tmp_path):
 
 
 def _train(sites, out, engine):
-    return load_bundle(
-        run_federated_simulation(
-            sites,
-            out,
-            rounds=2,
-            local_epochs=1,
-            strategy="fedbn",
-            weighting="uniform",
-            lr=1e-2,
-            preprocessing=TINY_PREPROCESSING,
-            training_config=tiny_training(),
-            network_config=TINY_NETWORK,
-            reporter=ProgressReporter("none"),
-            seed=0,
-            device="cpu",
-            engine=engine,
-        )
-    )
+    return load_bundle(run_federated_simulation(sites, out, **tiny_run_options(engine=engine)))
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from federated_tiny import SITE_NAMES, TINY_NETWORK, TINY_PREPROCESSING, tiny_training
+from federated_tiny import SITE_NAMES, TINY_NETWORK, tiny_run_options
 
 from SegVizLogic.bundle import load_bundle
 from SegVizLogic.federated.simulation import run_federated_simulation, simulation_available
 from SegVizLogic.network import build_network, partition_state
-from SegVizLogic.progress import ProgressReporter
 
 pytestmark = pytest.mark.skipif(not simulation_available(), reason="Flower's simulation engine needs ray")
 
@@ -45,23 +44,7 @@ def recording_mod(folder: str, slow_partition: int = -1, slow_round: int = 0, sl
 
 def _simulate(sites, out, mod, on_round=None, **options):
     return run_federated_simulation(
-        sites,
-        out,
-        rounds=2,
-        local_epochs=1,
-        strategy="fedbn",
-        weighting="uniform",
-        lr=1e-2,
-        preprocessing=TINY_PREPROCESSING,
-        training_config=tiny_training(),
-        network_config=TINY_NETWORK,
-        reporter=ProgressReporter("none"),
-        seed=0,
-        device="cpu",
-        engine="simulation",
-        client_mods=[mod],
-        on_round=on_round,
-        **options,
+        sites, out, **tiny_run_options(engine="simulation", client_mods=[mod], on_round=on_round, **options)
     )
 
 
