@@ -2,6 +2,9 @@
 
     python bench/run.py [--quick] [--device cpu|cuda] [--json OUT] [--model M.segviz] [--only inference,training,federation]
 
+``--only ...,sites`` adds the many-sites federation (``bench/bench_many_sites.py``: 100 tiny
+sites in the simulation engine, 10 with ``--quick``); it is not run by default.
+
 Every figure is recorded with the machine (CPU model, cores, GPU, torch version) and the date.
 Needs nothing outside the repository except ``../shared/data/real/totalseg_example/example_ct.nii.gz``
 (or ``--ct`` / ``$SEGVIZ_BENCH_CT``), and no network access. The federated part runs
@@ -27,7 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-SECTIONS = ("inference", "training", "federation")
+SECTIONS = ("inference", "training", "federation", "sites")
+DEFAULT_SECTIONS = ("inference", "training", "federation")
 
 
 def machine() -> dict:
@@ -69,6 +73,41 @@ def bench_federation(quick: bool, device: str) -> dict:
         if done.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench_federation.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
         return json.loads(out.read_text(encoding="utf-8"))
+
+
+def bench_sites(quick: bool, device: str) -> dict:
+    """Run ``bench/bench_many_sites.py`` and return its JSON: 100 tiny sites, 3 rounds, a tenth
+    of them trained per round; ``--quick``: 10 sites, 2 rounds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "sites.json"
+        command = [sys.executable, str(BENCH / "bench_many_sites.py"), "--json", str(out), "--device", device]
+        command += ["--sites", "10", "--rounds", "2"] if quick else ["--sites", "100", "--rounds", "3"]
+        done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", cwd=REPO, check=False)
+        if done.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"bench_many_sites.py failed (exit {done.returncode}): {done.stderr.strip()[-800:]}")
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _sites_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    rounds = result["rounds"]
+    sites = result["settings"]["sites"]
+    later = rounds[1:] or rounds  # round 1 also starts the Ray worker
+    memory = result["memory"]["overall"]
+    return [
+        _row(
+            f"FL {sites} sites, round (simulation)",
+            f"{sum(r['wall_s'] for r in later) / len(later):.1f} s",
+            "",
+            f"{rounds[0]['trained']} of {rounds[0]['connected']} sites trained per round; "
+            f"round 1 {rounds[0]['wall_s']:.1f} s (Ray worker start)",
+        ),
+        _row(
+            f"FL {sites} sites, peak memory",
+            f"{memory['driver_rss_mb']:.0f} MB driver, {memory['tree_rss_mb']:.0f} MB tree",
+            "",
+            f"RSS; tree PSS {memory['tree_pss_mb']:.0f} MB; preprocess {result['seconds']['prepare']:.0f} s",
+        ),
+    ]
 
 
 def _federation_rows(fed: dict) -> list[tuple[str, str, str, str]]:
@@ -204,6 +243,11 @@ def table(results: dict) -> str:
         rows += _federation_rows(fed)
     elif fed:
         rows.append(_row("federation", fed.get("error") or fed.get("skipped", "")))
+    many = results.get("sites", {})
+    if many.get("rounds"):
+        rows += _sites_rows(many)
+    elif many:
+        rows.append(_row("many sites", many.get("error", "")))
     widths = [max(len(r[i]) for r in rows + [("benchmark", "figure", "target", "note")]) for i in range(4)]
     lines = [
         " | ".join(h.ljust(w) for h, w in zip(("benchmark", "figure", "target", "note"), widths)),
@@ -238,7 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=None, help="timed training steps (default 5 on CPU, 20 on CUDA; 3 with --quick)"
     )
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)})",
+    )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
@@ -288,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
             results["federation"] = {"error": f"{type(error).__name__}: {error}"}
+    if "sites" in only:
+        try:
+            results["sites"] = bench_sites(args.quick, args.device)
+        except Exception as error:  # noqa: BLE001
+            traceback.print_exc()
+            results["sites"] = {"error": f"{type(error).__name__}: {error}"}
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(table(results))
     if args.json:
