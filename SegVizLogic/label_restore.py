@@ -150,7 +150,8 @@ def restore_labels(
         size: the input's size in SimpleITK order (i, j, k).
         values: the label value of each channel.
         threshold: an organ is labelled where its probability is the highest and above this.
-        chunk: boundary voxels interpolated per step (bounds the memory of the gather).
+        chunk: input voxels per slab of slices whose mixed voxels are interpolated together (bounds
+            the memory of the gather).
         torch_only: torch ops only, as on a GPU (on the CPU, numpy indexes the cells faster).
 
     Returns:
@@ -176,11 +177,15 @@ def restore_labels(
     is_mixed = out == MIXED
     if int(is_mixed.sum()) > BOUNDARY_SHARE_LIMIT * out.numel():
         return None
-    mixed = is_mixed.nonzero()
-    del is_mixed
     extents = probs.shape[1:]
-    for start in range(0, len(mixed), chunk):
-        idx = mixed[start : start + chunk]
+    # Slabs of slices with about ``chunk`` voxels each: the indices of a slab's mixed voxels (three
+    # int64 per voxel) stay small however many cells are mixed.
+    rows = max(1, chunk // max(1, out.shape[1] * out.shape[2]))
+    for first in range(0, out.shape[0], rows):
+        idx = is_mixed[first : first + rows].nonzero()
+        if not len(idx):
+            continue
+        idx[:, 0] += first
         coords = [positions[a][0][idx[:, dim]] for dim, a in enumerate(order)]
         best, arg = _trilinear(probs, coords, extents).max(dim=0)
         out[idx[:, 0], idx[:, 1], idx[:, 2]] = torch.where(

@@ -15,6 +15,11 @@ Usage::
 
     python bench/bench_transfer_dtype.py --json bench-transfer.json            # bytes and Dice
     python bench/bench_transfer_dtype.py --bytes-only                           # seconds
+    python bench/bench_transfer_dtype.py --float32-from demo-out/model.segviz   # float16 only
+
+``--float32-from`` takes the float32 arm from a bundle that federation already wrote (``segviz demo``
+with the same ``--seed`` trains exactly it: the demo preset, FedBN, float32 transfer) instead of
+training it again; the bundle's settings are checked against the demo's before it is used.
 """
 
 from __future__ import annotations
@@ -49,9 +54,49 @@ def network_bytes() -> dict:
     return out
 
 
-def federation_dice(work: Path, seed: int, engine: str) -> dict:
-    """The demo federation in float32 and float16 transfer: final-round validation Dice, bytes, time."""
+def _summary(path: Path, seconds: float | None) -> dict:
     from SegVizLogic.bundle import load_bundle
+
+    rounds = load_bundle(path).metrics["rounds"]
+    final = rounds[-1]
+    return {
+        "validation_dice": final["dice"],
+        "validation_dice_per_round": [r["dice"] for r in rounds],
+        "bytes_to_each_site": final["bytes"]["to_each_site"],
+        "bytes_from_sites": final["bytes"]["from_site"],
+        "seconds": None if seconds is None else round(seconds, 1),
+    }
+
+
+def reference_run(path: Path, seed: int) -> dict:
+    """The float32 arm read from a bundle the demo's federation wrote with ``seed``.
+
+    Raises:
+        SystemExit: the bundle was trained otherwise (other preset, strategy, seed or transfer dtype).
+    """
+    from SegVizLogic.bundle import load_bundle
+    from SegVizLogic.demo import DemoSettings
+
+    provenance = load_bundle(path).manifest.get("provenance", {})
+    demo = DemoSettings()
+    expected = {
+        "strategy": demo.strategy,
+        "head_aggregation": demo.head_aggregation,
+        "rounds": demo.rounds,
+        "local_epochs": demo.local_epochs,
+        "lr": demo.lr,
+        "seed": seed,
+        "transfer_dtype": "float32",
+    }
+    # Bundles written before the transfer dtype was recorded were all float32.
+    found = {key: provenance.get(key, "float32" if key == "transfer_dtype" else None) for key in expected}
+    if found != expected:
+        raise SystemExit(f"{path}: not the demo's float32 federation with seed {seed}: {found} (expected {expected})")
+    return _summary(path, None)
+
+
+def federation_dice(work: Path, seed: int, engine: str, float32_from: Path | None = None) -> dict:
+    """The demo federation in float32 and float16 transfer: final-round validation Dice, bytes, time."""
     from SegVizLogic.demo import DemoSettings
     from SegVizLogic.federated.simulation import run_federated_simulation
     from SegVizLogic.phantom import generate_phantom_sites
@@ -60,7 +105,9 @@ def federation_dice(work: Path, seed: int, engine: str) -> dict:
     settings = DemoSettings()
     layout = generate_phantom_sites(work / "data", seed=seed)
     results = {}
-    for dtype in ("float32", "float16"):
+    if float32_from is not None:
+        results["float32"] = {**reference_run(float32_from, seed), "from": str(float32_from)}
+    for dtype in ("float16",) if float32_from is not None else ("float32", "float16"):
         started = time.perf_counter()
         path = run_federated_simulation(
             [str(s) for s in layout.sites],
@@ -71,15 +118,7 @@ def federation_dice(work: Path, seed: int, engine: str) -> dict:
             engine=engine,
             transfer_dtype=dtype,
         )
-        rounds = load_bundle(path).metrics["rounds"]
-        final = rounds[-1]
-        results[dtype] = {
-            "validation_dice": final["dice"],
-            "validation_dice_per_round": [r["dice"] for r in rounds],
-            "bytes_to_each_site": final["bytes"]["to_each_site"],
-            "bytes_from_sites": final["bytes"]["from_site"],
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+        results[dtype] = _summary(path, time.perf_counter() - started)
         print(dtype, json.dumps(results[dtype]["validation_dice"]), f"{results[dtype]['seconds']} s", flush=True)
     results["dice_difference_float16_minus_float32"] = {
         organ: results["float16"]["validation_dice"][organ] - dice
@@ -94,6 +133,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bytes-only", action="store_true", help="only the bytes (no federation)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine", choices=("auto", "simulation", "deployment"), default="auto")
+    parser.add_argument(
+        "--float32-from", type=Path, help="the float32 arm from this bundle of the demo's federation (segviz demo)"
+    )
     args = parser.parse_args(argv)
     results = {"bytes": network_bytes()}
     for name, row in results["bytes"].items():
@@ -105,7 +147,7 @@ def main(argv=None) -> int:
     if not args.bytes_only:
         work = Path(tempfile.mkdtemp(prefix="segviz-bench-transfer-"))
         try:
-            results["federation"] = federation_dice(work, args.seed, args.engine)
+            results["federation"] = federation_dice(work, args.seed, args.engine, args.float32_from)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:

@@ -500,6 +500,7 @@ class _Federation:
             "rounds": settings.rounds,
             "local_epochs": settings.local_epochs,
             "lr": settings.lr,
+            "transfer_dtype": settings.transfer_dtype,
             "sites": sorted(self.sites),
             "organs_per_site": dict(sorted(self.sites.items())),
             "share_final_batchnorm": settings.share_final_batchnorm,
