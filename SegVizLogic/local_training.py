@@ -34,6 +34,7 @@ def train_bundle(
     checkpoint_dir: str | Path | None = None,
     force: bool = False,
     setup_source: str | None = None,
+    validate_every: int = 1,
 ) -> Path:
     """Train on the given sites and write the best-validation model as a bundle.
 
@@ -43,6 +44,9 @@ def train_bundle(
 
     Args:
         setup_source: where the settings came from (``"preset demo with --epochs 1"``), for provenance.
+        validate_every: the epochs the best one is chosen among: every ``validate_every``-th and
+            the last (1: every epoch; the experiments validate once per round's worth of epochs,
+            where a federated arm has its checkpoints).
 
     Returns:
         The path of the written bundle.
@@ -116,10 +120,11 @@ def train_bundle(
         reporter=reporter,
         config=training,
         on_epoch_end=on_epoch_end,
+        validate_every=validate_every,
     )
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    final = history[best["epoch"] - 1]["val_dice"] if best["epoch"] else {}
+    final = next((h["val_dice"] for h in history if h["epoch"] == best["epoch"]), {})
     return save_bundle(
         out,
         model.cpu(),
@@ -127,7 +132,13 @@ def train_bundle(
         provenance(epochs)
         | {
             "best_epoch": best["epoch"],
-            "selection": "best mean validation Dice" if validated else "last epoch (no validation cases)",
+            "selection": (
+                f"best mean validation Dice of the epochs validated (every {validate_every} and the last)"
+                if validated and validate_every > 1
+                else "best mean validation Dice"
+                if validated
+                else "last epoch (no validation cases)"
+            ),
         },
         metrics={"history": history, "final": {"val_dice": final}},
         training=training.to_dict(),

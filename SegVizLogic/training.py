@@ -587,6 +587,7 @@ def train_site(
     on_epoch_end: Callable[[int, float, dict[str, float]], None] | None = None,
     lr_span: tuple[float, float] = (0.0, 1.0),
     loader_workers: int | None = None,
+    validate_every: int = 1,
 ) -> TrainResult:
     """Train ``model`` in place on one site (or several pooled sites) for ``epochs`` epochs.
 
@@ -602,14 +603,16 @@ def train_site(
         config: patch sampling and optimisation settings.
         validate: measure validation Dice per organ after the last epoch (every epoch when
             ``on_epoch_end`` is given).
-        on_epoch_end: called as ``(epoch, mean loss, validation Dice)`` after every epoch
-            (checkpoints, best-model selection).
+        on_epoch_end: called as ``(epoch, mean loss, validation Dice)`` after every validated
+            epoch (checkpoints, best-model selection).
         lr_span: the part of a cosine learning-rate schedule (from ``lr`` down to ``lr/10``)
             these epochs cover: ``(0, 1)`` for a whole training; a federated round ``r`` of
             ``R`` covers ``((r-1)/R, r/R)``, so federated and local arms decay alike.
         loader_workers: threads preparing patches (:class:`PatchBatches`); ``None``:
             :func:`default_loader_workers`. The batches, and so the training, are the same for
             any number.
+        validate_every: with ``on_epoch_end``, validate (and call it) after every
+            ``validate_every``-th epoch and after the last; 1: every epoch.
 
     Returns:
         :class:`TrainResult` with per-epoch losses, the last validation Dice, the evidence
@@ -629,6 +632,8 @@ def train_site(
         raise ValueError("no training cases: every case of the site(s) is held out for validation")
     if not any(any(item["annotated"]) for item in items):
         raise ValueError(f"the sites annotate none of the network's organs {organs}")
+    if validate_every < 1:
+        raise ValueError(f"validate_every must be >= 1, got {validate_every}")
 
     workers = default_loader_workers(device) if loader_workers is None else loader_workers
     loader = PatchBatches(items, config, workers=workers, pin_memory=device.type == "cuda")
@@ -690,14 +695,15 @@ def train_site(
             steps_seconds += time.perf_counter() - loop_start
             losses.append(float(np.mean(epoch_losses)))
             last = epoch == epochs
-            # Validation costs a whole-volume inference per case: after the last epoch, or every
-            # epoch when the caller selects the best epoch.
-            if last or (validate and on_epoch_end is not None):
+            # Validation costs a whole-volume inference per case: after the last epoch, and every
+            # validate_every-th epoch when the caller selects the best epoch.
+            checkpoint = on_epoch_end is not None and (last or epoch % validate_every == 0)
+            if last or (validate and checkpoint):
                 recalibrate_batchnorm(model, loader, device, config.recalibration_batches)
-            if validate and (last or on_epoch_end is not None):
+            if validate and (last or checkpoint):
                 val_dice = evaluate_dice(model, sites, device, config)
             reporter.emit("epoch", epoch=epoch, epochs=epochs, loss=losses[-1], dice=val_dice)
-            if on_epoch_end is not None:
+            if checkpoint:
                 on_epoch_end(epoch, losses[-1], val_dice)
     evidence = evidence.cpu()
     data_path = DataPathTimes(

@@ -151,6 +151,50 @@ def test_train_bundle_restricts_output_to_trained_organs(small_phantom, tmp_path
         train_bundle([small_phantom.sites[1]], out, network=SMALL, preprocessing=COARSE, training=FAST, epochs=1)
 
 
+def test_best_epoch_is_chosen_among_the_validated_epochs(small_phantom, tmp_path, monkeypatch):
+    """``validate_every=2`` over 5 epochs validates after epochs 2, 4 and 5 only (an experiment's
+    local and central arms: once per round's worth of epochs), and the bundle keeps the best of them."""
+    from SegVizLogic import training
+
+    validated = []
+    original = training.evaluate_dice
+
+    def counting(model, sites, device, config):
+        validated.append(len(validated))
+        return original(model, sites, device, config)
+
+    monkeypatch.setattr(training, "evaluate_dice", counting)
+    out = train_bundle(
+        [small_phantom.sites[1]],
+        tmp_path / "spleen.segviz",
+        network=SMALL,
+        preprocessing=COARSE,
+        training=replace(FAST, samples_per_case=2),
+        epochs=5,
+        lr=1e-3,
+        device="cpu",
+        validate_every=2,
+    )
+    bundle = load_bundle(out)
+    history = bundle.metrics["history"]
+    assert [h["epoch"] for h in history] == [2, 4, 5] and len(validated) == 3
+    scores = [float(np.mean(list(h["val_dice"].values()))) for h in history]
+    best = [h for h, score in zip(history, scores) if score == max(scores)][-1]  # a tie goes to the later epoch
+    assert bundle.provenance["best_epoch"] == best["epoch"]
+    assert bundle.metrics["final"]["val_dice"] == best["val_dice"]
+    assert "every 2" in bundle.provenance["selection"]
+    with pytest.raises(ValueError, match="validate_every"):
+        train_bundle(
+            [small_phantom.sites[1]],
+            tmp_path / "x.segviz",
+            network=SMALL,
+            preprocessing=COARSE,
+            training=FAST,
+            epochs=1,
+            validate_every=0,
+        )
+
+
 def test_training_config_validation():
     with pytest.raises(ValueError, match="label_mode"):
         TrainingConfig(label_mode="soft")

@@ -193,6 +193,8 @@ def train_arm(
                 device=config.device,
                 reporter=reporter,
                 force=True,
+                # Checkpoints where a federated arm has them: after every round's worth of epochs.
+                validate_every=local_epochs,
             )
         )
 
