@@ -20,8 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY, ErrorCode
 
@@ -31,7 +30,7 @@ from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
 from .privacy import dp_clipping_mod
 from .site_failures import SiteRoundError, failure_category, site_name_for_reports
-from .transfer import for_transfer
+from .transfer import arrays_to_record, for_transfer, record_to_arrays
 
 __all__ = [
     "ERRORS_FILE",
@@ -154,7 +153,7 @@ def _train(site_dir: Path, groups: dict, config: dict, context: Context, events:
 
 
 def _record(arrays) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return arrays_to_record(arrays)
 
 
 def site_consents_to_share_batchnorm(context: Context) -> bool:
@@ -204,9 +203,7 @@ def handle_train(
         with _event_reporter(events) as reporter:
             if reporter:
                 reporter.emit("round_started", round=server_round, rounds=rounds)
-        groups = {
-            name: {k: v.numpy() for k, v in record.items()} for name, record in message.content.array_records.items()
-        }
+        groups = {name: record_to_arrays(record) for name, record in message.content.array_records.items()}
         result = _train(site_dir, groups, config, context, events, device)
     except Exception as error:  # noqa: BLE001 - every failure becomes a fixed category for the coordinator
         detail = error.detail if isinstance(error, SiteRoundError) else traceback.format_exc()

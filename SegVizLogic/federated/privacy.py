@@ -231,24 +231,20 @@ def dp_clipping_mod(message, context, call_next):
     metrics (``dp-update-norm``, so the coordinator can see how often clipping binds), and
     leaves every other record (site, metrics, the final BatchNorm) untouched.
     """
-    from flwr.app import Array, ArrayRecord
+    from .transfer import arrays_to_record, record_to_arrays
 
     config = message.content.config_records.get("config")
     if config is None or CLIPPING_NORM_KEY not in config:
         return call_next(message, context)
     clipping_norm = float(config[CLIPPING_NORM_KEY])
-    received = {name: {k: v.numpy() for k, v in rec.items()} for name, rec in message.content.array_records.items()}
+    received = {name: record_to_arrays(rec) for name, rec in message.content.array_records.items()}
     reply = call_next(message, context)
     if reply.has_error():
         return reply
-    sent = {
-        name: {k: v.numpy() for k, v in rec.items()}
-        for name, rec in reply.content.array_records.items()
-        if name in received
-    }
+    sent = {name: record_to_arrays(rec) for name, rec in reply.content.array_records.items() if name in received}
     clipped, norm = clip_update(sent, received, clipping_norm)
     for name, arrays in clipped.items():
-        reply.content.array_records[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        reply.content.array_records[name] = arrays_to_record(arrays)
     if "metrics" in reply.content.metric_records:
         reply.content.metric_records["metrics"]["dp-update-norm"] = float(norm)
     return reply

@@ -39,6 +39,7 @@ from ..errors import SegVizError, SegVizInputError
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
+    "SUPEREXEC_POLL_SECONDS",
     "ExclusiveLock",
     "FlowerProcess",
     "LockHeld",
@@ -64,11 +65,19 @@ _WINDOWS = os.name == "nt"
 DEFAULT_SUPERLINK_PORT = 9093
 
 
+SUPEREXEC_POLL_SECONDS = "0.2"
+"""How often a SuperExec asks its SuperNode or SuperLink for an app to start
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s is up to a second of every round's
+dispatch at each site, and of each run's start at the coordinator)."""
+
+
 def flower_environment(flwr_home: str | Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: this interpreter's ``bin`` first on ``PATH`` (Flower
     starts ``flower-superexec``, ``flwr-clientapp``, ``flwr-serverapp`` by name), no update
-    check, unbuffered output, and ``FLWR_HOME`` when given."""
+    check, unbuffered output, the SuperExec's poll interval (:data:`SUPEREXEC_POLL_SECONDS`,
+    unless already set) and ``FLWR_HOME`` when given."""
     env = dict(os.environ)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"

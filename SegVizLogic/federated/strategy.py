@@ -584,9 +584,9 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
 
 
 def _arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    from flwr.app import Array
+    from .transfer import arrays_to_record
 
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return arrays_to_record(arrays)
 
 
 def update_from_content(content: RecordDict) -> SiteUpdate:
@@ -602,8 +602,10 @@ def update_from_content(content: RecordDict) -> SiteUpdate:
     metrics = content.metric_records["metrics"]
     partition: Partition = {}
     batchnorm = None
+    from .transfer import record_to_arrays
+
     for name, record in content.array_records.items():
-        arrays = {k: v.numpy() for k, v in record.items()}
+        arrays = record_to_arrays(record)
         if name == FINAL_BATCHNORM_RECORD:
             batchnorm = arrays
         else:

@@ -9,15 +9,33 @@ coordinator sums replies in float64 into float32 master weights
 (:class:`~SegVizLogic.federated.aggregation.RunningWeightedSum`). What float16 costs is one
 rounding of every shared weight on each leg (relative error at most 2**-11); its Dice cost on
 the phantom is what ``bench/bench_transfer_dtype.py`` measures (docs/BENCHMARKS.md).
+
+Each group also travels *packed* (:func:`arrays_to_record`): Flower 1.42 sends every ``Array`` of a
+message as its own objects, one HTTP request each (``pull-object`` / ``push-object``), so the
+demo network's hundred-odd tensors cost 110-160 requests per site and leg, 20-40 s of a round on a
+loaded 2-core machine behind the Fleet gateway (docs/BENCHMARKS.md). Packed, a group is one flat
+array per dtype plus a small layout array: a handful of objects, the same bytes.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["TRANSFER_DTYPES", "TRANSFER_GROUPS", "for_transfer"]
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+__all__ = [
+    "PACKED_LAYOUT",
+    "TRANSFER_DTYPES",
+    "TRANSFER_GROUPS",
+    "arrays_to_record",
+    "for_transfer",
+    "record_to_arrays",
+]
 
 TRANSFER_DTYPES = ("float32", "float16")
 TRANSFER_GROUPS = ("shared",)
@@ -45,3 +63,76 @@ def for_transfer(group: str, arrays: Mapping[str, np.ndarray], transfer_dtype: s
         key: np.asarray(value).astype(target) if np.asarray(value).dtype.kind == "f" else value
         for key, value in arrays.items()
     }
+
+
+PACKED_LAYOUT = "segviz-packed-layout"
+"""Key of the layout array in a packed ``ArrayRecord`` (JSON, UTF-8 bytes as uint8): for each
+tensor its name, dtype, shape and element offset in the flat array of its dtype."""
+_PACKED_KINDS = "fiub"  # numbers and booleans only: never an object or a string dtype
+_MAX_LAYOUT_BYTES = 4 << 20
+
+
+def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """``arrays`` as one ``ArrayRecord`` of few Flower objects: the tensors of each dtype
+    concatenated into one flat array (key: the dtype, e.g. ``"<f4"``) plus :data:`PACKED_LAYOUT`.
+    :func:`record_to_arrays` gives the same dict back (names, dtypes, shapes, values).
+
+    Raises:
+        ValueError: a tensor of a dtype that is not a number or a boolean.
+    """
+    from flwr.app import Array, ArrayRecord
+
+    layout, parts, sizes = [], {}, {}
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in _PACKED_KINDS:
+            raise ValueError(f"{name}: dtype {value.dtype} cannot be sent (numbers only)")
+        key = value.dtype.str
+        offset = sizes.get(key, 0)
+        layout.append([name, key, list(value.shape), offset])
+        parts.setdefault(key, []).append(value.ravel())
+        sizes[key] = offset + value.size
+    record = {key: Array(np.concatenate(chunks)) for key, chunks in parts.items()}
+    record[PACKED_LAYOUT] = Array(np.frombuffer(json.dumps(layout).encode("utf-8"), dtype=np.uint8).copy())
+    return ArrayRecord(array_dict=record)
+
+
+def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The tensors of an ``ArrayRecord``: unpacked when it was written by :func:`arrays_to_record`,
+    else one per key (records built by hand, e.g. in tests). A packed record is checked before it
+    is read: every dtype a number, every slice inside its flat array, nothing left over.
+
+    Raises:
+        ValueError: a malformed packed record (what a hostile peer could send).
+    """
+    if PACKED_LAYOUT not in record:
+        return {k: v.numpy() for k, v in record.items()}
+    raw = record[PACKED_LAYOUT].numpy()
+    if raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > _MAX_LAYOUT_BYTES:
+        raise ValueError("packed record: the layout is not a small byte array")
+    try:
+        layout = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"packed record: unreadable layout ({error})") from None
+    flats = {key: value.numpy() for key, value in record.items() if key != PACKED_LAYOUT}
+    used = dict.fromkeys(flats, 0)
+    out: dict[str, np.ndarray] = {}
+    for entry in layout if isinstance(layout, list) else [None]:
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) and entry[1] in flats):
+            raise ValueError(f"packed record: bad layout entry {str(entry)[:80]}")
+        name, key, shape, offset = entry
+        flat = flats[key]
+        if flat.ndim != 1 or flat.dtype.str != key or flat.dtype.kind not in _PACKED_KINDS:
+            raise ValueError(f"packed record: {key} is not a flat array of that dtype")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise ValueError(f"packed record: {name}: bad shape {shape!r}")
+        size = int(np.prod(shape, dtype=np.int64))
+        if not isinstance(offset, int) or offset != used[key] or offset + size > flat.size:
+            raise ValueError(f"packed record: {name}: slice outside its array")
+        if name in out:
+            raise ValueError(f"packed record: {name} twice")
+        out[name] = flat[offset : offset + size].reshape(shape)
+        used[key] = offset + size
+    if any(used[key] != flat.size for key, flat in flats.items()):
+        raise ValueError("packed record: values the layout does not name")
+    return out

@@ -94,12 +94,12 @@ def poison_mod(message, context, call_next):
         int(context.node_config["partition-id"]) == 2
         and int(message.content.config_records["config"]["server-round"]) == 1
     ):
-        from flwr.app import Array, ArrayRecord
+        from SegVizLogic.federated.transfer import arrays_to_record, record_to_arrays
 
-        arrays = {k: v.numpy().copy() for k, v in reply.content.array_records["shared"].items()}
+        arrays = {k: v.copy() for k, v in record_to_arrays(reply.content.array_records["shared"]).items()}
         first = next(iter(arrays))
         arrays[first].flat[0] = np.nan
-        reply.content.array_records["shared"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        reply.content.array_records["shared"] = arrays_to_record(arrays)
     return reply
 
 
@@ -108,9 +108,11 @@ def clip_check_mod(folder: str):
     norm before clipping; a file per reply (the virtual sites run in Ray's processes)."""
 
     def mod(message, context, call_next):
-        received = {n: {k: v.numpy() for k, v in r.items()} for n, r in message.content.array_records.items()}
+        from SegVizLogic.federated.transfer import record_to_arrays
+
+        received = {n: record_to_arrays(r) for n, r in message.content.array_records.items()}
         reply = call_next(message, context)
-        sent = {n: {k: v.numpy() for k, v in r.items()} for n, r in reply.content.array_records.items()}
+        sent = {n: record_to_arrays(r) for n, r in reply.content.array_records.items()}
         before = float(reply.content.metric_records["metrics"]["dp-update-norm"])
         name = f"{context.node_config['partition-id']}-{message.content.config_records['config']['server-round']}"
         (Path(folder) / f"{name}.json").write_text(json.dumps([update_norm(sent, received), before]), encoding="utf-8")

@@ -169,3 +169,18 @@ def test_an_orphaned_process_ends_itself_after_the_grace(tmp_path):
             time.sleep(0.1)
     finally:
         parent.kill()
+
+
+def test_flower_processes_poll_for_apps_every_fifth_of_a_second_unless_told_otherwise(monkeypatch):
+    """The SuperExec's poll interval reaches Flower, which reads it as 0.2 s (its default: 1 s)."""
+    from flwr.supercore.superexec.run_superexec import _get_task_poll_interval
+
+    from SegVizLogic.federated.processes import flower_environment
+
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    env = flower_environment("/tmp/flwr-home")
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2" and env["FLWR_HOME"] == "/tmp/flwr-home"
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"])
+    assert _get_task_poll_interval() == 0.2
+    monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2")
+    assert flower_environment()["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"  # an operator's choice stays

@@ -24,6 +24,8 @@ def recording_mod(folder: str, slow_partition: int = -1, slow_round: int = 0, sl
     """A client mod that records the dtypes a site receives and sends, and makes one site late."""
 
     def mod(message, context, call_next):
+        from SegVizLogic.federated.transfer import record_to_arrays
+
         partition = int(context.node_config["partition-id"])
         server_round = int(message.content.config_records["config"]["server-round"])
         if partition == slow_partition and server_round == slow_round:
@@ -32,7 +34,8 @@ def recording_mod(folder: str, slow_partition: int = -1, slow_round: int = 0, sl
 
         def dtypes(content):
             return {
-                name: {k: v.numpy().dtype.str for k, v in rec.items()} for name, rec in content.array_records.items()
+                name: {k: v.dtype.str for k, v in record_to_arrays(rec).items()}
+                for name, rec in content.array_records.items()
             }
 
         record = {"received": dtypes(message.content), "sent": dtypes(reply.content)}
