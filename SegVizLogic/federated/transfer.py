@@ -20,6 +20,7 @@ array per dtype plus a small layout array: a handful of objects, the same bytes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -112,8 +113,8 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
         raise ValueError("packed record: the layout is not a small byte array")
     try:
         layout = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"packed record: unreadable layout ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"packed record: unreadable layout ({type(error).__name__})") from None
     flats = {key: value.numpy() for key, value in record.items() if key != PACKED_LAYOUT}
     used = dict.fromkeys(flats, 0)
     out: dict[str, np.ndarray] = {}
@@ -126,7 +127,7 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
             raise ValueError(f"packed record: {key} is not a flat array of that dtype")
         if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
             raise ValueError(f"packed record: {name}: bad shape {shape!r}")
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)  # Python integers: a hostile shape cannot wrap around to a small size
         if not isinstance(offset, int) or offset != used[key] or offset + size > flat.size:
             raise ValueError(f"packed record: {name}: slice outside its array")
         if name in out:

@@ -70,6 +70,8 @@ FLAT = {"<f4": np.arange(6, dtype=np.float32)}
         ([["w", "<f4", [6], 0]], {"<f4": np.arange(6, dtype=np.float64)}, "not a flat array"),
         ({"w": 1}, FLAT, "bad layout entry"),
         (b"\xff\xfe not json", FLAT, "unreadable layout"),
+        (b"[" * 100_000 + b"]" * 100_000, FLAT, "unreadable layout"),  # nesting deeper than Python recurses
+        ([["w", "<f4", [2**32, 2**32], 0]], FLAT, "slice outside"),  # 2**64 elements: no wrap-around to 0
     ],
 )
 def test_a_malformed_packed_record_is_refused_with_a_reason(layout, flats, reason):
