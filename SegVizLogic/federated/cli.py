@@ -121,16 +121,21 @@ class FederationProgress(ProgressReporter):
 @contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM (Slicer's Cancel, ``kill``) into KeyboardInterrupt so child Flower
-    processes are stopped by the ``finally`` blocks instead of being orphaned."""
+    processes are stopped by the ``finally`` blocks instead of being orphaned, and make SIGINT
+    (Ctrl-C, Slicer's Leave) do so too even when it arrived ignored: a shell without job control
+    starts its background commands with SIGINT ignored, and a join started that way could
+    otherwise never be told to leave mid-round."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:

@@ -86,3 +86,24 @@ def test_node_key_pair_is_what_flower_reads(tmp_path):
     private, public = write_node_key_pair(tmp_path)
     key = load_ssh_private_key(private.read_bytes(), None)
     assert key.public_key().public_numbers() == load_ssh_public_key(public.read_bytes()).public_numbers()
+
+
+def test_long_running_commands_can_be_interrupted_even_if_started_with_sigint_ignored():
+    """A shell without job control starts background commands with SIGINT ignored; ``join``,
+    ``run`` and ``superlink`` still turn SIGINT (and SIGTERM) into KeyboardInterrupt, and give the
+    inherited disposition back afterwards."""
+    import os
+    import signal
+    import time
+
+    from SegVizLogic.federated.cli import _terminate_as_interrupt
+
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt), _terminate_as_interrupt():
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the signal interrupts this at once
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
