@@ -259,7 +259,12 @@ def print_table(rows: list[dict]) -> None:
                 f"{mean_from / 1e6:.2f} MB",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print_columns(lines)
+
+
+def print_columns(lines: list[tuple[str, ...]]) -> None:
+    """Print ``lines`` (the first is the header) as left-aligned columns with a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for index, line in enumerate(lines):
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
         if index == 0:

@@ -42,7 +42,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_federation import summarise
+from bench_federation import print_columns, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -297,11 +297,7 @@ def print_table(result: dict) -> None:
                 f"{r['bytes_from_site_mean'] / 1e6:.3f} MB",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for index, line in enumerate(lines):
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
+    print_columns(lines)
     seconds = result["seconds"]
     print(
         f"\n{result['settings']['sites']} sites: phantom {seconds['phantom']:.1f} s, build {seconds['build']:.1f} s, validate + preprocess "

@@ -261,6 +261,16 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _guarded(benchmark) -> dict:
+    """``benchmark()``'s results, or ``{"error": ...}`` with the traceback printed: one failed
+    benchmark must not hide the others."""
+    try:
+        return benchmark()
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; print the table; optionally write JSON."""
     parser = argparse.ArgumentParser(description="SegViz benchmarks (inference, training step, federated round)")
@@ -308,40 +318,25 @@ def main(argv: list[str] | None = None) -> int:
     if "inference" in only:
         from bench_inference import run_infer_benchmark
 
-        try:
-            results["inference"] = run_infer_benchmark(
+        results["inference"] = _guarded(
+            lambda: run_infer_benchmark(
                 args.device,
                 args.model,
                 args.ct,
                 repeats=1 if args.quick or args.device == "cpu" else 3,
                 compare=not args.quick,
             )
-        except Exception as error:  # noqa: BLE001 - one failed benchmark must not hide the others
-            traceback.print_exc()
-            results["inference"] = {"error": f"{type(error).__name__}: {error}"}
+        )
     if "training" in only:
         from bench_training import run_training_step_benchmark
 
         steps = args.steps or (3 if args.quick else (20 if args.device == "cuda" else 5))
-        try:
-            results["training"] = run_training_step_benchmark(
-                args.device, steps=steps, warmup=3 if args.device == "cuda" else (1 if args.quick else 2)
-            )
-        except Exception as error:  # noqa: BLE001
-            traceback.print_exc()
-            results["training"] = {"error": f"{type(error).__name__}: {error}"}
+        warmup = 3 if args.device == "cuda" else (1 if args.quick else 2)
+        results["training"] = _guarded(lambda: run_training_step_benchmark(args.device, steps=steps, warmup=warmup))
     if "federation" in only:
-        try:
-            results["federation"] = bench_federation(args.quick, args.device)
-        except Exception as error:  # noqa: BLE001
-            traceback.print_exc()
-            results["federation"] = {"error": f"{type(error).__name__}: {error}"}
+        results["federation"] = _guarded(lambda: bench_federation(args.quick, args.device))
     if "sites" in only:
-        try:
-            results["sites"] = bench_sites(args.quick, args.device)
-        except Exception as error:  # noqa: BLE001
-            traceback.print_exc()
-            results["sites"] = {"error": f"{type(error).__name__}: {error}"}
+        results["sites"] = _guarded(lambda: bench_sites(args.quick, args.device))
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(table(results))
     if args.json:
