@@ -204,7 +204,14 @@ def format_bundle_description(info: dict[str, Any]) -> str:
 
     metrics = info["metrics"]
     if metrics.get("round") is not None:
-        lines += ["", f"validation after round {metrics['round']} (Dice on each site's held-out cases, at the site):"]
+        lines += [
+            "",
+            (
+                f"validation in round {metrics['round']} (Dice on each site's held-out cases, at the site, of the"
+                " site's model after its local training, before averaging: not the bundle's averaged model, which"
+                " segviz experiment validates):"
+            ),
+        ]
         lines.append(f"  {'all sites':<16} {_dice_text(metrics.get('val_dice') or {})}")
         for site, values in metrics.get("sites", {}).items():
             extra = []

@@ -141,4 +141,4 @@ def test_simulate_with_a_config_file_records_it_and_model_info_shows_each_site(m
     )
     assert "FedBN federation (simulation) of 2 sites, 2 rounds x 1 local epochs, lr 0.005, examples weighting" in text
     assert "site-liver (liver): 1 training, 1 held out for validation" in text
-    assert "validation after round 2" in text and "hu_window = [-160.0, 240.0]" in text
+    assert "validation in round 2 (" in text and "before averaging" in text and "hu_window = [-160.0, 240.0]" in text
