@@ -24,7 +24,6 @@ import numpy as np
 
 from ..errors import SegVizInputError
 from ..federated.simulation import choose_engine
-from ..organs import organ_by_name
 from ..progress import ProgressReporter
 from ..site import SITE_FILE, Site, load_site, state_dir
 from .arms import prepare_data
@@ -178,14 +177,21 @@ def plot_learning_curve(path: str | Path, results: Mapping) -> Path:
     plt = pyplot()
     organs = results["organs"]
     arms = [a for a in ARMS if a in results["config"]["arms"]]
-    colours = {"local": "#8c8c8c", "central-partial": "#55a868", "central-naive": "#c44e52", "fedavg": "#dd8452"}
+    # One colour per arm in every panel (an organ's own colour made FedBN's liver line the colour of FedAvg's).
+    colours = {
+        "local": "#8c8c8c",
+        "central-partial": "#55a868",
+        "central-naive": "#c44e52",
+        "fedavg": "#dd8452",
+        "fedbn": "#4c72b0",
+    }
     equal = [p for p in results["points"] if p.isdigit()]
     unequal = [p for p in results["points"] if not p.isdigit()]
     fig, axes = plt.subplots(1, len(organs), figsize=(3.4 * len(organs) + 1, 3.8), sharey=True, squeeze=False)
     offsets = {arm: (i - (len(arms) - 1) / 2) * 0.04 for i, arm in enumerate(arms)}
     for ax, organ in zip(axes[0], organs):
         for arm in arms:
-            colour = organ_by_name(organ).colour_float if arm == REFERENCE_ARM else colours.get(arm, "black")
+            colour = colours.get(arm, "black")
             xs, ys = [], []
             for point in equal + unequal:
                 analysis = results["analysis"][point]
