@@ -286,8 +286,14 @@ def test_unknown_node_is_refused_with_node_authentication(make_sites, tmp_path):
     liver, spleen = make_sites(["site-liver", "site-spleen"])
     tls = write_certificates(tmp_path / "tls")
     address = f"127.0.0.1:{free_port()}"
+    # Every port from free_port(): the default registry port (Control + 1) is not checked free, and on a busy
+    # CI machine a loopback connection of an earlier test held it once.
     link = start_superlink(
-        address, tls_dir=tmp_path / "tls", state_dir=tmp_path / "link", control_address=f"127.0.0.1:{free_port()}"
+        address,
+        tls_dir=tmp_path / "tls",
+        state_dir=tmp_path / "link",
+        control_address=f"127.0.0.1:{free_port()}",
+        registry_port=free_port(),
     )  # node authentication is the default
     try:
         known_key, known_pub = write_node_key_pair(tmp_path / "known")
