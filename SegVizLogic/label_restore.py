@@ -199,8 +199,9 @@ def _trilinear(probs: torch.Tensor, coords: list[torch.Tensor], extents: Sequenc
 
     Each corner's values are one ``index_select`` of flat offsets into the contiguous volume (the
     offsets of the low and high neighbour along each axis computed once), rather than an advanced
-    index of three coordinate tensors per corner: the same products and sums, half the time."""
-    flat = probs.contiguous().reshape(probs.shape[0], -1)
+    index of three coordinate tensors per corner: the same products and sums, half the time. The
+    caller passes ``probs`` contiguous once (it is called per slab), so the reshape is a view."""
+    flat = probs.reshape(probs.shape[0], -1)
     strides = (extents[1] * extents[2], extents[2], 1)
     offsets, weights = [], []
     for dim in range(3):
