@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import SegVizError, SegVizInputError
 from ..progress import ProgressReporter, parse_progress_line, read_new_lines, relay_event
+from .clientapp_launcher import ClientAppLauncher, launcher_supported
 from .processes import (
     ExclusiveLock,
     FlowerProcess,
@@ -136,6 +137,7 @@ def start_supernode(
     device: str | None = None,
     trust_file: str | Path | None = None,
     share_final_batchnorm: bool = False,
+    clientapp_bin: str | Path | None = None,
 ) -> FlowerProcess:
     """Start ``flower-supernode`` for one site (``--node-config site-dir=...``).
 
@@ -147,6 +149,8 @@ def start_supernode(
             signed by its key (Flower's ``--trusted-entities``).
         share_final_batchnorm: the site's consent to send its final-round BatchNorm when the
             coordinator asks (node config ``share-final-batchnorm``).
+        clientapp_bin: a folder to put first on the SuperNode's ``PATH``: the ``flwr-clientapp``
+            of a :class:`~.clientapp_launcher.ClientAppLauncher`.
     """
     from .client_app import SHARE_FINAL_BATCHNORM_KEY
 
@@ -176,11 +180,14 @@ def start_supernode(
         command += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     if trust_file is not None:
         command += ["--trusted-entities", str(Path(trust_file).resolve())]
+    env = flower_environment(state / "flwr-home")
+    if clientapp_bin is not None:
+        env["PATH"] = str(clientapp_bin) + os.pathsep + env["PATH"]
     return FlowerProcess(
         f"SuperNode {site.name}",
         command,
         log_path or state / "supernode.log",
-        flower_environment(state / "flwr-home"),
+        env,
         cwd=state,
         lifeline=True,
     )
@@ -257,6 +264,22 @@ class SiteWorker:
 class LeftMidRound(SegVizError):
     """The join was interrupted while the coordinator waited for this site's update (its
     SuperNode signed off first, so the coordinator stops waiting for it at once)."""
+
+
+def _start_launcher(state: Path, reporter: ProgressReporter) -> ClientAppLauncher | None:
+    """The site's :class:`~.clientapp_launcher.ClientAppLauncher`, or ``None`` (with a warning
+    when it failed) where it cannot run: the site then pays Flower's imports in every message."""
+    if not launcher_supported():
+        return None
+    try:
+        return ClientAppLauncher(state, flower_environment(state / "flwr-home"))
+    except (OSError, RuntimeError) as error:
+        reporter.emit(
+            "stage",
+            stage="launcher",
+            message=f"ClientApp launcher not used ({error}); each message starts Flower afresh",
+        )
+        return None
 
 
 def _events_since(events: Path, offset: int) -> tuple[list[dict], int]:
@@ -411,6 +434,7 @@ def _join_locked(request: _JoinRequest, reporter: ProgressReporter, stop: thread
     events = state / EVENTS_FILE
     offset = events.stat().st_size if events.exists() else 0
     worker = SiteWorker(site_dir) if request.warm else None
+    launcher = _start_launcher(state, reporter) if request.warm else None
     process: FlowerProcess | None = None
 
     def connect() -> tuple[FlowerProcess, int]:
@@ -425,6 +449,7 @@ def _join_locked(request: _JoinRequest, reporter: ProgressReporter, stop: thread
             device=request.device,
             trust_file=request.trust_file,
             share_final_batchnorm=request.share_final_batchnorm,
+            clientapp_bin=launcher.bin_dir if launcher else None,
         )
         since = node.log_path.stat().st_size if node.log_path.exists() else 0
         while True:
@@ -533,5 +558,7 @@ def _join_locked(request: _JoinRequest, reporter: ProgressReporter, stop: thread
     finally:
         if process is not None:
             process.stop()
+        if launcher:
+            launcher.close()
         if worker:
             worker.close()

@@ -23,7 +23,7 @@ from SegVizLogic.federated.processes import free_port
 from SegVizLogic.federated.runs import register_node, stage_app
 from SegVizLogic.federated.site_node import join_federation
 from SegVizLogic.federated.superlink import start_superlink
-from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS
+from SegVizLogic.federated.task import APP_CONFIG_DEFAULTS, local_state_dir
 from SegVizLogic.progress import ProgressReporter, parse_progress_line
 from SegVizLogic.signing import read_trust_file, verify_bundle
 
@@ -199,6 +199,10 @@ def test_real_federation_with_tls(make_sites, tmp_path):
         for name in ("connected", "round_started", "epoch", "update_sent", "round_finished", "run_finished"):
             assert name in site_events, (name, site_events)
         assert "refused" not in site_events
+    for site in sites:  # every message's ClientApp was forked by the site's warm launcher, and ended well
+        log = (local_state_dir(site) / "clientapp-launcher.log").read_text()
+        started, ended = log.count("started ClientApp process"), log.count("exited with 0")
+        assert started >= 2 and ended == started, log
     assert link.returncode == 0
     out = work / "out"
     for name in ("round-001.segviz", "round-002.segviz", "model.segviz"):
