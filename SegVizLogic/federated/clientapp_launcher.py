@@ -207,13 +207,21 @@ def serve(socket_path: str | Path, entry=None, log=None, parent: int | None = No
                     continue
                 for stream in (sys.stdout, sys.stderr, log):
                     stream.flush()
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except OSError as error:  # the shim sees the connection close and runs the real one
+                    pid = None
+                    print(f"could not fork a ClientApp process: {error}", file=log, flush=True)
                 if pid == 0:
                     _run_child(entry, request, fds, [selector, listener, conn])
                 for fd in fds:
                     os.close(fd)
+                if pid is None:
+                    conn.close()
+                    continue
                 running[pid] = _Launch(conn)
-                conn.sendall(f"pid {pid}\n".encode())
+                with contextlib.suppress(OSError):  # a shim gone already: its child runs on regardless
+                    conn.sendall(f"pid {pid}\n".encode())
                 print(f"started ClientApp process {pid}", file=log, flush=True)
             while running:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -223,10 +231,8 @@ def serve(socket_path: str | Path, entry=None, log=None, parent: int | None = No
                 if launch is None:
                     continue
                 code = _exit_code(status)
-                try:
+                with contextlib.suppress(OSError):
                     launch.conn.sendall(f"exit {code}\n".encode())
-                except OSError:
-                    pass
                 launch.conn.close()
                 print(
                     f"ClientApp process {pid} exited with {code} after {time.monotonic() - launch.started:.1f} s",
