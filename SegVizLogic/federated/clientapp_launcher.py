@@ -76,30 +76,36 @@ class _Launch:
 
 
 def _read_request(conn: socket.socket) -> tuple[dict, list[int]]:
-    """The shim's request and the three descriptors it passed (stdin, stdout, stderr)."""
+    """The shim's request and the three descriptors it passed (stdin, stdout, stderr); a bad
+    request raises ``ValueError`` (or ``OSError``) with every descriptor it passed closed."""
     import json
 
     data, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
-    if len(data) < clientapp_shim.HEADER.size:
-        raise ValueError("short request")
-    (size,) = clientapp_shim.HEADER.unpack_from(data)
-    body = data[clientapp_shim.HEADER.size :]
-    while len(body) < size:
-        chunk = conn.recv(min(65536, size - len(body)))
-        if not chunk:
-            raise ValueError("request cut short")
-        body += chunk
-    if len(fds) != 3:
+    try:
+        if len(data) < clientapp_shim.HEADER.size:
+            raise ValueError("short request")
+        (size,) = clientapp_shim.HEADER.unpack_from(data)
+        if size > MAX_REQUEST_BYTES:
+            raise ValueError(f"request of {size} bytes (at most {MAX_REQUEST_BYTES})")
+        body = data[clientapp_shim.HEADER.size :]
+        while len(body) < size:
+            chunk = conn.recv(min(65536, size - len(body)))
+            if not chunk:
+                raise ValueError("request cut short")
+            body += chunk
+        if len(fds) != 3:
+            raise ValueError(f"expected 3 standard streams, got {len(fds)}")
+        request = json.loads(body[:size])
+        if (
+            not isinstance(request, dict)
+            or not isinstance(request.get("argv"), list)
+            or not all(isinstance(a, str) for a in request["argv"])
+        ):
+            raise ValueError("argv must be a list of strings")
+    except BaseException:
         for fd in fds:
             os.close(fd)
-        raise ValueError(f"expected 3 standard streams, got {len(fds)}")
-    request = json.loads(body[:size])
-    if (
-        not isinstance(request, dict)
-        or not isinstance(request.get("argv"), list)
-        or not all(isinstance(a, str) for a in request["argv"])
-    ):
-        raise ValueError("argv must be a list of strings")
+        raise
     return request, fds
 
 

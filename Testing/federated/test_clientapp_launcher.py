@@ -150,6 +150,7 @@ def test_without_a_launcher_the_real_flwr_clientapp_runs(tmp_path):
     assert (done.returncode, done.stdout.strip()) == (7, "real x")
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts the launcher's descriptors in /proc")
 def test_a_malformed_request_is_refused_and_the_launcher_keeps_serving(tmp_path):
     process, sock, command = _custom_launcher(tmp_path, "def entry():\n    return 3\n")
     try:
@@ -157,6 +158,12 @@ def test_a_malformed_request_is_refused_and_the_launcher_keeps_serving(tmp_path)
             bad.connect(str(sock))
             bad.sendall(b"\x00\x00\x00\x05hello")  # no standard streams, not JSON
             assert bad.recv(100) == b""  # closed without starting anything
+        baseline = len(os.listdir(f"/proc/{process.pid}/fd"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as streams_but_no_json:
+            streams_but_no_json.connect(str(sock))
+            socket.send_fds(streams_but_no_json, [b"\x00\x00\x00\x03{{{"], [0, 1, 2])
+            assert streams_but_no_json.recv(100) == b""
+        assert len(os.listdir(f"/proc/{process.pid}/fd")) == baseline  # the passed streams were closed
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
             silent.connect(str(sock))  # sends nothing: dropped after REQUEST_TIMEOUT, not forever
             started = time.monotonic()
@@ -169,6 +176,7 @@ def test_a_malformed_request_is_refused_and_the_launcher_keeps_serving(tmp_path)
     log = (tmp_path / "launcher.log").read_text()
     assert "refused a launch request: expected 3 standard streams, got 0" in log
     assert "refused a launch request: timed out" in log
+    assert "refused a launch request: Expecting property name" in log
     assert log.count("started ClientApp process") == 1
 
 
