@@ -165,13 +165,15 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def serve(socket_path: str | Path, entry=None, log=None, parent: int | None = None) -> int:
+def serve(socket_path: str | Path, entry=None, log=None, parent: int | None = None, remove_folder: bool = False) -> int:
     """Serve launch requests on ``socket_path`` until the parent process ends or SIGTERM.
 
     Args:
         entry: what a child runs (default: Flower's ``flwr-clientapp`` entry point, imported now).
         log: where one line per launch goes (default: stderr).
         parent: leave when this pid is no longer the parent (default: the parent at start).
+        remove_folder: on leaving, also remove the socket's folder when it is empty (the private
+            folder :class:`ClientAppLauncher` made, which its parent cannot remove if it was killed).
     """
     if entry is None:
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp as entry
@@ -249,6 +251,9 @@ def serve(socket_path: str | Path, entry=None, log=None, parent: int | None = No
         selector.close()
         listener.close()
         path.unlink(missing_ok=True)
+        if remove_folder:
+            with contextlib.suppress(OSError):  # not empty: not ours to remove
+                path.parent.rmdir()
         for launch in running.values():
             launch.conn.close()  # their shims report the launcher gone; the children follow --parent-pid
     return 0
@@ -311,4 +316,4 @@ class ClientAppLauncher:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1]))
+    sys.exit(serve(sys.argv[1], remove_folder=True))

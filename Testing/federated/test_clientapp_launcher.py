@@ -188,3 +188,24 @@ def test_the_socket_is_private_to_its_user(tmp_path):
         assert (launcher.bin_dir / "flwr-clientapp").stat().st_mode & 0o777 == 0o700
     finally:
         launcher.close()
+
+
+def test_the_launcher_leaves_with_its_parent_and_takes_its_folder(tmp_path):
+    """A join killed with SIGKILL cannot clean up: its launcher notices and removes its own socket and folder."""
+    code = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from SegVizLogic.federated.clientapp_launcher import ClientAppLauncher
+        from SegVizLogic.federated.processes import flower_environment
+        launcher = ClientAppLauncher(Path({str(tmp_path / "state")!r}), flower_environment())
+        print(launcher.socket_path, launcher.process.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    join = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    socket_path, _pid = join.stdout.readline().split()
+    assert Path(socket_path).exists()
+    join.kill()
+    join.wait(timeout=10)
+    _wait_for(lambda: not Path(socket_path).parent.exists(), timeout=10)  # its last act before it exits
