@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import clientapp_shim
+from .processes import FlowerProcess, flower_executable, parent_alive
 
 __all__ = ["SOCKET_NAME", "ClientAppLauncher", "launcher_supported", "serve", "write_clientapp_command"]
 
@@ -196,7 +197,7 @@ def serve(socket_path: str | Path, entry=None, log=None, parent: int | None = No
     running: dict[int, _Launch] = {}
     print(f"SegViz ClientApp launcher ready on {path} (pid {os.getpid()})", file=log, flush=True)
     try:
-        while not stopping and os.getppid() == parent:
+        while not stopping and parent_alive(parent):
             if selector.select(timeout=0.2):
                 try:
                     conn, _ = listener.accept()
@@ -273,44 +274,33 @@ class ClientAppLauncher:
     """
 
     def __init__(self, state_dir: str | Path, env: dict[str, str], ready_timeout: float = 30.0) -> None:
-        import subprocess
-
-        from .processes import flower_executable, process_group_kwargs
-
         self.state_dir = Path(state_dir).resolve()  # absolute: it goes on PATH of processes elsewhere
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._private = Path(tempfile.mkdtemp(prefix="segviz-clientapp-"))  # short: socket paths are limited
         self.socket_path = self._private / SOCKET_NAME
         self.bin_dir = self.state_dir / "clientapp-bin"
         self.log_path = self.state_dir / "clientapp-launcher.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by close()
-        self.process = subprocess.Popen(
+        # Its own process group, like every Flower process of the site: stopping it also ends any
+        # ClientApp it forked that is still running.
+        self._runner = FlowerProcess(
+            "ClientApp launcher",
             [sys.executable, "-m", __name__, str(self.socket_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.state_dir,
-            **process_group_kwargs(),
+            self.log_path,
+            env,
+            self.state_dir,
         )
+        self.process = self._runner.process
         deadline = time.monotonic() + ready_timeout
         while not self.socket_path.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if not self._runner.alive() or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(f"the ClientApp launcher did not start (log: {self.log_path})")
             time.sleep(0.05)
         write_clientapp_command(self.bin_dir, self.socket_path, flower_executable("flwr-clientapp"))
 
     def close(self) -> None:
-        """Stop the launcher (ClientApps it started follow their SuperExec) and remove its files."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
-                self.process.kill()
-                self.process.wait(timeout=5)
-        self._log.close()
+        """Stop the launcher and whatever it forked that still runs, and remove its files."""
+        self._runner.stop(grace=5.0)
         shutil.rmtree(self._private, ignore_errors=True)
         shutil.rmtree(self.bin_dir, ignore_errors=True)
 
