@@ -324,14 +324,15 @@ def _check_infer_outputs(args) -> None:
         check_output_path(args.stats, force=args.force, inputs=inputs)
 
 
-def _read_infer_input(args, bundle):
-    """The CT to segment, refused here (before inference) if it is not a CT in HU, if the
-    output format cannot keep its grid, or if its preprocessed grid would not fit in memory."""
+def _read_infer_input(args, bundle, pending_image):
+    """The CT to segment (``pending_image``: its read, started early), refused here (before
+    inference) if it is not a CT in HU, if the output format cannot keep its grid, or if its
+    preprocessed grid would not fit in memory."""
     from .errors import SegVizInputError
-    from .io import ct_geometry_problem, ct_intensity_problem, label_format_problem, read_image
+    from .io import ct_geometry_problem, ct_intensity_problem, label_format_problem
     from .preprocessing import check_preprocessed_size
 
-    image = read_image(args.input, series=args.series)
+    image = pending_image.result()
     problem = ct_geometry_problem(image) or ct_intensity_problem(
         image,
         allow_nonstandard=args.allow_nonstandard_intensities,
@@ -367,6 +368,12 @@ def infer_from_args(args, reporter, load_bundle=None) -> int:
     Raises:
         SegVizError: a refused input, model or output (nothing is written).
     """
+    from .io import read_image_ahead
+
+    _check_infer_outputs(args)
+    # The CT is read while torch and MONAI are imported and the model loads; its errors are
+    # raised below, after the model's, in the order a person fixes them.
+    pending_image = read_image_ahead(args.input, series=args.series)
     from .inference import FAST, REFERENCE, organ_volumes_ml, resolve_device, segment_image
     from .io import write_label_map_like
     from .signing import bundle_signature
@@ -374,7 +381,6 @@ def infer_from_args(args, reporter, load_bundle=None) -> int:
     if load_bundle is None:
         from .bundle import load_bundle
 
-    _check_infer_outputs(args)
     if reporter.mode == "json":
         # The Slicer module shows this stage at once; on a terminal nothing is printed before the
         # inputs pass their checks, so that a refusal is the one line a person reads.
@@ -390,8 +396,8 @@ def infer_from_args(args, reporter, load_bundle=None) -> int:
         )
     load_model_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    image = _read_infer_input(args, bundle)
-    read_s = time.perf_counter() - clock
+    image = _read_infer_input(args, bundle, pending_image)
+    read_s = time.perf_counter() - clock  # what is left of the read once the model is loaded
     # Said only once the inputs passed their checks (a refusal stays the one line a person reads).
     reporter.emit("stage", stage="signature", message=f"model {signature.message}", signature=signature.to_dict())
     device = resolve_device(args.device)

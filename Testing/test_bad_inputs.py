@@ -463,6 +463,16 @@ def bundle_truncated(tmp, kit):
     return infer(kit, kit.ct, tmp / "out.nii.gz", model=tmp / "cut.segviz"), tmp / "cut.segviz"
 
 
+@row("is not a readable SegViz model bundle (damaged or truncated")
+def bundle_truncated_and_ct_truncated(tmp, kit):
+    """The CT is read on a thread while the model loads: a bad model is still named first, and
+    only once, with nothing of the CT's error on stderr."""
+    (tmp / "cut.segviz").write_bytes(kit.bundle.read_bytes()[:-400])
+    data = kit.ct.read_bytes()
+    (tmp / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    return infer(kit, tmp / "cut.nii.gz", tmp / "out.nii.gz", model=tmp / "cut.segviz"), tmp / "cut.segviz"
+
+
 @row("manifest format is not segviz-model")
 def bundle_manifest_a_list(tmp, kit):
     path = rewrite_bundle(kit.bundle, tmp / "list.segviz", raw_manifest=b"[1, 2, 3]")

@@ -327,6 +327,34 @@ def test_truncated_files_are_refused(tmp_path, suffix, message):
         io.read_image(cut)
 
 
+@pytest.mark.parametrize("read_size, chunk_size", [(1 << 22, 1 << 24), (1000, 4096), (3, 5)])
+def test_gzip_check_pass_reads_what_gzip_reads_and_refuses_what_it_refuses(read_size, chunk_size):
+    """The check pass decompresses with zlib in large pieces (beside the imports on another thread):
+    byte for byte what ``gzip`` gives, for one member, several, and zero padding, at any read and
+    chunk size; a cut stream, a failed checksum and trailing junk are refused as ``gzip`` refuses them."""
+    import io as stdio
+    import zlib
+
+    data = os.urandom(3000) + bytes(200_000) + os.urandom(500)
+    one = gzip.compress(data)
+    for blob in (one, gzip.compress(data[:100]) + bytes(9) + gzip.compress(data[100:]), one + bytes(50)):
+        chunks = list(io._gunzipped_chunks(stdio.BytesIO(blob), read_size, chunk_size))
+        assert b"".join(chunks) == gzip.decompress(blob) == data
+        assert max(len(c) for c in chunks) <= chunk_size
+    assert list(io._gunzipped_chunks(stdio.BytesIO(b""), read_size, chunk_size)) == []
+    flipped_crc = one[:-8] + bytes([one[-8] ^ 1]) + one[-7:]
+    for blob, error in (
+        (one[: len(one) // 2], EOFError),
+        (one[:-3], EOFError),
+        (flipped_crc, zlib.error),
+        (one + b"junk", zlib.error),
+    ):
+        with pytest.raises(error):
+            b"".join(io._gunzipped_chunks(stdio.BytesIO(blob), read_size, chunk_size))
+        with pytest.raises((EOFError, gzip.BadGzipFile)):
+            gzip.decompress(blob)
+
+
 def test_corrupt_file_is_refused(tmp_path):
     path = tmp_path / "junk.nii.gz"
     path.write_bytes(b"not an image at all" * 20)
