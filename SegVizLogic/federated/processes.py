@@ -40,6 +40,7 @@ from ..errors import SegVizError, SegVizInputError
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
     "SUPEREXEC_POLL_SECONDS",
+    "SUPERNODE_PULL_SECONDS",
     "ExclusiveLock",
     "FlowerProcess",
     "LockHeld",
@@ -56,6 +57,7 @@ __all__ = [
     "process_group_alive",
     "process_group_kwargs",
     "raise_termination",
+    "shorten_supernode_pull",
     "wait_for_port",
     "watch_lifeline",
 ]
@@ -69,6 +71,68 @@ SUPEREXEC_POLL_SECONDS = "0.2"
 """How often a SuperExec asks its SuperNode or SuperLink for an app to start
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1 s is up to a second of every round's
 dispatch at each site, and of each run's start at the coordinator)."""
+
+
+SUPERNODE_PULL_SECONDS = "1"
+"""How long a SuperNode waits after a pull that found no message (``SEGVIZ_SUPERNODE_PULL_INTERVAL``).
+Flower 1.42 hard-codes 3 s, so a message waits 1.5 s on average (up to 3 s) before its site sees
+it; 1 s keeps an idle site at one request a second (100 sites: 100 requests a second at the
+SuperLink)."""
+
+_SUPERNODE_PULL_ENV = "SEGVIZ_SUPERNODE_PULL_INTERVAL"
+_FLOWER_EMPTY_PULL_WAIT = 3
+"""The wait after an empty pull in Flower 1.42's ``flwr.supernode.start_client_internal``."""
+
+
+def shorten_supernode_pull(seconds: float) -> bool:
+    """Make this process's Flower SuperNode wait ``seconds`` after an empty pull instead of 3 s.
+
+    Flower 1.42's node loop (``start_client_internal``) calls ``time.sleep(3)`` when a pull found
+    no message, with no option to change it. This gives that module a ``time`` whose ``sleep(3)``
+    sleeps ``seconds``; every other wait and every other ``time`` function are Flower's own.
+
+    Returns:
+        ``True`` if the loop was changed; ``False`` (nothing changed) where the installed Flower's
+        loop does not have the wait this was written for.
+    """
+    import inspect
+    import types
+
+    from flwr.supernode import start_client_internal as node_loop
+
+    if not 0.05 <= seconds <= 60:
+        raise ValueError(f"the SuperNode pull interval must be 0.05-60 s, got {seconds!r}")
+    source = inspect.getsource(node_loop.start_client_internal)
+    if f"time.sleep({_FLOWER_EMPTY_PULL_WAIT})" not in source or node_loop.time is not time:
+        return False
+
+    def sleep(duration: float) -> None:
+        time.sleep(seconds if duration == _FLOWER_EMPTY_PULL_WAIT else duration)
+
+    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
+    clock.sleep = sleep
+    node_loop.time = clock
+    return True
+
+
+def _supernode_pull_from_environment() -> None:
+    """Apply ``SEGVIZ_SUPERNODE_PULL_INTERVAL`` to this process's SuperNode (a bad value, or a
+    Flower without the expected loop, keeps Flower's 3 s and says so on stderr)."""
+    raw = os.environ.get(_SUPERNODE_PULL_ENV, SUPERNODE_PULL_SECONDS)
+    try:
+        changed = shorten_supernode_pull(float(raw))
+    except ValueError as error:
+        print(
+            f"segviz: {_SUPERNODE_PULL_ENV}={raw!r} ignored ({error}); the SuperNode pulls every 3 s", file=sys.stderr
+        )
+        return
+    if changed:
+        print(f"segviz: the SuperNode pulls every {float(raw):g} s while it has no message", file=sys.stderr)
+    else:
+        print(
+            "segviz: this Flower's SuperNode loop is not the one SegViz knows; it pulls at Flower's pace",
+            file=sys.stderr,
+        )
 
 
 def flower_environment(flwr_home: str | Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -361,7 +425,9 @@ def watch_lifeline(
 
     def watch() -> None:
         try:
-            while stream.read(4096):
+            # The descriptor, not the buffered stream: a daemon thread blocked in a buffered read
+            # holds its lock, and interpreter shutdown then aborts ("_enter_buffered_busy").
+            while os.read(stream.fileno(), 4096):
                 pass  # the parent never writes; anything read is ignored
         except (OSError, ValueError):
             pass
@@ -392,6 +458,8 @@ def _console_script(name: str) -> Callable[[], Any]:
 def _lifeline_main(argv: Sequence[str]) -> int:
     """``python -m SegVizLogic.federated.processes --lifeline SCRIPT ARGS...``"""
     script = _console_script(argv[0])
+    if Path(argv[0]).name.lower().startswith("flower-supernode"):
+        _supernode_pull_from_environment()
     watch_lifeline(sys.stdin.buffer)
     sys.argv = [argv[0], *argv[1:]]
     result = script()

@@ -203,6 +203,8 @@ def test_real_federation_with_tls(make_sites, tmp_path):
         log = (local_state_dir(site) / "clientapp-launcher.log").read_text()
         started, ended = log.count("started ClientApp process"), log.count("exited with 0")
         assert started >= 2 and ended == started, log
+        supernode_log = (local_state_dir(site) / "supernode.log").read_text()
+        assert "segviz: the SuperNode pulls every 1 s while it has no message" in supernode_log
     assert link.returncode == 0
     out = work / "out"
     for name in ("round-001.segviz", "round-002.segviz", "model.segviz"):

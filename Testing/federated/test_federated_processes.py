@@ -184,3 +184,55 @@ def test_flower_processes_poll_for_apps_every_fifth_of_a_second_unless_told_othe
     assert _get_task_poll_interval() == 0.2
     monkeypatch.setenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "2")
     assert flower_environment()["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "2"  # an operator's choice stays
+
+
+def test_supernode_waits_the_configured_interval_after_an_empty_pull_and_nothing_else_changes(monkeypatch):
+    """Flower 1.42's node loop sleeps 3 s after an empty pull; SegViz's SuperNode sleeps 0.2 s there,
+    while Flower's other waits (0.5 s for a reply) and clock functions stay Flower's."""
+    from flwr.supernode import start_client_internal as node_loop
+
+    monkeypatch.setattr(node_loop, "time", time)
+    assert processes.shorten_supernode_pull(0.2) is True
+    started = time.perf_counter()
+    node_loop.time.sleep(3)
+    empty_pull_wait = time.perf_counter() - started
+    started = time.perf_counter()
+    node_loop.time.sleep(0.3)
+    other_wait = time.perf_counter() - started
+    assert 0.19 <= empty_pull_wait < 0.6, empty_pull_wait
+    assert 0.29 <= other_wait < 0.7, other_wait
+    assert abs(node_loop.time.time() - time.time()) < 1.0 and node_loop.time.monotonic is time.monotonic
+    with pytest.raises(ValueError, match="0.05-60 s"):
+        processes.shorten_supernode_pull(0.0)
+    assert processes.shorten_supernode_pull(0.2) is False  # already changed: not the loop it knows any more
+
+
+def test_supernode_lifeline_reports_a_bad_pull_interval_and_keeps_flowers_pace(tmp_path):
+    """The setting reaches the SuperNode's own process; a bad value is named on stderr, not fatal."""
+
+    def supernode_help(interval: str) -> tuple[int, str, str]:
+        env = processes.flower_environment(tmp_path, {"SEGVIZ_SUPERNODE_PULL_INTERVAL": interval})
+        # Its own session, and the lifeline's pipe held open until it exits (a closed pipe ends the group).
+        child = subprocess.Popen(
+            processes.lifeline_command(["flower-supernode", "--help"]),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            child.wait(timeout=60)
+            return child.returncode, child.stdout.read(), child.stderr.read()
+        finally:
+            child.kill()
+            for stream in (child.stdin, child.stdout, child.stderr):
+                stream.close()
+
+    code, out, err = supernode_help("often")
+    assert code == 0 and "usage" in out.lower()
+    assert "SEGVIZ_SUPERNODE_PULL_INTERVAL='often' ignored" in err
+    code, out, err = supernode_help("0.5")
+    assert code == 0 and "usage" in out.lower()
+    assert err.strip() == "segviz: the SuperNode pulls every 0.5 s while it has no message"
