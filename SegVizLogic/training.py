@@ -39,9 +39,12 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandCropByPosNegLabeld,
     RandGaussianNoised,
+    RandGaussianSmoothd,
     RandHistogramShiftd,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
     SpatialPadd,
 )
 from monai.utils import convert_to_tensor
@@ -93,6 +96,10 @@ class TrainingConfig:
             annotated organ is no other organ); 0 gives unannotated heads no gradient at all.
         recalibration_batches: batches used to re-estimate BatchNorm running statistics after
             training (0 keeps the running averages of training).
+        scanner_augmentation: also show each patch as other scanners would image it (nnU-Net's
+            stronger noise, Gaussian blur of a softer kernel, low-resolution simulation).
+        organ_contrast_augmentation: shift each annotated organ's intensity by its own random
+            offset (up to about 80 HU), as another contrast phase would show it.
         seed: seeds Python, numpy, torch and the patch sampler.
     """
 
@@ -106,6 +113,8 @@ class TrainingConfig:
     weight_decay: float = 1e-5
     recalibration_batches: int = 4
     exclusion_weight: float = 1.0
+    scanner_augmentation: bool = False
+    organ_contrast_augmentation: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -415,9 +424,59 @@ def _patch_transform(config: TrainingConfig) -> Compose:
             # 120 HU portal-venous; the kidney cortex far more): a random monotone remapping of
             # the intensity histogram shows each head its organ at other contrasts.
             RandHistogramShiftd(keys="image", num_control_points=(8, 14), prob=0.3),
-            RandGaussianNoised(keys="image", std=0.02, prob=0.3),
+            *([RandAnnotatedOrganShiftd(offsets=0.19, prob=0.5)] if config.organ_contrast_augmentation else []),
+            *(
+                _scanner_transforms()
+                if config.scanner_augmentation
+                else [RandGaussianNoised(keys="image", std=0.02, prob=0.3)]
+            ),
         ]
     )
+
+
+class RandAnnotatedOrganShiftd(RandomizableTransform, MapTransform):
+    """Add to each annotated organ's voxels its own random offset (``image`` in [0, 1] units).
+
+    A site sees its organ in one contrast phase (the spleen at 50 HU before contrast, 120 HU
+    portal-venous); shifting the organ, and only it, shows its head the organ brighter or darker
+    against the same surroundings, as another phase would. ``label`` holds SegViz values of the
+    site's annotated organs (0 elsewhere).
+
+    Args:
+        offsets: each organ's offset is drawn from ``[-offsets, offsets]`` (0.19: about 80 HU in
+            the default 425 HU window).
+        prob: probability of shifting a patch.
+    """
+
+    def __init__(self, offsets: float = 0.19, prob: float = 0.5) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys=("image",))
+        self.offsets = offsets
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        image, label = d["image"], d["label"]
+        shift = torch.zeros_like(image)
+        for value in torch.unique(label).tolist():
+            if value:
+                offset = float(self.R.uniform(-self.offsets, self.offsets))
+                shift = torch.where(label == value, torch.as_tensor(offset, dtype=image.dtype), shift)
+        d["image"] = image + shift
+        return d
+
+
+def _scanner_transforms() -> list:
+    """nnU-Net's scanner augmentations: noise up to 21 HU (0.05 of the default window), blurred
+    with probability 0.2 (a softer kernel: blotchier noise, softer edges), and a patch
+    down-sampled up to 2x and restored (thicker slices, coarser pixels) with probability 0.25."""
+    return [
+        RandGaussianNoised(keys="image", std=0.05, prob=0.3),
+        RandGaussianSmoothd(keys="image", sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0), prob=0.2),
+        RandSimulateLowResolutiond(keys="image", zoom_range=(0.5, 1.0), prob=0.25),
+    ]
 
 
 def _padded_to_patch(item: dict, patch_size: Sequence[int]) -> dict:

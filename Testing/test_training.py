@@ -222,3 +222,33 @@ def test_batchnorm_recalibration_matches_current_weights_and_keeps_the_count():
     assert (
         cosine_factor(0.0) == 1.0 and abs(cosine_factor(1.0) - 0.1) < 1e-12 and abs(cosine_factor(0.5) - 0.55) < 1e-12
     )
+
+
+def test_organ_contrast_shift_moves_each_annotated_organ_by_its_own_offset_and_nothing_else():
+    """A site's organ shown as another contrast phase would show it: one offset per annotated organ,
+    within +-offsets, background untouched; off by default, and the patch pipeline holds it when asked."""
+    from SegVizLogic.training import RandAnnotatedOrganShiftd, _patch_transform
+
+    image = torch.rand(1, 12, 10, 8)
+    label = torch.zeros(1, 12, 10, 8, dtype=torch.uint8)
+    label[0, :4] = 2
+    label[0, 8:] = 3
+    shift = RandAnnotatedOrganShiftd(offsets=0.19, prob=1.0)
+    offsets = []
+    for seed in range(20):
+        shift.set_random_state(seed)
+        moved = shift({"image": image, "label": label})["image"] - image
+        assert torch.equal(moved[label == 0], torch.zeros_like(moved[label == 0]))
+        per_organ = [moved[label == value] for value in (2, 3)]
+        assert all(float(d.max() - d.min()) < 1e-6 and abs(float(d[0])) <= 0.19 + 1e-6 for d in per_organ)
+        offsets.append((float(per_organ[0][0]), float(per_organ[1][0])))
+    assert len({round(a, 6) for a, _ in offsets}) == 20 and any(abs(a - b) > 0.05 for a, b in offsets)
+    assert min(a for a, _ in offsets) < -0.05 < 0.05 < max(a for a, _ in offsets)  # brighter and darker
+    never = RandAnnotatedOrganShiftd(prob=0.0)
+    assert torch.equal(never({"image": image, "label": label})["image"], image)
+    names = lambda config: [type(t).__name__ for t in _patch_transform(config).transforms]
+    assert "RandAnnotatedOrganShiftd" not in names(TrainingConfig())
+    assert "RandAnnotatedOrganShiftd" in names(TrainingConfig(organ_contrast_augmentation=True))
+    scanner = names(TrainingConfig(scanner_augmentation=True))
+    assert {"RandGaussianSmoothd", "RandSimulateLowResolutiond"} <= set(scanner)
+    assert TrainingConfig.from_dict(TrainingConfig(scanner_augmentation=True).to_dict()).scanner_augmentation
