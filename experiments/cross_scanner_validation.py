@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-SITE_OF_ORGAN = {"liver": "site-liver", "spleen": "site-spleen", "pancreas": "site-pancreas", "kidney": "site-kidney"}
+from SegVizLogic.phantom import PAPER_SITES, make_phantom_case, phantom_populations, phantom_scanners
+
+SITE_OF_ORGAN = {organ: site for site, organ in PAPER_SITES}
 SEED = 777
 """Cases are ``numpy.random.default_rng([SEED, site index, k])``: apart from every phantom the demo trains on."""
 
@@ -32,7 +34,6 @@ def cross_scanner_scores(bundle_path: Path, cases: int) -> dict:
 
     from SegVizLogic.bundle import load_bundle
     from SegVizLogic.experiments.selection import Option, leave_site_out, score_bundle_on_case
-    from SegVizLogic.phantom import make_phantom_case, phantom_populations, phantom_scanners
 
     bundle = load_bundle(bundle_path)
     scanners, populations = phantom_scanners("small"), phantom_populations()
