@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import SegVizError, SegVizInputError
 from .organs import ORGANS
@@ -132,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_argument(p)
     p.add_argument("--force", action="store_true", help="overwrite --output / --stats (never the input)")
     add_progress_argument(p)
-    p.set_defaults(func=_cmd_infer)
+    # Everything infer makes is written and closed when it returns, and it leaves no thread or child
+    # running: the command skips the interpreter's finalisation (see entry_point).
+    p.set_defaults(func=_cmd_infer, skip_finalisation=True)
 
     p = sub.add_parser(
         "serve",
@@ -540,22 +543,49 @@ def _cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``segviz``; returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    """The ``segviz`` command in this process; returns the exit status (0 ok, 2 bad input, 1 failure)."""
+    return _run(argv)[0]
+
+
+def _run(argv: list[str] | None) -> tuple[int, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or 0), args
     except SegVizError as error:
         if getattr(args, "progress", None) == "json":
             from .progress import ProgressReporter
 
             ProgressReporter("json").emit("error", message=str(error))
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 2, args
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return 130, args
+
+
+def entry_point() -> NoReturn:
+    """The ``segviz`` console script: :func:`main`, then the process exits.
+
+    Finalising an interpreter that imported torch and MONAI takes about 0.9 s on 2 cores (modules'
+    dictionaries and objects torn down one by one; measured, docs/BENCHMARKS.md). A command marked
+    ``skip_finalisation`` has written and closed all it makes when it returns and left no thread or
+    child behind, so after flushing the standard streams and logging its process exits at once
+    (``os._exit``); every other command exits as usual."""
+    status, args = _run(None)
+    if getattr(args, "skip_finalisation", False):
+        import logging
+        import os
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+                pass
+        os._exit(status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

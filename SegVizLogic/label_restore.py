@@ -164,6 +164,8 @@ def restore_labels(
     table = torch.as_tensor(list(values), dtype=torch.uint8, device=device)
     cells = cell_labels(labels_from_probabilities(probabilities, values, threshold))
     positions = _axis_positions(mapping, size, shape, device)
+    if _mixed_voxels(cells, mapping, positions) > BOUNDARY_SHARE_LIMIT * float(np.prod(list(size))):
+        return None
     # Index (k, j, i) directly: network axes permuted into the input's reversed order.
     order = (2, 1, 0)
     out = cells.permute(*(mapping.axis[a] for a in order)).contiguous()
@@ -174,49 +176,56 @@ def restore_labels(
         if len(outside):
             out.index_fill_(dim, outside, 0)
     probs = probabilities.float().permute(0, *(1 + mapping.axis[a] for a in order)).contiguous()
-    is_mixed = out == MIXED
-    if int(is_mixed.sum()) > BOUNDARY_SHARE_LIMIT * out.numel():
-        return None
-    extents = probs.shape[1:]
-    # Slabs of slices with about ``chunk`` voxels each: the indices of a slab's mixed voxels (three
-    # int64 per voxel) stay small however many cells are mixed.
+    # Each output axis' two network neighbours and the weight of the upper one.
+    lerp = [_neighbours(positions[a][0], probs.shape[1 + dim]) for dim, a in enumerate(order)]
+    # Slabs of slices with about ``chunk`` voxels each. Trilinear interpolation is separable on
+    # axis-parallel grids: a slab's probabilities are interpolated along the first two output axes
+    # for the whole slab (small: network resolution along the last axis), and each mixed voxel
+    # then needs only its two neighbours along the last axis.
     rows = max(1, chunk // max(1, out.shape[1] * out.shape[2]))
     for first in range(0, out.shape[0], rows):
-        idx = is_mixed[first : first + rows].nonzero()
+        idx = (out[first : first + rows] == MIXED).nonzero()
         if not len(idx):
             continue
-        idx[:, 0] += first
-        coords = [positions[a][0][idx[:, dim]] for dim, a in enumerate(order)]
-        best, arg = _trilinear(probs, coords, extents).max(dim=0)
-        out[idx[:, 0], idx[:, 1], idx[:, 2]] = torch.where(
+        stop = min(first + rows, out.shape[0])
+        slab = _interpolate_axis(probs, 1, *(t[first:stop] for t in lerp[0]))
+        slab = _interpolate_axis(slab, 2, *lerp[1])  # (C, rows, J, network extent along i)
+        low, high, frac = (t[idx[:, 2]] for t in lerp[2])
+        flat = slab.reshape(slab.shape[0], -1)
+        base = (idx[:, 0] * slab.shape[2] + idx[:, 1]) * slab.shape[3]
+        values = flat.index_select(1, base + low) * (1 - frac) + flat.index_select(1, base + high) * frac
+        best, arg = values.max(dim=0)
+        out[idx[:, 0] + first, idx[:, 1], idx[:, 2]] = torch.where(
             best > threshold, table[arg], torch.zeros((), dtype=torch.uint8, device=device)
         )
     return out
 
 
-def _trilinear(probs: torch.Tensor, coords: list[torch.Tensor], extents: Sequence[int]) -> torch.Tensor:
-    """``(C, N)`` trilinear values of ``probs`` ``(C, A, B, D)`` at N continuous points (clamped coordinates).
+def _mixed_voxels(cells: torch.Tensor, mapping: GridMapping, positions: list) -> float:
+    """Input voxels (inside the network grid's buffer) that fall in mixed cells, counted on the network grid:
+    each mixed cell times the number of input indices mapping into it along each axis."""
+    counts = []
+    for a in range(3):
+        _, cell, inside = positions[a]
+        counts.append(torch.bincount(cell[inside], minlength=cells.shape[mapping.axis[a]]).double())
+    per_axis = [counts[mapping.axis.index(n)] for n in range(3)]  # indexed by network axis
+    return float(torch.einsum("abc,a,b,c->", (cells == MIXED).double(), *per_axis))
 
-    Each corner's values are one ``index_select`` of flat offsets into the contiguous volume (the
-    offsets of the low and high neighbour along each axis computed once), rather than an advanced
-    index of three coordinate tensors per corner: the same products and sums, half the time. The
-    caller passes ``probs`` contiguous once (it is called per slab), so the reshape is a view."""
-    flat = probs.reshape(probs.shape[0], -1)
-    strides = (extents[1] * extents[2], extents[2], 1)
-    offsets, weights = [], []
-    for dim in range(3):
-        low = coords[dim].floor().long().clamp(max=extents[dim] - 1)
-        high = (low + 1).clamp(max=extents[dim] - 1)
-        frac = (coords[dim] - low).float()
-        offsets.append((low * strides[dim], high * strides[dim]))
-        weights.append((1 - frac, frac))
-    count = len(coords[0])
-    value = torch.zeros((probs.shape[0], count), dtype=torch.float32, device=probs.device)
-    for corner in range(8):
-        bits = [(corner >> dim) & 1 for dim in range(3)]
-        index = offsets[0][bits[0]] + offsets[1][bits[1]] + offsets[2][bits[2]]
-        weight = torch.ones(count, dtype=torch.float32, device=probs.device)
-        for dim in range(3):
-            weight = weight * weights[dim][bits[dim]]
-        value += flat.index_select(1, index) * weight
-    return value
+
+def _neighbours(coords: torch.Tensor, extent: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lower and upper network index around each (clamped) continuous coordinate, and the upper's
+    float32 weight (ITK's linear interpolation at the last voxel repeats it)."""
+    low = coords.floor().long().clamp(max=extent - 1)
+    high = (low + 1).clamp(max=extent - 1)
+    return low, high, (coords - low).float()
+
+
+def _interpolate_axis(
+    volume: torch.Tensor, dim: int, low: torch.Tensor, high: torch.Tensor, frac: torch.Tensor
+) -> torch.Tensor:
+    """Linear interpolation of ``volume`` along ``dim`` at the points given by their two neighbours' indices and the
+    upper one's weight: ``volume[low] * (1 - frac) + volume[high] * frac``, the points along ``dim``."""
+    shape = [1] * volume.dim()
+    shape[dim] = len(frac)
+    weight = frac.reshape(shape)
+    return volume.index_select(dim, low) * (1 - weight) + volume.index_select(dim, high) * weight

@@ -10,6 +10,7 @@ import torch
 
 from SegVizLogic.label_restore import (
     MIXED,
+    GridMapping,
     cell_labels,
     grid_mapping,
     labels_from_probabilities,
@@ -95,3 +96,27 @@ def test_cells_and_declines():
     noise = torch.rand((4, 20, 20, 10), generator=torch.Generator().manual_seed(0))
     mapping = grid_mapping(np.diag([0.5, 0.5, 0.5, 1.0]), np.eye(4))
     assert restore_labels(noise, mapping, (40, 40, 20), VALUES) is None, "a noisy model: every cell a boundary"
+
+
+@pytest.mark.parametrize("axis", [(0, 1, 2), (2, 0, 1)])
+def test_mixed_voxels_are_counted_on_the_network_grid(axis):
+    """Whether to decline is decided before the input-sized map exists: the mixed voxels counted
+    cell by cell equal a voxel-by-voxel count, voxels outside the network grid's buffer excluded."""
+    from SegVizLogic.label_restore import _axis_positions, _mixed_voxels
+
+    shape = (9, 7, 5)
+    cells = cell_labels(labels_from_probabilities(_smooth_organs(shape, seed=3), VALUES))
+    assert 0 < int((cells == MIXED).sum()) < cells.numel()
+    mapping = GridMapping(axis=axis, scale=(0.3, 0.45, 0.6), offset=(-1.2, 0.1, -0.8))
+    size = (40, 22, 16)  # reaches past the grid on both sides of some axes
+    positions = _axis_positions(mapping, size, shape, "cpu")
+    assert not all(bool(p[2].all()) for p in positions), "some input voxels lie outside the buffer"
+    expected = 0
+    for index in np.ndindex(*size):
+        if all(bool(positions[a][2][index[a]]) for a in range(3)):
+            cell = [0, 0, 0]
+            for a in range(3):
+                cell[mapping.axis[a]] = int(positions[a][1][index[a]])
+            expected += int(cells[tuple(cell)] == MIXED)
+    assert expected > 0
+    assert _mixed_voxels(cells, mapping, positions) == expected

@@ -30,6 +30,15 @@ def test_metatensor_affine_maps_indices_to_ras():
     ras = (tensor.affine.numpy() @ np.array([*index, 1.0]))[:3]
     np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-6)
     assert float(tensor[0, 3, 2, 1]) == float(sitk.GetArrayViewFromImage(image)[1, 2, 3])
+    # Every voxel, transposed into (i, j, k); a copy, not a view of ITK's buffer, even though the
+    # image is float32 already; converted when asked.
+    expected = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    assert image.GetPixelID() == sitk.sitkFloat32 and tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert np.array_equal(tensor[0].numpy(), expected)
+    tensor[0, 3, 2, 1] = -7.0
+    assert float(sitk.GetArrayViewFromImage(image)[1, 2, 3]) == float(expected[3, 2, 1]) != -7.0
+    labels = sitk_to_metatensor(sitk.Cast(image > 0, sitk.sitkUInt8), dtype=torch.uint8)
+    assert labels.dtype == torch.uint8 and np.array_equal(labels[0].numpy(), (expected > 0).astype(np.uint8))
 
 
 def test_round_trip_is_exact():
