@@ -31,6 +31,7 @@ import torch
 
 from . import __version__
 from .bundle_manifest import (
+    ADAPTATIONS,
     BUNDLE_FORMAT,
     FORMAT_NAME,
     MANIFEST_MEMBER,
@@ -134,7 +135,7 @@ def save_bundle(
                 arrays[key] = array.reshape(state[key].shape)
         if set(arrays) != bn_keys:
             raise ValueError(f"BatchNorm variant {name!r} does not hold exactly the model's BatchNorm tensors")
-    valid_defaults = {"model", "per-organ", "adapt", *variants}
+    valid_defaults = {"model", "per-organ", *ADAPTATIONS, *variants}
     if default_batchnorm not in valid_defaults:
         raise ValueError(f"default_batchnorm {default_batchnorm!r} is not one of {sorted(valid_defaults)}")
     if default_batchnorm == "per-organ" and not all(f"organ:{o}" in variants for o in model.config.organs):
@@ -232,14 +233,14 @@ class ModelBundle:
     def build_model(self, batchnorm: str | None = None) -> MultiOrganUNet:
         """The network with the bundle's weights and the chosen BatchNorm variant.
 
-        ``batchnorm`` is ``None`` (the bundle's default), ``"model"``, ``"adapt"`` (the
-        model's BatchNorm, whose statistics the caller re-estimates on the input) or a variant
-        name. ``"per-organ"`` is handled by the inference code, which builds one model per organ.
+        ``batchnorm`` is ``None`` (the bundle's default), ``"model"``, ``"adapt"`` or
+        ``"adapt-organs"`` (the model's BatchNorm, whose statistics the caller re-estimates on the
+        input) or a variant name. ``"per-organ"`` is handled by the inference code, which builds one model per organ.
         """
         choice = self.default_batchnorm if batchnorm is None else batchnorm
         model = build_network(self.network_config)
         state = {k: torch.from_numpy(np.array(v)) for k, v in self.state.items()}
-        if choice not in ("model", "adapt", "per-organ"):
+        if choice not in ("model", "per-organ", *ADAPTATIONS):
             if choice not in self.batchnorm_variants:
                 raise BundleError(
                     self.path, f"has no BatchNorm variant {choice!r}; available: {', '.join(self.batchnorm_choices())}"

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batchnorm",
         default=None,
-        help="BatchNorm for a new site: model, per-organ, averaged, adapt, organ:<o>, site:<s> (default: the bundle's)",
+        help="BatchNorm for a new site: model, per-organ, averaged, adapt, adapt-organs, organ:<o>, site:<s> (default: the bundle's)",
     )
     p.add_argument(
         "--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)"

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPT_BATCH",
+    "ADAPT_FIRST_PASS_OVERLAP",
+    "ADAPT_FOREGROUND_SHARE",
     "ADAPT_MAX_WINDOWS",
     "ADAPT_PRIOR_WINDOWS",
     "BODY_HU",
@@ -350,6 +352,13 @@ adapted mean and variance are ``(n x volume + k x trained) / (n + k)`` for ``n``
 (Schneider et al., NeurIPS 2020). Chosen by the leave-site-out validation rule of docs/METHOD.md,
 not on an external set: starting from the sites' averaged BatchNorm, every prior weight tried
 (4, 16 windows) lowered validation Dice against the volume's statistics alone (0)."""
+ADAPT_FOREGROUND_SHARE = 0.67
+"""Share of ``adapt-organs``' windows centred on the organs a first pass found, the rest spread over
+the body as ``adapt``'s: as a training patch is centred on an annotated organ with the training's
+``pos_fraction`` (0.67), so the statistics are those of the inputs the BatchNorm was trained on."""
+ADAPT_FIRST_PASS_OVERLAP = 0.0
+"""Overlap of ``adapt-organs``' first pass, which only has to say roughly where the organs are:
+without overlap it reads about an eighth of the windows of the final pass."""
 BODY_HU = -500.0
 """Voxels above this HU are body (soft tissue, fat, bone); air, lung and the scanner's
 outside-of-field padding are below it."""
@@ -373,7 +382,12 @@ def body_threshold(hu_window: Sequence[float], hu: float = BODY_HU) -> float:
 
 
 def adaptation_windows(
-    image: torch.Tensor, roi_size: Sequence[int], max_windows: int = ADAPT_MAX_WINDOWS, threshold: float = 0.01
+    image: torch.Tensor,
+    roi_size: Sequence[int],
+    max_windows: int = ADAPT_MAX_WINDOWS,
+    threshold: float = 0.01,
+    foreground: np.ndarray | None = None,
+    foreground_share: float = ADAPT_FOREGROUND_SHARE,
 ) -> list[tuple[int, int, int]]:
     """Start corners of up to ``max_windows`` windows of ``roi_size`` spread over the body.
 
@@ -382,16 +396,35 @@ def adaptation_windows(
     fullest ones if none is; then windows are picked by farthest-point sampling of their
     centres, starting from the fullest, so they cover the body rather than one side of it.
 
+    With a ``foreground`` mask (the volume's shape; ``adapt-organs``), ``foreground_share`` of the
+    windows are centred on foreground voxels drawn at random (a fixed seed: the same volume gets
+    the same windows), as a training patch is centred on an annotated organ, and moved inside the
+    volume; the rest are the body windows above.
+
     Args:
         image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed volume.
         roi_size: the window, no larger than the volume along any axis.
         max_windows: how many windows at most.
         threshold: body intensity threshold (see :func:`body_threshold`).
+        foreground: optional boolean mask of the organs; empty or None: body windows only.
+        foreground_share: share of the windows centred on the foreground.
     """
     volume = image[0, 0] if image.dim() == 5 else image[0]
     shape = volume.shape
     if any(r > s for r, s in zip(roi_size, shape)):
         raise ValueError(f"window {tuple(roi_size)} does not fit the volume {tuple(shape)}")
+    if foreground is not None:
+        if tuple(foreground.shape) != tuple(shape):
+            raise ValueError(f"foreground mask {tuple(foreground.shape)} is not the volume's shape {tuple(shape)}")
+        points = np.argwhere(foreground)
+        centred = round(foreground_share * max_windows) if len(points) else 0
+        if centred:
+            picks = points[np.random.default_rng(0).choice(len(points), size=centred, replace=len(points) < centred)]
+            top = np.asarray(shape) - np.asarray(roi_size)
+            corners = [tuple(int(v) for v in np.clip(p - np.asarray(roi_size) // 2, 0, top)) for p in picks]
+            if centred >= max_windows:
+                return corners
+            return corners + adaptation_windows(image, roi_size, max_windows - centred, threshold)
     axes = [
         np.unique(np.round(np.linspace(0, s - r, num=int(np.ceil((s - r) / max(r // 2, 1))) + 1)).astype(int))
         for s, r in zip(shape, roi_size)
@@ -430,6 +463,7 @@ def adapt_batchnorm(
     prior_windows: float = 0.0,
     threshold: float = 0.01,
     batch: int = ADAPT_BATCH,
+    foreground: np.ndarray | None = None,
 ) -> int:
     """Test-time BatchNorm adaptation (AdaBN with a prior): re-estimate every BatchNorm layer's
     running mean and variance on windows of the input volume, keep its trained affine
@@ -452,6 +486,8 @@ def adapt_batchnorm(
             use 0 when they are untrained).
         threshold: body intensity threshold (:func:`body_threshold`).
         batch: windows per forward pass (:data:`ADAPT_BATCH`).
+        foreground: organ mask of the volume from a first pass (``adapt-organs``): windows
+            centred on it too (:func:`adaptation_windows`).
 
     Returns:
         The number of windows read.
@@ -466,7 +502,7 @@ def adapt_batchnorm(
     if min(roi) < divisor:
         model.eval()
         return 0
-    windows = adaptation_windows(volume, roi, max_windows, threshold)
+    windows = adaptation_windows(volume, roi, max_windows, threshold, foreground=foreground)
     prior = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in norms]
     for module in norms:
         module.reset_running_stats()
@@ -524,7 +560,9 @@ def bundle_probabilities(
     its statistics re-estimated on this volume by :func:`adapt_batchnorm`: gamma 1 and beta 0 in
     a FedBN model, trained ones in a local, central or FedAvg model; a volume too thin for any
     window keeps trained statistics, or gets the sites' ``averaged`` BatchNorm when the model's
-    are untrained). ``roi_size``: the sliding window (default: the bundle's, its training
+    are untrained) or ``"adapt-organs"`` (the same, the statistics re-estimated on windows centred on
+    the organs a first pass without overlap found, :data:`ADAPT_FOREGROUND_SHARE` of them, the rest
+    spread over the body). ``roi_size``: the sliding window (default: the bundle's, its training
     patch), overlapping by ``overlap`` (default
     :data:`INFERENCE_OVERLAP`). ``levers``: the speed levers (:class:`SpeedLevers`; default
     :data:`REFERENCE`); with ``device_pipeline`` on a GPU the probabilities stay on the device.
@@ -561,8 +599,9 @@ def bundle_probabilities(
             model = bundle.build_model(f"organ:{organ}")
             channels.append(predict(model)[index])
         return torch.stack(channels)
-    model = bundle.build_model(choice)
-    if choice == "adapt":
+
+    def adapted(foreground: np.ndarray | None = None) -> MultiOrganUNet:
+        model = bundle.build_model("adapt")
         trained = batchnorm_trained(model)
         used = adapt_batchnorm(
             model,
@@ -571,12 +610,30 @@ def bundle_probabilities(
             device,
             # Untrained statistics (a FedBN model's, whose sites kept their BatchNorm) are no prior.
             prior_windows=ADAPT_PRIOR_WINDOWS if trained else 0.0,
-            threshold=body_threshold(bundle.preprocessing.hu_window),
+            threshold=body,
+            foreground=foreground,
         )
         if used == 0 and not trained and "averaged" in bundle.batchnorm_variants:
             # Too thin for a single window without padding: the federation's statistics, not none.
-            model = bundle.build_model("averaged")
-    return predict(model)
+            return bundle.build_model("averaged")
+        return model
+
+    if choice == "adapt":
+        return predict(adapted())
+    if choice == "adapt-organs":
+        # A first pass without overlap finds the organs; the statistics are then re-estimated on
+        # windows centred on them as training patches were, and the final pass uses those.
+        first = predict_probabilities(
+            adapted(), volume, roi, device, **dict(window, overlap=ADAPT_FIRST_PASS_OVERLAP, on_batch=None)
+        )
+        organs = (first.amax(0) > 0.5).cpu().numpy()
+        del first
+        if box is not None:
+            full = np.zeros(prepared.shape[-3:], dtype=bool)
+            full[box] = organs
+            organs = full
+        return predict(adapted(organs))
+    return predict(bundle.build_model(choice))
 
 
 def segment_image(

@@ -165,3 +165,73 @@ def test_windows_fit_small_volumes(shape):
     roi = [min(32, s) // 4 * 4 for s in shape]
     starts = adaptation_windows(volume, roi, max_windows=16)
     assert starts and all(s + r <= n for start in starts for s, r, n in zip(start, roi, shape))
+
+
+def test_organ_windows_are_centred_on_the_foreground_like_training_patches():
+    """``adapt-organs``: two thirds of the windows centred on the organ mask (moved inside the
+    volume where the organ is near an edge), the rest the body windows of ``adapt``; the same
+    volume and mask give the same windows."""
+    from SegVizLogic.inference import ADAPT_FOREGROUND_SHARE
+
+    volume = _body((160, 120, 80), centre_x=70)
+    roi = (32, 32, 16)
+    organ = np.zeros((160, 120, 80), bool)
+    organ[40:60, 30:50, 30:40] = True  # an organ inside the body
+    organ[150:156, 55:65, 2:6] = True  # and one at the volume's edge
+    starts = adaptation_windows(volume, roi, max_windows=16, foreground=organ)
+    assert starts == adaptation_windows(volume, roi, max_windows=16, foreground=organ)
+    centred = round(ADAPT_FOREGROUND_SHARE * 16)
+    assert len(starts) == 16 and centred == 11
+    for a, b, c in starts:  # inside the volume: no padding
+        assert 0 <= a <= 160 - roi[0] and 0 <= b <= 120 - roi[1] and 0 <= c <= 80 - roi[2]
+    for a, b, c in starts[:centred]:  # each of the first eleven holds organ voxels
+        assert organ[a : a + roi[0], b : b + roi[1], c : c + roi[2]].any()
+    assert starts[centred:] == adaptation_windows(volume, roi, max_windows=16 - centred)
+    # no organ found: the body windows alone; a mask of another shape is refused
+    assert adaptation_windows(volume, roi, 16, foreground=np.zeros_like(organ)) == adaptation_windows(volume, roi, 16)
+    with pytest.raises(ValueError, match="not the volume's shape"):
+        adaptation_windows(volume, roi, 16, foreground=organ[:-1])
+
+
+def test_adapt_organs_reads_windows_around_what_a_first_pass_found(tmp_path, monkeypatch):
+    """A first pass without overlap, with ``adapt``'s statistics, finds the organs; the final pass
+    uses statistics re-estimated on windows centred on them."""
+    from SegVizLogic import inference
+
+    bundle = load_bundle(
+        save_bundle(
+            tmp_path / "local.segviz", _trained_model(3), Preprocessing(), training={"patch_size": [32, 32, 16]}
+        )
+    )
+    passes, masks = [], []
+    predict, windows = inference.predict_probabilities, inference.adaptation_windows
+
+    def recording_predict(model, image, roi, device, **kwargs):
+        passes.append(kwargs["overlap"])
+        out = predict(model, image, roi, device, **kwargs)
+        if len(passes) == 1:  # the first pass "finds" an organ in one corner of the volume
+            out = torch.zeros_like(out)
+            out[2, 4:12, 4:12, 2:8] = 0.9
+        return out
+
+    def recording_windows(image, roi, max_windows=16, threshold=0.01, foreground=None, **kwargs):
+        masks.append(foreground)
+        return windows(image, roi, max_windows, threshold, foreground=foreground, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_probabilities", recording_predict)
+    monkeypatch.setattr(inference, "adaptation_windows", recording_windows)
+    probabilities = bundle_probabilities(bundle, _body((64, 64, 32)), CPU, batchnorm="adapt-organs")
+    assert probabilities.shape == (4, 64, 64, 32) and torch.isfinite(probabilities).all()
+    assert passes == [inference.ADAPT_FIRST_PASS_OVERLAP, inference.INFERENCE_OVERLAP]
+    assert masks[0] is None and masks[1] is not None
+    assert int(masks[1].sum()) == 8 * 8 * 6 and masks[1][4:12, 4:12, 2:8].all()
+    assert "adapt-organs" in bundle.batchnorm_choices()
+    # With the fast path's body crop the first pass sees the body's box; the mask is the whole volume's.
+    passes.clear(), masks.clear()
+    body = torch.zeros(1, 160, 160, 32)
+    body[0, 60:110, 60:110] = 0.5  # a body in the middle of much air
+    box = inference.body_box(body, 0.01, (32, 32, 16), inference.INFERENCE_OVERLAP)
+    assert box is not None and box[0].start > 0 and box[1].start > 0
+    bundle_probabilities(bundle, body, CPU, batchnorm="adapt-organs", levers=inference.FAST)
+    assert masks[1].shape == (160, 160, 32)
+    assert masks[1][box].sum() == masks[1].sum() == 8 * 8 * 6  # the organ, at its place in the box

@@ -19,15 +19,29 @@ def _manifest(provenance: dict, variants=()) -> dict:
 
 
 # [provenance, BatchNorm variants in the bundle, choices offered]
-TEST_CASE_LOCAL = [{"strategy": "local"}, (), ["model", "adapt"]]
-TEST_CASE_CENTRAL = [{"strategy": "central-partial"}, (), ["model", "adapt"]]
+TEST_CASE_LOCAL = [{"strategy": "local"}, (), ["model", "adapt", "adapt-organs"]]
+TEST_CASE_CENTRAL = [{"strategy": "central-partial"}, (), ["model", "adapt", "adapt-organs"]]
 TEST_CASE_FEDAVG = [
     {"kind": "federated", "strategy": "fedavg"},
     VARIANTS,
-    ["model", "per-organ", "adapt", *VARIANTS[1:]],  # "averaged" is the model's own BatchNorm under FedAvg
+    [
+        "model",
+        "per-organ",
+        "adapt",
+        "adapt-organs",
+        *VARIANTS[1:],
+    ],  # "averaged" is the model's own BatchNorm under FedAvg
 ]
-TEST_CASE_FEDBN = [{"kind": "federated", "strategy": "fedbn"}, VARIANTS, ["per-organ", "adapt", *VARIANTS]]
-TEST_CASE_FEDBN_PRIVATE = [{"kind": "federated", "strategy": "fedbn"}, (), ["adapt"]]  # BatchNorm never shared
+TEST_CASE_FEDBN = [
+    {"kind": "federated", "strategy": "fedbn"},
+    VARIANTS,
+    ["per-organ", "adapt", "adapt-organs", *VARIANTS],
+]
+TEST_CASE_FEDBN_PRIVATE = [
+    {"kind": "federated", "strategy": "fedbn"},
+    (),
+    ["adapt", "adapt-organs"],
+]  # BatchNorm never shared
 
 
 @pytest.mark.parametrize(
@@ -89,5 +103,5 @@ def test_experiments_can_still_build_the_controls_inference_does_not_offer():
     from SegVizLogic.bundle_manifest import buildable_batchnorm
 
     fedbn = _manifest({"kind": "federated", "strategy": "fedbn"}, VARIANTS)
-    assert buildable_batchnorm(fedbn) == ["model", "per-organ", "adapt", *VARIANTS]
+    assert buildable_batchnorm(fedbn) == ["model", "per-organ", "adapt", "adapt-organs", *VARIANTS]
     assert set(batchnorm_choices(fedbn)) == set(buildable_batchnorm(fedbn)) - {"model"}

@@ -194,7 +194,8 @@ def test_train_with_a_config_file_records_it_and_model_info_shows_it(small_phant
     info = json.loads(capsys.readouterr().out)
     assert info["setup"]["network"]["num_res_units"] == 0 and info["setup"]["training"]["val_fraction"] == 0.0
     assert info["budget"] == {"epochs": 2, "lr": 0.004} and info["strategy"] == "central-partial"
-    assert info["batchnorm_choices"] == ["model", "adapt"] and set(info["batchnorm"]) == {"model", "adapt"}
+    assert info["batchnorm_choices"] == ["model", "adapt", "adapt-organs"]
+    assert set(info["batchnorm"]) == {"model", "adapt", "adapt-organs"}
     assert main(["model-info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "num_res_units = 0" in text and "hu_window = [-150.0, 240.0]" in text

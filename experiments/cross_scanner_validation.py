@@ -10,6 +10,7 @@ hospital that never trained: ``adapt`` with that site's BatchNorm left out. The 
 is never used here. docs/METHOD.md section 5 records the runs::
 
     OMP_WAIT_POLICY=PASSIVE python experiments/cross_scanner_validation.py demo-out/model.segviz other.segviz
+    OMP_WAIT_POLICY=PASSIVE python experiments/cross_scanner_validation.py demo-out/model.segviz --batchnorm adapt adapt-organs
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ SEED = 777
 """Cases are ``numpy.random.default_rng([SEED, site index, k])``: apart from every phantom the demo trains on."""
 
 
-def cross_scanner_scores(bundle_path: Path, cases: int) -> dict:
-    """Dice of every organ on every site scanner's ``cases`` new patients: ``{organ: {"own": [...], "cross": [...]}}``."""
+def cross_scanner_scores(bundle_path: Path, cases: int, batchnorm: str = "adapt") -> dict:
+    """Dice of every organ on every site scanner's ``cases`` new patients: ``{organ: {"own": [...], "cross": [...]}}``,
+    each scanner's cases segmented with ``batchnorm`` (``adapt`` or ``adapt-organs``) and that site's BatchNorm left out."""
     import torch
 
     from SegVizLogic.bundle import load_bundle
@@ -50,7 +52,7 @@ def cross_scanner_scores(bundle_path: Path, cases: int) -> dict:
                 sitk.Cast(ct, sitk.sitkFloat32),
                 labels,
                 organs,
-                Option("final", "adapt", 0.5, 0.5),
+                Option("final", batchnorm, 0.5, 0.5),
                 torch.device("cpu"),
                 case_name=f"{site} patient {k}",
             )
@@ -72,12 +74,17 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+", type=Path, help="model bundles trained on the demo's phantom")
     parser.add_argument("--cases", type=int, default=3, help="new patients per site scanner (default 3)")
     parser.add_argument("--json", type=Path, help="also write every Dice here")
+    parser.add_argument(
+        "--batchnorm", nargs="+", default=["adapt"], help="test-time BatchNorm choices to score (default: adapt)"
+    )
     args = parser.parse_args()
     results = {}
     for path in args.bundles:
-        scores = cross_scanner_scores(path, args.cases)
-        results[str(path)] = {"summary": summary(scores), "dice": scores}
-        print(json.dumps({str(path): results[str(path)]["summary"]}))
+        for choice in args.batchnorm:
+            scores = cross_scanner_scores(path, args.cases, choice)
+            key = f"{path} [{choice}]"
+            results[key] = {"summary": summary(scores), "dice": scores}
+            print(json.dumps({key: results[key]["summary"]}))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
 

@@ -117,7 +117,7 @@ def test_candidates_are_what_each_bundle_offers_in_selection_order(tmp_path):
     assert [o.batchnorm for o in arm_candidates(single, selection)] == ["adapt", "adapt", "model", "model"]
     # "all": every choice but a single site's BatchNorm.
     everything = arm_candidates(federated, SelectionConfig(batchnorm=("all",)))
-    assert {o.batchnorm for o in everything} == {"model", "per-organ", "adapt", "averaged"} | {
+    assert {o.batchnorm for o in everything} == {"model", "per-organ", "adapt", "adapt-organs", "averaged"} | {
         f"organ:{o}" for o in TINY.organs
     }
 
