@@ -56,11 +56,13 @@ from .preprocessing import Preprocessing
 
 __all__ = [
     "BUNDLE_FORMAT",
+    "DEFAULT_THRESHOLD",
     "FEDBN_DEFAULT_BATCHNORM",
     "ModelBundle",
     "batchnorm_variant_names",
     "load_bundle",
     "save_bundle",
+    "set_bundle_threshold",
 ]
 
 FEDBN_DEFAULT_BATCHNORM = "adapt"
@@ -72,6 +74,9 @@ holds nothing of its own), never on an external set: +0.15 mean Dice over the si
 BatchNorm, +0.05 over adapting from the averaged gamma and beta, level with the previous
 adaptation (-0.004 and +0.005 in two trainings) whose windows could be padding or one side of
 the body."""
+DEFAULT_THRESHOLD = 0.5
+"""Organ probability above which inference labels a voxel, for a bundle that carries no threshold
+chosen on validation (:func:`set_bundle_threshold`)."""
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -211,6 +216,12 @@ class ModelBundle:
         return self.manifest.get("default_batchnorm", "model")
 
     @property
+    def threshold(self) -> float:
+        """Probability above which inference labels an organ (chosen on validation where the
+        bundle says so, ``inference.threshold_rule``; else :data:`DEFAULT_THRESHOLD`)."""
+        return float(self.manifest.get("inference", {}).get("threshold", DEFAULT_THRESHOLD))
+
+    @property
     def organs(self) -> tuple[str, ...]:
         """Organs with an output head."""
         return tuple(self.network_config.organs)
@@ -248,6 +259,42 @@ class ModelBundle:
             state.update({k: torch.from_numpy(np.array(v)) for k, v in self.batchnorm_variants[choice].items()})
         model.load_state_dict(state)
         return model.eval()
+
+
+def set_bundle_threshold(path: str | Path, threshold: float, rule: str) -> Path:
+    """Record in the unsigned bundle at ``path`` the inference threshold chosen for it and how it
+    was chosen (``inference.threshold`` and ``inference.threshold_rule`` of its manifest),
+    atomically: the weights and every other member are copied unchanged.
+
+    Raises:
+        BundleError: the bundle is signed (a signature covers the manifest: the coordinator
+            that signs it sets the threshold before signing), or not a readable bundle.
+        ValueError: ``threshold`` not between 0 and 1.
+    """
+    from .signing import SIGNATURE_MEMBER
+
+    path = Path(path)
+    if not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
+    bundle = load_bundle(path)
+    manifest = dict(bundle.manifest)
+    manifest["inference"] = {**manifest.get("inference", {}), "threshold": float(threshold), "threshold_rule": rule}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".segviz", dir=path.parent)
+    try:
+        with zipfile.ZipFile(path) as source:
+            if SIGNATURE_MEMBER in source.namelist():
+                raise BundleError(path, "is signed: its threshold cannot change without breaking the signature")
+            with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
+                for info in source.infolist():
+                    if info.filename == MANIFEST_MEMBER:
+                        archive.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2, default=_json_default))
+                    else:
+                        archive.writestr(info.filename, source.read(info.filename))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _read_npz(archive: zipfile.ZipFile, name: str, expected_sha: str, path: Path) -> dict[str, np.ndarray]:

@@ -126,6 +126,8 @@ def describe_bundle(manifest: dict, path: str | Path) -> dict[str, Any]:
         "default_batchnorm": manifest.get("default_batchnorm", "model"),
         "batchnorm_choices": choices,
         "batchnorm": {choice: describe_batchnorm(choice) for choice in choices},
+        "threshold": float(manifest.get("inference", {}).get("threshold", 0.5)),
+        "threshold_rule": manifest.get("inference", {}).get("threshold_rule"),
         "metrics": metrics,
     }
 
@@ -201,6 +203,8 @@ def format_bundle_description(info: dict[str, Any]) -> str:
     ]
     width = max((len(c) for c in info["batchnorm"]), default=0)
     lines += [f"  {choice:<{width}}  {text}" for choice, text in info["batchnorm"].items()]
+    rule = info["threshold_rule"] or "the default; not chosen on validation"
+    lines += ["", f"Organ probability threshold {info['threshold']:g} ({rule}; change with segviz infer --threshold)"]
 
     metrics = info["metrics"]
     if metrics.get("round") is not None:

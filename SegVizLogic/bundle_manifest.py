@@ -373,7 +373,8 @@ def validate_manifest(manifest: Any, path: str | Path) -> dict:
     network (known keys; organs; 2-8 levels of 1-1024 channels; strides 1-4; residual units,
     body features, dropout, output), the preprocessing (spacing 0.1-20 mm, an increasing HU
     window, an orientation code), the inference window and training patch (8-1024 voxels a
-    side, multiples of the strides' product, at most 256³ voxels), trained organs, BatchNorm
+    side, multiples of the strides' product, at most 256³ voxels), the inference threshold
+    (between 0 and 1), trained organs, BatchNorm
     variants (``averaged``, ``organ:<organ>``, ``site:<valid site name>``), the default
     BatchNorm, and a SHA-256 for the weights and every variant. Descriptive sections
     (``training``, ``provenance``, ``metrics``) must be objects.
@@ -414,6 +415,10 @@ def validate_manifest(manifest: Any, path: str | Path) -> dict:
     inference = manifest.get("inference", {})
     if "roi_size" in inference:
         _check_window(check, inference["roi_size"], "inference.roi_size", divisor)
+    if "threshold" in inference:
+        value = inference["threshold"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+            check.fail("inference.threshold", "a number between 0 and 1 (exclusive)", value)
     training = manifest.get("training", {})
     if "patch_size" in training:
         _check_window(check, training["patch_size"], "training.patch_size", divisor)

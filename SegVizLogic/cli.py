@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--batchnorm",
         default=None,
         help="BatchNorm for a new site: model, per-organ, averaged, adapt, adapt-organs, organ:<o>, site:<s> (default: the bundle's)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_probability,
+        default=None,
+        help="label an organ where its probability is the highest and above this (default: the bundle's, chosen on "
+        "validation where model-info says so)",
     )
     p.add_argument(
         "--no-cleanup", action="store_true", help="keep every connected component (default keeps the largest per organ)"
@@ -411,6 +419,7 @@ def infer_from_args(args, reporter, load_bundle=None) -> int:
         batchnorm=args.batchnorm,
         cleanup=not args.no_cleanup,
         reporter=reporter,
+        threshold=args.threshold,
         levers=REFERENCE if args.exact else FAST,
         sw_batch_size=1 if args.exact else 0,  # 0: from the device's free memory
     )
@@ -540,6 +549,16 @@ def _cmd_demo(args) -> int:
 
     run_demo(args.out, force=args.force, device=args.device, seed=args.seed, reporter=_reporter(args))
     return 0
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, like 0.3 — got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

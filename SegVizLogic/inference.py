@@ -645,15 +645,16 @@ def segment_image(
     reporter: ProgressReporter | None = None,
     sw_batch_size: int = 1,
     overlap: float | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     levers: SpeedLevers | None = None,
 ) -> SegmentationResult:
     """Segment one CT image with a model bundle; the label map has the image's exact geometry
     (size, spacing, origin, direction) and SegViz label values.
 
     ``overlap`` (default :data:`INFERENCE_OVERLAP`) and ``threshold`` (a voxel is an organ where
-    that organ's probability is the highest and above it) are the test-time options the
-    experiments choose on validation. ``levers``: the speed levers (:class:`SpeedLevers`;
+    that organ's probability is the highest and above it; default the bundle's,
+    :attr:`~SegVizLogic.bundle.ModelBundle.threshold`) are the test-time options the experiments
+    choose on validation. ``levers``: the speed levers (:class:`SpeedLevers`;
     default :data:`REFERENCE`, today's path; ``segviz infer`` uses :data:`FAST`). ``sw_batch_size``
     0 chooses it from the device's free memory (:func:`windows_per_batch`).
 
@@ -662,6 +663,7 @@ def segment_image(
     """
     reporter = reporter or ProgressReporter("none")
     levers = REFERENCE if levers is None else levers
+    threshold = bundle.threshold if threshold is None else threshold
     check_preprocessed_size(image, bundle.preprocessing, len(bundle.organs))
     retain_freed_memory()  # the windows allocate and free the same large blocks
     on_device = levers.device_pipeline and device.type == "cuda"

@@ -35,7 +35,7 @@ __all__ = ["BundleCache", "RequestReporter", "request_argv", "serve"]
 
 # Request keys that are flags of `segviz infer` (true: present), and those that take a value.
 _FLAGS = {"no_cleanup", "allow_nonstandard_intensities", "exact", "force"}
-_VALUES = {"model", "input", "output", "device", "batchnorm", "stats", "series", "trust"}
+_VALUES = {"model", "input", "output", "device", "batchnorm", "threshold", "stats", "series", "trust"}
 
 
 class RequestReporter(ProgressReporter):

@@ -69,6 +69,7 @@ __all__ = [
     "cache_key",
     "default_loader_workers",
     "evaluate_dice",
+    "held_out_case_names",
     "load_site_data",
     "patch_loader",
     "resolve_device",
@@ -240,10 +241,9 @@ def load_site_data(
             key = cache_key(case.image_path, case.label_path, preprocessing)
             items.append(_cached_case(transform, {"site": site.name, "case": case.name}, key, cache_dir))
             advance(1)
-    num_val = 0 if len(items) < 2 or config.val_fraction == 0 else max(1, round(config.val_fraction * len(items)))
-    # Deterministic split: the last cases by name are validation.
+    held_out = set(held_out_case_names([item["case"] for item in items], config.val_fraction))
     order = sorted(range(len(items)), key=lambda i: items[i]["case"])
-    val_idx = set(order[len(order) - num_val :])
+    val_idx = {i for i in order if items[i]["case"] in held_out}
     return SiteData(
         name=site.name,
         organs=tuple(site.organs),
@@ -251,6 +251,15 @@ def load_site_data(
         train_items=[items[i] for i in order if i not in val_idx],
         val_items=[items[i] for i in order if i in val_idx],
     )
+
+
+def held_out_case_names(names: Sequence[str], val_fraction: float) -> list[str]:
+    """The cases a site holds out for validation, a deterministic split: the last
+    ``round(val_fraction x n)`` by name, at least one when the site has two or more cases and
+    ``val_fraction`` is not 0."""
+    num_val = 0 if len(names) < 2 or val_fraction == 0 else max(1, round(val_fraction * len(names)))
+    ordered = sorted(names)
+    return ordered[len(ordered) - num_val :]
 
 
 def _voxel_indices(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -163,6 +163,8 @@ def test_cli_refuses_damaged_bundle_with_one_line(saved, tmp_path, capsys):
         (lambda m: m["training"].update(patch_size=[16, 16, 10]), "must be multiples of 4 (the product of"),
         (lambda m: m.update(inference={"roi_size": [1024, 1024, 1024]}), "a window of at most 16777216 voxels"),
         (lambda m: m.update(inference={"roi_size": [0, 0, 0]}), "inference.roi_size must be a list of 3 whole"),
+        (lambda m: m.update(inference={"threshold": 1.5}), "inference.threshold must be a number between 0 and 1"),
+        (lambda m: m.update(inference={"threshold": "0.3"}), "inference.threshold must be a number between 0 and 1"),
         (lambda m: m.update(trained_organs=["lung"]), "trained_organs must be a list of distinct organ names"),
         (lambda m: m.update(batchnorm_variants="averaged"), "batchnorm_variants must be a list of names"),
         (lambda m: m["batchnorm_variants"].append("site:../../x"), "each of batchnorm_variants must be"),
@@ -286,3 +288,33 @@ def test_large_config_is_checked_without_allocating_it(saved, tmp_path):
         load_bundle(wide)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200, grown_mb
+
+
+def test_threshold_chosen_for_a_bundle_is_recorded_and_nothing_else_changes(saved, tmp_path):
+    """set_bundle_threshold rewrites the manifest of an unsigned bundle (threshold and the rule that
+    chose it); the weights, variants and every other field stay; a signed bundle is refused."""
+    from SegVizLogic.bundle import DEFAULT_THRESHOLD, set_bundle_threshold
+    from SegVizLogic.signing import sign_bundle, write_signing_key
+
+    _, path = saved
+    before = load_bundle(path)
+    assert before.threshold == DEFAULT_THRESHOLD == 0.5
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name != "manifest.json"}
+    set_bundle_threshold(path, 0.3, rule="chosen on validation")
+    after = load_bundle(path)
+    assert after.threshold == 0.3 and after.manifest["inference"]["threshold_rule"] == "chosen on validation"
+    assert after.roi_size == before.roi_size and after.default_batchnorm == before.default_batchnorm
+    assert {k: v for k, v in after.manifest.items() if k != "inference"} == {
+        k: v for k, v in before.manifest.items() if k != "inference"
+    }
+    with zipfile.ZipFile(path) as archive:
+        assert {name: archive.read(name) for name in archive.namelist() if name != "manifest.json"} == members
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        set_bundle_threshold(path, 1.0, rule="x")
+    private, _ = write_signing_key(tmp_path / "keys")
+    sign_bundle(path, private)
+    signed = path.read_bytes()
+    with pytest.raises(BundleError, match="is signed"):
+        set_bundle_threshold(path, 0.2, rule="x")
+    assert path.read_bytes() == signed and sorted(p.name for p in path.parent.glob(".tmp-*")) == []

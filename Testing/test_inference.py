@@ -236,3 +236,62 @@ def test_console_script_skips_finalisation_only_after_infer(constant_bundle, tmp
         assert exited.value.args == expected, argv
     assert sitk.ReadImage(str(out)).GetSize() == image.GetSize()
     assert "already exists" in capsys.readouterr().err
+
+
+def test_segmentation_uses_the_bundles_threshold_unless_told(constant_bundle, tmp_path, monkeypatch):
+    """A voxel is an organ where its probability is the highest and above the threshold: the
+    bundle's (chosen on validation) by default, ``threshold=`` or ``--threshold`` when given."""
+    import shutil
+
+    from SegVizLogic import inference
+    from SegVizLogic.bundle import set_bundle_threshold
+    from SegVizLogic.cli import main
+
+    path = tmp_path / "m.segviz"
+    shutil.copyfile(constant_bundle, path)
+    image = sitk.GetImageFromArray(np.random.default_rng(1).integers(-200, 200, (8, 24, 24)).astype(np.int16))
+
+    def liver_at_0_4(bundle, prepared, device, **kwargs):
+        out = torch.zeros((len(bundle.organs), *prepared.shape[-3:]))
+        out[bundle.organs.index("liver")] = 0.4
+        return out
+
+    monkeypatch.setattr(inference, "bundle_probabilities", liver_at_0_4)
+
+    def liver_voxels(**kwargs) -> int:
+        labels = segment_image(load_bundle(path), image, CPU, cleanup=False, **kwargs).labels
+        return int((sitk.GetArrayViewFromImage(labels) == 1).sum())
+
+    assert liver_voxels() == 0  # 0.5: no bundle threshold recorded
+    set_bundle_threshold(path, 0.3, rule="test")
+    assert liver_voxels() == image.GetNumberOfPixels()
+    assert liver_voxels(threshold=0.45) == 0
+    with pytest.raises(SystemExit):  # argparse: one line, exit status 2
+        main(["infer", "--model", str(path), "--input", "x.nii.gz", "--output", "y.nii.gz", "--threshold", "1.2"])
+
+
+def test_threshold_is_chosen_on_the_sites_validation_cases(small_phantom, liver_bundle, monkeypatch):
+    """The candidate with the best mean validation Dice; a tie goes to the earlier candidate."""
+    from SegVizLogic import threshold_selection
+    from SegVizLogic.threshold_selection import THRESHOLD_CANDIDATES, choose_threshold
+
+    bundle = load_bundle(liver_bundle)
+    liver_site = next(s for s in small_phantom.sites if s.name == "site-liver")
+    chosen, table = choose_threshold(bundle, [str(liver_site)], 0.34, CPU)
+    assert list(table) == [f"{t:g}" for t in THRESHOLD_CANDIDATES] and chosen in THRESHOLD_CANDIDATES
+    assert set(table["0.5"]) == {"liver", "mean"} and all(0.0 <= row["mean"] <= 1.0 for row in table.values())
+    assert table[f"{chosen:g}"]["mean"] == max(row["mean"] for row in table.values())
+    # every candidate equally good (the reference itself): the first, 0.5
+    site = validate_site(liver_site)
+    held_out = {c.name: load_case(c, site)[1] for c in site.cases}
+    names = iter(sorted(held_out)[-1:] * len(THRESHOLD_CANDIDATES))
+
+    class Perfect:
+        def __init__(self, labels):
+            self.labels = labels
+
+    monkeypatch.setattr(threshold_selection, "segment_image", lambda *a, **k: Perfect(held_out[next(names)]))
+    assert choose_threshold(bundle, [str(liver_site)], 0.34, CPU) == (
+        0.5,
+        {f"{t:g}": {"liver": 1.0, "mean": 1.0} for t in THRESHOLD_CANDIDATES},
+    )
