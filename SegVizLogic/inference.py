@@ -626,7 +626,9 @@ def bundle_probabilities(
         first = predict_probabilities(
             adapted(), volume, roi, device, **dict(window, overlap=ADAPT_FIRST_PASS_OVERLAP, on_batch=None)
         )
-        organs = (first.amax(0) > 0.5).cpu().numpy()
+        # Only heads some site taught (a local model's other heads say nothing).
+        taught = [bundle.organs.index(o) for o in bundle.trained_organs]
+        organs = (first[taught].amax(0) > 0.5).cpu().numpy()
         del first
         if box is not None:
             full = np.zeros(prepared.shape[-3:], dtype=bool)

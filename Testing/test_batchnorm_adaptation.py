@@ -235,3 +235,16 @@ def test_adapt_organs_reads_windows_around_what_a_first_pass_found(tmp_path, mon
     bundle_probabilities(bundle, body, CPU, batchnorm="adapt-organs", levers=inference.FAST)
     assert masks[1].shape == (160, 160, 32)
     assert masks[1][box].sum() == masks[1].sum() == 8 * 8 * 6  # the organ, at its place in the box
+    # A head no site taught (this liver model's channel 2) places no window.
+    liver_only = load_bundle(
+        save_bundle(
+            tmp_path / "liver.segviz",
+            _trained_model(3),
+            Preprocessing(),
+            training={"patch_size": [32, 32, 16]},
+            trained_organs=["liver"],
+        )
+    )
+    passes.clear(), masks.clear()
+    bundle_probabilities(liver_only, _body((64, 64, 32)), CPU, batchnorm="adapt-organs")
+    assert masks[1] is not None and not masks[1].any()
