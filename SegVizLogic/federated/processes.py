@@ -82,48 +82,32 @@ SuperLink)."""
 _SUPERNODE_PULL_ENV = "SEGVIZ_SUPERNODE_PULL_INTERVAL"
 _FLOWER_EMPTY_PULL_WAIT = 3
 """The wait after an empty pull in Flower 1.42's ``flwr.supernode.start_client_internal``."""
-_FLOWER_REPLY_WAIT = 0.5
-"""The wait between two looks at the SuperNode's own state for its ClientApp's reply (and for the
-reply's objects) in that module's ``_push_messages``."""
-SUPERNODE_REPLY_POLL_SECONDS = 0.1
-"""How often SegViz's SuperNode looks for its ClientApp's reply: a check of its own in-memory state,
-no request; Flower's 0.5 s delays each reply by 0.25 s on average."""
 
 
-def shorten_supernode_pull(seconds: float, reply_poll: float = SUPERNODE_REPLY_POLL_SECONDS) -> bool:
-    """Make this process's Flower SuperNode wait ``seconds`` after an empty pull instead of 3 s, and
-    ``reply_poll`` instead of 0.5 s between looks for its ClientApp's reply.
+def shorten_supernode_pull(seconds: float) -> bool:
+    """Make this process's Flower SuperNode wait ``seconds`` after an empty pull instead of 3 s.
 
     Flower 1.42's node loop (``start_client_internal``) calls ``time.sleep(3)`` when a pull found
-    no message, and ``_push_messages`` ``time.sleep(0.5)`` while the reply is not in its state yet,
-    with no option to change either. This gives that module a ``time`` whose ``sleep(3)`` sleeps
-    ``seconds`` and whose ``sleep(0.5)`` sleeps ``reply_poll``; every other wait and every other
-    ``time`` function are Flower's own.
+    no message, with no option to change it. This gives that module a ``time`` whose ``sleep(3)``
+    sleeps ``seconds``; every other wait and every other ``time`` function are Flower's own.
 
     Returns:
         ``True`` if the loop was changed; ``False`` (nothing changed) where the installed Flower's
-        loop does not have the waits this was written for.
+        loop does not have the wait this was written for.
     """
     import inspect
     import types
 
     from flwr.supernode import start_client_internal as node_loop
 
-    for name, value in (("pull interval", seconds), ("reply poll", reply_poll)):
-        if not 0.05 <= value <= 60:
-            raise ValueError(f"the SuperNode {name} must be 0.05-60 s, got {value!r}")
-    pull_source = inspect.getsource(node_loop.start_client_internal)
-    reply_source = inspect.getsource(node_loop._push_messages)
-    if (
-        f"time.sleep({_FLOWER_EMPTY_PULL_WAIT})" not in pull_source
-        or f"time.sleep({_FLOWER_REPLY_WAIT})" not in reply_source
-        or node_loop.time is not time
-    ):
+    if not 0.05 <= seconds <= 60:
+        raise ValueError(f"the SuperNode pull interval must be 0.05-60 s, got {seconds!r}")
+    source = inspect.getsource(node_loop.start_client_internal)
+    if f"time.sleep({_FLOWER_EMPTY_PULL_WAIT})" not in source or node_loop.time is not time:
         return False
-    waits = {_FLOWER_EMPTY_PULL_WAIT: seconds, _FLOWER_REPLY_WAIT: reply_poll}
 
     def sleep(duration: float) -> None:
-        time.sleep(waits.get(duration, duration))
+        time.sleep(seconds if duration == _FLOWER_EMPTY_PULL_WAIT else duration)
 
     clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
     clock.sleep = sleep
@@ -143,11 +127,7 @@ def _supernode_pull_from_environment() -> None:
         )
         return
     if changed:
-        print(
-            f"segviz: the SuperNode pulls every {float(raw):g} s while it has no message"
-            f" and looks for its ClientApp's reply every {SUPERNODE_REPLY_POLL_SECONDS:g} s",
-            file=sys.stderr,
-        )
+        print(f"segviz: the SuperNode pulls every {float(raw):g} s while it has no message", file=sys.stderr)
     else:
         print(
             "segviz: this Flower's SuperNode loop is not the one SegViz knows; it pulls at Flower's pace",
