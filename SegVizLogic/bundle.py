@@ -33,11 +33,13 @@ from . import __version__
 from .bundle_manifest import (
     ADAPTATIONS,
     BUNDLE_FORMAT,
+    DEFAULT_THRESHOLD,
     FORMAT_NAME,
     MANIFEST_MEMBER,
     WEIGHTS_MEMBER,
     batchnorm_choices,
     check_archive,
+    manifest_threshold,
     member_limit,
     organ_schema,
     read_manifest_from_archive,
@@ -74,9 +76,6 @@ holds nothing of its own), never on an external set: +0.15 mean Dice over the si
 BatchNorm, +0.05 over adapting from the averaged gamma and beta, level with the previous
 adaptation (-0.004 and +0.005 in two trainings) whose windows could be padding or one side of
 the body."""
-DEFAULT_THRESHOLD = 0.5
-"""Organ probability above which inference labels a voxel, for a bundle that carries no threshold
-chosen on validation (:func:`set_bundle_threshold`)."""
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -219,7 +218,7 @@ class ModelBundle:
     def threshold(self) -> float:
         """Probability above which inference labels an organ (chosen on validation where the
         bundle says so, ``inference.threshold_rule``; else :data:`DEFAULT_THRESHOLD`)."""
-        return float(self.manifest.get("inference", {}).get("threshold", DEFAULT_THRESHOLD))
+        return manifest_threshold(self.manifest)
 
     @property
     def organs(self) -> tuple[str, ...]:

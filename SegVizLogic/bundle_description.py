@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .bundle_manifest import batchnorm_choices, describe_batchnorm
+from .bundle_manifest import batchnorm_choices, describe_batchnorm, manifest_threshold
 
 __all__ = ["describe_bundle", "format_bundle_description"]
 
@@ -126,7 +126,7 @@ def describe_bundle(manifest: dict, path: str | Path) -> dict[str, Any]:
         "default_batchnorm": manifest.get("default_batchnorm", "model"),
         "batchnorm_choices": choices,
         "batchnorm": {choice: describe_batchnorm(choice) for choice in choices},
-        "threshold": float(manifest.get("inference", {}).get("threshold", 0.5)),
+        "threshold": manifest_threshold(manifest),
         "threshold_rule": manifest.get("inference", {}).get("threshold_rule"),
         "metrics": metrics,
     }

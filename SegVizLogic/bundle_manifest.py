@@ -32,6 +32,7 @@ __all__ = [
     "ADAPTATIONS",
     "BATCHNORM_DESCRIPTIONS",
     "BUNDLE_FORMAT",
+    "DEFAULT_THRESHOLD",
     "FORMAT_NAME",
     "MANIFEST_MEMBER",
     "MAX_MEMBERS",
@@ -41,6 +42,7 @@ __all__ = [
     "buildable_batchnorm",
     "check_archive",
     "describe_batchnorm",
+    "manifest_threshold",
     "member_limit",
     "organ_schema",
     "read_manifest",
@@ -94,6 +96,17 @@ def organ_schema() -> list[dict]:
 def variant_member(name: str) -> str:
     """Zip member holding BatchNorm variant ``name`` (``organ:liver`` -> ``batchnorm/organ__liver.npz``)."""
     return "batchnorm/" + name.replace(":", "__") + ".npz"
+
+
+DEFAULT_THRESHOLD = 0.5
+"""Organ probability above which inference labels a voxel, for a bundle that carries no threshold
+chosen on validation (:func:`SegVizLogic.bundle.set_bundle_threshold`)."""
+
+
+def manifest_threshold(manifest: dict) -> float:
+    """The organ probability threshold a bundle's manifest sets (``inference.threshold``), else
+    :data:`DEFAULT_THRESHOLD`."""
+    return float(manifest.get("inference", {}).get("threshold", DEFAULT_THRESHOLD))
 
 
 ADAPTATIONS = ("adapt", "adapt-organs")

@@ -170,12 +170,13 @@ def run_demo(
         threshold, threshold_table = choose_threshold(
             bundle, [str(s) for s in layout.sites], val_fraction, torch_device, reporter=reporter
         )
+        threshold_scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in threshold_table.items())
         set_bundle_threshold(
             work / "model.segviz",
             threshold,
             rule=f"chosen on the sites' held-out validation cases, leave-site-out, BatchNorm "
             f"{bundle.default_batchnorm}, among {'/'.join(f'{t:g}' for t in THRESHOLD_CANDIDATES)}: mean Dice "
-            + ", ".join(f"{t} {row['mean']:.3f}" for t, row in threshold_table.items()),
+            + threshold_scores,
         )
         bundle = load_bundle(work / "model.segviz")
         reporter.emit("stage", stage="evaluate", message="segmenting the external set (a scanner no site has)")
@@ -212,7 +213,6 @@ def run_demo(
             title=f"external {case}: reference vs FedBN global model",
         )
         table = dice_table_markdown({"FedBN (global model)": summary})
-        threshold_scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in threshold_table.items())
         (work / "report.md").write_text(
             "# SegViz demo\n\n"
             f"FedBN federation of four phantom sites, each annotating one organ ({settings.rounds} rounds x "
