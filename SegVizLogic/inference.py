@@ -65,6 +65,7 @@ __all__ = [
     "probabilities_to_labels",
     "resolve_device",
     "segment_image",
+    "segment_image_at_thresholds",
     "windows_per_batch",
 ]
 
@@ -666,12 +667,60 @@ def segment_image(
     reporter = reporter or ProgressReporter("none")
     levers = REFERENCE if levers is None else levers
     threshold = bundle.threshold if threshold is None else threshold
+    timings: dict[str, float] = {}
+    probabilities, affine = _image_probabilities(
+        bundle, image, device, batchnorm, reporter, sw_batch_size, overlap, levers, timings
+    )
+    t2 = time.perf_counter()
+    labels = _label_map(bundle, image, probabilities, affine, threshold, cleanup, levers, reporter)
+    del probabilities
+    timings["restore_s"] = time.perf_counter() - t2
+    organs = tuple(o for o in bundle.organs if o in bundle.trained_organs)
+    return SegmentationResult(labels=labels, organs=organs, timings=timings)
+
+
+def segment_image_at_thresholds(
+    bundle: ModelBundle,
+    image: sitk.Image,
+    device: torch.device,
+    thresholds: Sequence[float],
+    batchnorm: str | None = None,
+    sw_batch_size: int = 1,
+    overlap: float | None = None,
+    levers: SpeedLevers | None = None,
+) -> dict[float, sitk.Image]:
+    """:func:`segment_image` at several thresholds from one network pass: ``{threshold: label map}``.
+
+    Each label map equals ``segment_image(..., threshold=t).labels`` (clean-up on); the network runs
+    once, so choosing a threshold on validation cases costs one pass per case, not one per candidate.
+    """
+    levers = REFERENCE if levers is None else levers
+    reporter = ProgressReporter("none")
+    probabilities, affine = _image_probabilities(
+        bundle, image, device, batchnorm, reporter, sw_batch_size, overlap, levers, {}
+    )
+    return {
+        float(t): _label_map(bundle, image, probabilities, affine, float(t), True, levers, reporter) for t in thresholds
+    }
+
+
+def _image_probabilities(
+    bundle: ModelBundle,
+    image: sitk.Image,
+    device: torch.device,
+    batchnorm: str | None,
+    reporter: ProgressReporter,
+    sw_batch_size: int,
+    overlap: float | None,
+    levers: SpeedLevers,
+    timings: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preprocess ``image`` and run the network: per-organ probabilities on the model's grid and its affine."""
     check_preprocessed_size(image, bundle.preprocessing, len(bundle.organs))
     retain_freed_memory()  # the windows allocate and free the same large blocks
     on_device = levers.device_pipeline and device.type == "cuda"
     if sw_batch_size < 1:
         sw_batch_size = windows_per_batch(device, bundle.roi_size, bundle.network_config.channels)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     reporter.emit("stage", stage="preprocess", message="orienting and resampling to the model's spacing")
     source = sitk_to_metatensor(image)
@@ -706,8 +755,20 @@ def segment_image(
     if on_device:
         torch.cuda.synchronize(device)
     timings["network_s"] = time.perf_counter() - t1
+    return probabilities, affine
 
-    t2 = time.perf_counter()
+
+def _label_map(
+    bundle: ModelBundle,
+    image: sitk.Image,
+    probabilities: torch.Tensor,
+    affine,
+    threshold: float,
+    cleanup: bool,
+    levers: SpeedLevers,
+    reporter: ProgressReporter,
+) -> sitk.Image:
+    """The label map on ``image``'s grid from the network's probabilities (read, not changed)."""
     organs = tuple(o for o in bundle.organs if o in bundle.trained_organs)
     mapping = grid_mapping(_input_affine(image), np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64))
     labels = None
@@ -727,13 +788,11 @@ def segment_image(
             advance(1)
     if labels is None:  # an oblique grid, a noisy model, or the reference path
         labels = _restore_by_resampling(probabilities.cpu(), affine, image, bundle, organs, threshold, reporter)
-    del probabilities
     if cleanup:
         labels = keep_largest_component(labels, organs)
-    timings["restore_s"] = time.perf_counter() - t2
     result = sitk.GetImageFromArray(labels)
     result.CopyInformation(image)
-    return SegmentationResult(labels=result, organs=organs, timings=timings)
+    return result
 
 
 def _input_affine(image: sitk.Image) -> np.ndarray:

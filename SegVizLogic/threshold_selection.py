@@ -20,7 +20,7 @@ import torch
 
 from .bundle import ModelBundle
 from .evaluation import evaluate_label_maps
-from .inference import segment_image
+from .inference import segment_image_at_thresholds
 from .organs import organ_by_name
 from .progress import ProgressReporter
 from .site import load_case, validate_site
@@ -70,9 +70,9 @@ def choose_threshold(
         with reporter.task(f"threshold on {site.name}'s validation", total=len(cases) * len(candidates)) as advance:
             for case in cases:
                 image, reference = load_case(case, site)
+                maps = segment_image_at_thresholds(view, image, device, candidates)  # one network pass
                 for threshold in candidates:
-                    predicted = segment_image(view, image, device, threshold=threshold).labels
-                    scores = evaluate_label_maps(predicted, reference, labels, organs=site.organs, hd95=False)
+                    scores = evaluate_label_maps(maps[threshold], reference, labels, organs=site.organs, hd95=False)
                     for organ in site.organs:
                         value = scores.get(organ, {}).get("dice")
                         if value is not None:

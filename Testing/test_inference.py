@@ -284,14 +284,42 @@ def test_threshold_is_chosen_on_the_sites_validation_cases(small_phantom, liver_
     # every candidate equally good (the reference itself): the first, 0.5
     site = validate_site(liver_site)
     held_out = {c.name: load_case(c, site)[1] for c in site.cases}
-    names = iter(sorted(held_out)[-1:] * len(THRESHOLD_CANDIDATES))
+    names = iter(sorted(held_out)[-1:])
 
-    class Perfect:
-        def __init__(self, labels):
-            self.labels = labels
+    def perfect(bundle, image, device, thresholds):
+        reference = held_out[next(names)]  # one network pass per case: called once
+        return {t: reference for t in thresholds}
 
-    monkeypatch.setattr(threshold_selection, "segment_image", lambda *a, **k: Perfect(held_out[next(names)]))
+    monkeypatch.setattr(threshold_selection, "segment_image_at_thresholds", perfect)
     assert choose_threshold(bundle, [str(liver_site)], 0.34, CPU) == (
         0.5,
         {f"{t:g}": {"liver": 1.0, "mean": 1.0} for t in THRESHOLD_CANDIDATES},
     )
+
+
+def test_labels_at_several_thresholds_come_from_one_network_pass(small_phantom, liver_bundle, monkeypatch):
+    """``segment_image_at_thresholds`` gives, from one pass, each threshold's ``segment_image`` label map."""
+    from SegVizLogic import inference
+    from SegVizLogic.experiments.selection import Option, _pass_groups
+    from SegVizLogic.inference import segment_image_at_thresholds
+
+    bundle = load_bundle(liver_bundle)
+    site = validate_site(small_phantom.external)
+    image, _ = load_case(site.cases[0], site)
+    passes = []
+    original = inference.bundle_probabilities
+    monkeypatch.setattr(inference, "bundle_probabilities", lambda *a, **k: passes.append(1) or original(*a, **k))
+    thresholds = (0.5, 0.3, 0.1)
+    maps = segment_image_at_thresholds(bundle, image, CPU, thresholds, batchnorm="adapt", overlap=0.25)
+    assert len(passes) == 1 and list(maps) == list(thresholds)
+    livers = []
+    for t in thresholds:
+        alone = segment_image(bundle, image, CPU, batchnorm="adapt", overlap=0.25, threshold=t).labels
+        assert maps[t].GetSize() == image.GetSize() and maps[t].GetDirection() == image.GetDirection()
+        assert np.array_equal(sitk.GetArrayViewFromImage(maps[t]), sitk.GetArrayViewFromImage(alone))
+        livers.append(int((sitk.GetArrayViewFromImage(alone) == 1).sum()))
+    assert 0 < livers[0] < livers[2]  # a lower threshold labels more liver
+    # The comparison's validation groups its candidates the same way: one pass per (checkpoint, BatchNorm, overlap).
+    options = [Option("final", bn, o, t) for bn in ("model", "adapt") for o in (0.25, 0.5) for t in (0.5, 0.3)]
+    groups = _pass_groups(options)
+    assert [[o.key for o in g] for g in groups] == [[o.key for o in options[i : i + 2]] for i in range(0, 8, 2)]

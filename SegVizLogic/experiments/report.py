@@ -469,10 +469,11 @@ def plot_selection(path: str | Path, scores: Mapping[str, Mapping], chosen: Mapp
     plt = pyplot()
     arms = [a for a in ARMS if a in scores]
     width = max(len(scores[a]) for a in arms)
+    # One row per arm: a comparison offers each arm tens of candidates (BatchNorm x overlap x threshold).
     fig, axes = plt.subplots(
-        1, len(arms), figsize=(1.0 + 0.55 * width * len(arms) + 1.5, 3.8), sharey=True, squeeze=False
+        len(arms), 1, figsize=(max(6.0, 2.0 + 0.24 * width), 1.0 + 2.9 * len(arms)), sharey=True, squeeze=False
     )
-    for ax, arm in zip(axes[0], arms):
+    for ax, arm in zip(axes[:, 0], arms):
         keys = list(scores[arm])
         values = [scores[arm][k]["score"] or 0.0 for k in keys]
         picked = chosen.get(arm, {}).get("key")
@@ -482,8 +483,9 @@ def plot_selection(path: str | Path, scores: Mapping[str, Mapping], chosen: Mapp
         ax.set_xticklabels([_short_option(k) for k in keys], rotation=60, ha="right", fontsize=7)
         ax.set_title(arm, fontsize=9)
         ax.set_ylim(0, 1.0)
+        ax.set_xlim(-0.6, width - 0.4)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("validation Dice (mean)")
+        ax.set_ylabel("validation Dice (mean)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -41,7 +41,7 @@ import torch
 from ..bundle import ModelBundle, load_bundle
 from ..bundle_manifest import batchnorm_choices, read_manifest
 from ..evaluation import evaluate_label_maps
-from ..inference import segment_image
+from ..inference import segment_image, segment_image_at_thresholds
 from ..organs import ORGAN_NAMES, organ_by_name
 from ..progress import ProgressReporter
 from ..site import Site, load_case, load_site
@@ -243,6 +243,15 @@ def _own_statistics(arm: str, option: Option) -> bool:
     return option.batchnorm == "model" and arm != "fedbn"
 
 
+def _pass_groups(options: Sequence[Option]) -> list[list[Option]]:
+    """``options`` grouped by what the network pass depends on (checkpoint, BatchNorm, overlap), in order;
+    the options of a group differ only in their threshold."""
+    groups: dict[tuple[str, str, float], list[Option]] = {}
+    for option in options:
+        groups.setdefault((option.checkpoint, option.batchnorm, option.overlap), []).append(option)
+    return list(groups.values())
+
+
 def score_on_validation(
     trained: Sequence[TrainedArm],
     site_dirs: Sequence[str],
@@ -284,18 +293,32 @@ def score_on_validation(
                             case = next(c for c in site.cases if c.name == case_name)
                             images[(site_name, case_name)] = load_case(case, site)
                         image, reference = images[(site_name, case_name)]
-                        for option in candidates[t.arm]:
-                            bundle = cache.get(checkpoints[option.checkpoint], leave_out=site_name)
-                            if option.batchnorm not in bundle.batchnorm_choices():
-                                advance(1)
+                        for group in _pass_groups(candidates[t.arm]):
+                            first = group[0]
+                            bundle = cache.get(checkpoints[first.checkpoint], leave_out=site_name)
+                            if first.batchnorm not in bundle.batchnorm_choices():
+                                advance(len(group))
                                 continue  # e.g. per-organ of a one-site federation: not scoreable here
-                            scores, _ = score_bundle_on_case(
-                                bundle, image, reference, site.organs, option, device, case_name=case_name
+                            # One network pass per (checkpoint, BatchNorm, overlap); each threshold labels it.
+                            maps = segment_image_at_thresholds(
+                                bundle,
+                                image,
+                                device,
+                                [o.threshold for o in group],
+                                batchnorm=first.batchnorm,
+                                overlap=first.overlap,
+                                sw_batch_size=SCORING_SW_BATCH,
                             )
-                            for organ, score in scores.items():
-                                if score.get("dice") is None:
-                                    continue
-                                records.append(
+                            for option in group:
+                                scores = evaluate_label_maps(
+                                    maps[option.threshold],
+                                    reference,
+                                    {organ_by_name(o).label: o for o in site.organs},
+                                    organs=site.organs,
+                                    pred_path=f"prediction of {case_name}",
+                                    ref_path=f"reference of {case_name}",
+                                )
+                                records.extend(
                                     {
                                         "arm": t.arm,
                                         "model": model,
@@ -306,10 +329,12 @@ def score_on_validation(
                                         "organ": organ,
                                         "dice": score["dice"],
                                     }
+                                    for organ, score in scores.items()
+                                    if score.get("dice") is not None
                                 )
-                            advance(1)
-                            if on_case is not None:
-                                on_case()
+                                advance(1)
+                                if on_case is not None:
+                                    on_case()
             cache.clear()
     return records, candidates
 
