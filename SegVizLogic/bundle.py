@@ -64,7 +64,6 @@ __all__ = [
     "batchnorm_variant_names",
     "load_bundle",
     "save_bundle",
-    "set_bundle_threshold",
 ]
 
 FEDBN_DEFAULT_BATCHNORM = "adapt"
@@ -101,6 +100,7 @@ def save_bundle(
     roi_size: tuple[int, int, int] | None = None,
     trained_organs: tuple[str, ...] | list[str] | None = None,
     force: bool = False,
+    inference: Mapping | None = None,
 ) -> Path:
     """Write a model bundle atomically.
 
@@ -120,6 +120,7 @@ def save_bundle(
         trained_organs: organs whose heads were trained (default: all); inference never
             outputs an organ whose head no site taught.
         force: overwrite an existing file.
+        inference: inference settings chosen for it (``threshold``, ``threshold_rule``), checked on load.
 
     Raises:
         SegVizInputError: the file exists and ``force`` is false.
@@ -139,6 +140,9 @@ def save_bundle(
                 arrays[key] = array.reshape(state[key].shape)
         if set(arrays) != bn_keys:
             raise ValueError(f"BatchNorm variant {name!r} does not hold exactly the model's BatchNorm tensors")
+    threshold = (inference or {}).get("threshold")
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
     valid_defaults = {"model", "per-organ", *ADAPTATIONS, *variants}
     if default_batchnorm not in valid_defaults:
         raise ValueError(f"default_batchnorm {default_batchnorm!r} is not one of {sorted(valid_defaults)}")
@@ -158,7 +162,7 @@ def save_bundle(
         "training": dict(training or {}),
         "provenance": dict(provenance or {}),
         "metrics": dict(metrics or {}),
-        "inference": {"roi_size": list(roi_size)} if roi_size else {},
+        "inference": {**({"roi_size": list(roi_size)} if roi_size else {}), **dict(inference or {})},
         "trained_organs": list(
             model.config.organs if trained_organs is None else [o for o in model.config.organs if o in trained_organs]
         ),
@@ -258,42 +262,6 @@ class ModelBundle:
             state.update({k: torch.from_numpy(np.array(v)) for k, v in self.batchnorm_variants[choice].items()})
         model.load_state_dict(state)
         return model.eval()
-
-
-def set_bundle_threshold(path: str | Path, threshold: float, rule: str) -> Path:
-    """Record in the unsigned bundle at ``path`` the inference threshold chosen for it and how it
-    was chosen (``inference.threshold`` and ``inference.threshold_rule`` of its manifest),
-    atomically: the weights and every other member are copied unchanged.
-
-    Raises:
-        BundleError: the bundle is signed (a signature covers the manifest: the coordinator
-            that signs it sets the threshold before signing), or not a readable bundle.
-        ValueError: ``threshold`` not between 0 and 1.
-    """
-    from .signing import SIGNATURE_MEMBER
-
-    path = Path(path)
-    if not 0.0 < float(threshold) < 1.0:
-        raise ValueError(f"threshold must be between 0 and 1, got {threshold!r}")
-    bundle = load_bundle(path)
-    manifest = dict(bundle.manifest)
-    manifest["inference"] = {**manifest.get("inference", {}), "threshold": float(threshold), "threshold_rule": rule}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".segviz", dir=path.parent)
-    try:
-        with zipfile.ZipFile(path) as source:
-            if SIGNATURE_MEMBER in source.namelist():
-                raise BundleError(path, "is signed: its threshold cannot change without breaking the signature")
-            with os.fdopen(fd, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
-                for info in source.infolist():
-                    if info.filename == MANIFEST_MEMBER:
-                        archive.writestr(MANIFEST_MEMBER, json.dumps(manifest, indent=2, default=_json_default))
-                    else:
-                        archive.writestr(info.filename, source.read(info.filename))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _read_npz(archive: zipfile.ZipFile, name: str, expected_sha: str, path: Path) -> dict[str, np.ndarray]:

@@ -100,7 +100,7 @@ def variant_member(name: str) -> str:
 
 DEFAULT_THRESHOLD = 0.5
 """Organ probability above which inference labels a voxel, for a bundle that carries no threshold
-chosen on validation (:func:`SegVizLogic.bundle.set_bundle_threshold`)."""
+chosen on validation (``inference`` of :func:`SegVizLogic.bundle.save_bundle`; a federation asks its sites)."""
 
 
 def manifest_threshold(manifest: dict) -> float:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bundle import load_bundle, set_bundle_threshold
+from .bundle import load_bundle
 from .errors import SegVizInputError
 from .external_evaluation import dice_table_markdown, evaluate_on_site
 from .figures import render_overlays
@@ -26,7 +26,6 @@ from .phantom import generate_phantom_sites
 from .preprocessing import Preprocessing
 from .progress import ProgressReporter
 from .site import load_case, validate_site
-from .threshold_selection import THRESHOLD_CANDIDATES, choose_threshold
 from .training import TrainingConfig
 from .training_setup import TrainingSetup, load_preset
 
@@ -164,21 +163,12 @@ def run_demo(
             **settings.federation_options(seed),
         )
         shutil.copyfile(model_path, work / "model.segviz")
-        reporter.emit("stage", stage="threshold", message="choosing the organ threshold on the sites' validation cases")
+        # The federation chose the organ threshold after its final round: each site scored the final
+        # model on its held-out validation cases (the ServerApp's threshold question).
         bundle = load_bundle(work / "model.segviz")
-        val_fraction = settings.training(seed).val_fraction
-        threshold, threshold_table = choose_threshold(
-            bundle, [str(s) for s in layout.sites], val_fraction, torch_device, reporter=reporter
-        )
-        threshold_scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in threshold_table.items())
-        set_bundle_threshold(
-            work / "model.segviz",
-            threshold,
-            rule=f"chosen on the sites' held-out validation cases, leave-site-out, BatchNorm "
-            f"{bundle.default_batchnorm}, among {'/'.join(f'{t:g}' for t in THRESHOLD_CANDIDATES)}: mean Dice "
-            + threshold_scores,
-        )
-        bundle = load_bundle(work / "model.segviz")
+        asked = bundle.metrics.get("threshold_validation", {})
+        threshold, threshold_table = bundle.threshold, asked.get("table", {})
+        threshold_scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in threshold_table.items()) or "not chosen"
         reporter.emit("stage", stage="evaluate", message="segmenting the external set (a scanner no site has)")
         result = evaluate_on_site(bundle, layout.external, torch_device, reporter=reporter, keep_predictions=True)
         summary = result.summary()

@@ -290,31 +290,33 @@ def test_large_config_is_checked_without_allocating_it(saved, tmp_path):
     assert grown_mb < 200, grown_mb
 
 
-def test_threshold_chosen_for_a_bundle_is_recorded_and_nothing_else_changes(saved, tmp_path):
-    """set_bundle_threshold rewrites the manifest of an unsigned bundle (threshold and the rule that
-    chose it); the weights, variants and every other field stay; a signed bundle is refused."""
-    from SegVizLogic.bundle import DEFAULT_THRESHOLD, set_bundle_threshold
-    from SegVizLogic.signing import sign_bundle, write_signing_key
+def test_threshold_chosen_for_a_bundle_is_recorded(saved, tmp_path):
+    """A bundle carries the threshold chosen for it and the rule that chose it; without one it is 0.5;
+    a threshold outside (0, 1) is refused when saving and when loading."""
+    from SegVizLogic.bundle import DEFAULT_THRESHOLD
 
-    _, path = saved
+    model, path = saved
     before = load_bundle(path)
     assert before.threshold == DEFAULT_THRESHOLD == 0.5
-    with zipfile.ZipFile(path) as archive:
-        members = {name: archive.read(name) for name in archive.namelist() if name != "manifest.json"}
-    set_bundle_threshold(path, 0.3, rule="chosen on validation")
-    after = load_bundle(path)
+    chosen = save_bundle(
+        tmp_path / "chosen.segviz",
+        model,
+        Preprocessing(),
+        roi_size=(32, 32, 32),
+        inference={"threshold": 0.3, "threshold_rule": "chosen on validation"},
+    )
+    after = load_bundle(chosen)
     assert after.threshold == 0.3 and after.manifest["inference"]["threshold_rule"] == "chosen on validation"
-    assert after.roi_size == before.roi_size and after.default_batchnorm == before.default_batchnorm
-    assert {k: v for k, v in after.manifest.items() if k != "inference"} == {
-        k: v for k, v in before.manifest.items() if k != "inference"
-    }
-    with zipfile.ZipFile(path) as archive:
-        assert {name: archive.read(name) for name in archive.namelist() if name != "manifest.json"} == members
+    assert after.roi_size == (32, 32, 32)
     with pytest.raises(ValueError, match="between 0 and 1"):
-        set_bundle_threshold(path, 1.0, rule="x")
-    private, _ = write_signing_key(tmp_path / "keys")
-    sign_bundle(path, private)
-    signed = path.read_bytes()
-    with pytest.raises(BundleError, match="is signed"):
-        set_bundle_threshold(path, 0.2, rule="x")
-    assert path.read_bytes() == signed and sorted(p.name for p in path.parent.glob(".tmp-*")) == []
+        save_bundle(tmp_path / "bad.segviz", model, Preprocessing(), inference={"threshold": 1.0})
+    assert not (tmp_path / "bad.segviz").exists()
+    manifest = json.loads(zipfile.ZipFile(chosen).read("manifest.json"))
+    manifest["inference"]["threshold"] = 1.5
+    forged = tmp_path / "forged.segviz"
+    with zipfile.ZipFile(chosen) as source, zipfile.ZipFile(forged, "w") as target:
+        for name in source.namelist():
+            data = json.dumps(manifest).encode() if name == "manifest.json" else source.read(name)
+            target.writestr(name, data)
+    with pytest.raises(BundleError, match="inference.threshold"):
+        load_bundle(forged)

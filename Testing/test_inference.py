@@ -241,14 +241,10 @@ def test_console_script_skips_finalisation_only_after_infer(constant_bundle, tmp
 def test_segmentation_uses_the_bundles_threshold_unless_told(constant_bundle, tmp_path, monkeypatch):
     """A voxel is an organ where its probability is the highest and above the threshold: the
     bundle's (chosen on validation) by default, ``threshold=`` or ``--threshold`` when given."""
-    import shutil
-
     from SegVizLogic import inference
-    from SegVizLogic.bundle import set_bundle_threshold
     from SegVizLogic.cli import main
 
-    path = tmp_path / "m.segviz"
-    shutil.copyfile(constant_bundle, path)
+    path = constant_bundle
     image = sitk.GetImageFromArray(np.random.default_rng(1).integers(-200, 200, (8, 24, 24)).astype(np.int16))
 
     def liver_at_0_4(bundle, prepared, device, **kwargs):
@@ -263,7 +259,14 @@ def test_segmentation_uses_the_bundles_threshold_unless_told(constant_bundle, tm
         return int((sitk.GetArrayViewFromImage(labels) == 1).sum())
 
     assert liver_voxels() == 0  # 0.5: no bundle threshold recorded
-    set_bundle_threshold(path, 0.3, rule="test")
+    constant = load_bundle(constant_bundle)
+    path = save_bundle(
+        tmp_path / "chosen.segviz",
+        constant.build_model("model"),
+        constant.preprocessing,
+        training=constant.manifest["training"],
+        inference={"threshold": 0.3, "threshold_rule": "test"},
+    )
     assert liver_voxels() == image.GetNumberOfPixels()
     assert liver_voxels(threshold=0.45) == 0
     with pytest.raises(SystemExit):  # argparse: one line, exit status 2

@@ -155,6 +155,7 @@ def run_simulation(sites: list[Path], work: Path, args) -> Path:
         seed=args.seed,
         reporter=ProgressReporter(args.progress),
         device=args.device,
+        choose_threshold=False,  # the rounds are measured, not the question after them
     )
 
 

@@ -236,6 +236,7 @@ def run_rounds(sites: list[Path], out: Path, args, reporter: ProgressReporter) -
         min_train_nodes=args.min_train_nodes,
         round_deadline=args.round_deadline,
         sites_at_once=args.sites_at_once,
+        choose_threshold=False,  # the rounds are measured, not the question after them
     )
 
 

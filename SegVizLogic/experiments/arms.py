@@ -230,6 +230,8 @@ def train_arm(
             seed=seed,
             device=config.device,
             engine=config.engine,
+            # Every arm's threshold is chosen by the comparison's own rule (selection.py), the same way.
+            choose_threshold=False,
         )
         from ..bundle_manifest import read_manifest
 

@@ -197,6 +197,13 @@ def _add_round_options(parser: argparse.ArgumentParser) -> None:
         help="float16: send the shared body both ways in half precision (half the bytes; the coordinator keeps "
         "float32 weights; bench/bench_transfer_dtype.py measures its Dice cost)",
     )
+    parser.add_argument(
+        "--no-choose-threshold",
+        dest="choose_threshold",
+        action="store_false",
+        help="keep the organ threshold at 0.5 instead of asking the sites, after the final round, which of "
+        "0.5-0.1 their validation cases prefer (Dice sums and case counts; always off with differential privacy)",
+    )
 
 
 def _configs(args: argparse.Namespace) -> TrainingSetup:
@@ -241,6 +248,7 @@ def _run_settings(args: argparse.Namespace):
         min_train_nodes=args.min_train_nodes,
         round_deadline=args.round_deadline,
         transfer_dtype=args.transfer_dtype,
+        choose_threshold=args.choose_threshold,
     )
 
 
@@ -470,6 +478,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             min_train_nodes=args.min_train_nodes,
             round_deadline=args.round_deadline,
             transfer_dtype=args.transfer_dtype,
+            choose_threshold=args.choose_threshold,
         )
     finally:
         reporter.close()

@@ -36,8 +36,10 @@ __all__ = [
     "ERRORS_FILE",
     "EVENTS_FILE",
     "SHARE_FINAL_BATCHNORM_KEY",
+    "THRESHOLD_RECORD",
     "WORKER_FILE",
     "app",
+    "handle_threshold_question",
     "handle_train",
     "make_client_app",
     "run_site_round",
@@ -48,6 +50,9 @@ __all__ = [
 EVENTS_FILE = "events.jsonl"
 WORKER_FILE = "worker.json"
 ERRORS_FILE = "errors.log"
+THRESHOLD_RECORD = "threshold-validation"
+"""Metric record of a site's answer to the threshold question: ``"<threshold>|<organ>|dice-sum"`` and
+``"<threshold>|<organ>|count"`` (:func:`handle_threshold_question`)."""
 SHARE_FINAL_BATCHNORM_KEY = "share-final-batchnorm"
 """Node config key of the site's consent to send its final BatchNorm (``segviz federation join
 --share-final-batchnorm``). Absent (simulation): the coordinator's ``share-final-batchnorm`` decides."""
@@ -242,8 +247,66 @@ def handle_train(
                 rounds=rounds,
                 metrics={k: v for k, v in metrics.items() if k == "loss" or k.startswith("dice-")},
             )
-            if server_round >= rounds:
+            if server_round >= rounds and not config.get("choose-threshold", False):
                 reporter.emit("run_finished", rounds=rounds, outputs={})
+    return Message(content=content, reply_to=message)
+
+
+def _run_finished(events: Path | None, rounds: int) -> None:
+    """The site's part of the run is over (after the threshold question, when one follows the final round)."""
+    with _event_reporter(events) as reporter:
+        if reporter:
+            reporter.emit("run_finished", rounds=rounds, outputs={})
+
+
+def handle_threshold_question(
+    message: Message, context: Context, site_dir: Path, events: Path | None = None, device: str | None = None
+) -> Message:
+    """Answer the coordinator's evaluate message after the final round: the final model (a bundle,
+    ``bundle`` record) scored on this site's held-out validation cases at each candidate threshold.
+
+    Only scalars leave the site: per threshold and annotated organ the sum of the cases' Dice and the
+    number of cases (:data:`THRESHOLD_RECORD`), and the site's name and organs. A failure answers with
+    a fixed sentence, as a failed round does; the site's own log keeps the details.
+    """
+    from .task import score_thresholds_on_site
+
+    server_round, coordinator_version = 0, __version__
+    try:
+        if device is None:
+            device = str(context.node_config.get("device", os.environ.get("SEGVIZ_DEVICE", "auto")))
+        config = dict(message.content.config_records["config"])
+        server_round = int(config["server-round"])
+        coordinator_version = str(config.get("segviz-version", __version__))
+        if coordinator_version.split(".")[:2] != __version__.split(".")[:2]:
+            raise ValueError(f"the coordinator runs SegViz {coordinator_version} and this site SegViz {__version__}")
+        candidates = [float(t) for t in config["threshold-candidates"]]
+        if not 0 < len(candidates) <= 20 or not all(0.0 < t < 1.0 for t in candidates):
+            raise ValueError(f"threshold candidates must be 1-20 numbers in (0, 1), got {candidates}")
+        training = json.loads(str(config.get("training-config") or "{}"))
+        bundle_bytes = message.content.config_records["bundle"]["bundle"]
+        if not isinstance(bundle_bytes, bytes):
+            raise TypeError("the final model did not come as bytes")
+        with _event_reporter(events) as reporter:
+            if reporter:
+                reporter.emit("stage", stage="threshold", message="scoring the final model on the validation cases")
+            site, tally = score_thresholds_on_site(site_dir, bundle_bytes, training, candidates, device, reporter)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a fixed category for the coordinator
+        _keep_failure_on_site(site_dir, events, server_round, traceback.format_exc())
+        _run_finished(events, server_round)
+        category = failure_category(error, __version__, coordinator_version)
+        reason = f"{site_name_for_reports(site_dir)}: {category}"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+    _run_finished(events, server_round)
+    scores: dict[str, Any] = {}
+    for threshold, organs in tally.items():
+        for organ, (dice_sum, cases) in organs.items():
+            scores[f"{threshold:g}|{organ}|dice-sum"] = float(dice_sum)
+            scores[f"{threshold:g}|{organ}|count"] = int(cases)
+    organs_scored = sorted({organ for organs in tally.values() for organ in organs})
+    content = RecordDict(
+        {THRESHOLD_RECORD: MetricRecord(scores), "site": ConfigRecord({"name": site, "organs": organs_scored})}
+    )
     return Message(content=content, reply_to=message)
 
 
@@ -261,6 +324,15 @@ def train(message: Message, context: Context) -> Message:
     return handle_train(message, context, site_dir, events=events)
 
 
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the final model on this SuperNode's validation cases at each candidate threshold."""
+    site_dir = site_dir_from_context(context)
+    events = site_dir / LOCAL_STATE_DIR / EVENTS_FILE
+    events.parent.mkdir(parents=True, exist_ok=True)
+    return handle_threshold_question(message, context, site_dir, events=events)
+
+
 def make_client_app(site_dirs: Sequence[str | Path], mods: Sequence = (), device: str = "auto") -> ClientApp:
     """A ClientApp for Flower's simulation engine: virtual node ``partition-id`` i is site i.
 
@@ -276,5 +348,10 @@ def make_client_app(site_dirs: Sequence[str | Path], mods: Sequence = (), device
     def train_simulated(message: Message, context: Context) -> Message:
         partition = int(context.node_config[PARTITION_ID_KEY])
         return handle_train(message, context, Path(sites[partition]), device=device)
+
+    @simulated.evaluate()
+    def evaluate_simulated(message: Message, context: Context) -> Message:
+        partition = int(context.node_config[PARTITION_ID_KEY])
+        return handle_threshold_question(message, context, Path(sites[partition]), device=device)
 
     return simulated

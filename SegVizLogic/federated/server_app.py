@@ -50,12 +50,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from .. import __version__
 from ..bundle import FEDBN_DEFAULT_BATCHNORM
+from ..bundle_manifest import DEFAULT_THRESHOLD
 from ..errors import SegVizError
 from ..network import build_network, partition_state
 from ..progress import ProgressReporter
@@ -72,6 +73,7 @@ __all__ = [
     "make_server_app",
     "round_bundle_name",
     "run_federation",
+    "threshold_answer",
 ]
 
 PROGRESS_FILE = "progress.jsonl"
@@ -202,6 +204,40 @@ def collect_replies(
         if pending:
             time.sleep(poll)
     return replies, missing
+
+
+def threshold_answer(content, candidates: list[float], sites: dict[str, list[str]]):
+    """A site's answer to the threshold question, checked: ``(site, {threshold: {organ: (Dice sum, cases)}})``.
+
+    Every asked threshold must be there for each organ the site scored, with a case count of 0-10000
+    and a Dice sum between 0 and that count; the organs must be ones the site trained (a site of this
+    run) or known organs. A site can still lean the choice towards one of the candidates: no more.
+
+    Raises:
+        ValueError: the answer is malformed or out of range.
+    """
+    from ..organs import ORGAN_NAMES
+    from .client_app import THRESHOLD_RECORD
+
+    if THRESHOLD_RECORD not in content.metric_records or "site" not in content.config_records:
+        raise ValueError("no threshold scores in the reply")
+    site = str(content.config_records["site"].get("name", ""))
+    organs = [str(o) for o in content.config_records["site"].get("organs", [])]
+    allowed = sites.get(site, ORGAN_NAMES)
+    if not site or any(o not in allowed for o in organs):
+        raise ValueError(f"organs {organs} are not organs site {site!r} trained")
+    scores = dict(content.metric_records[THRESHOLD_RECORD])
+    expected = {f"{t:g}|{o}|{kind}" for t in candidates for o in organs for kind in ("dice-sum", "count")}
+    if set(scores) != expected:
+        raise ValueError("the scores do not cover exactly the asked thresholds and the site's organs")
+    tally: dict[float, dict[str, tuple[float, int]]] = {}
+    for t in candidates:
+        for organ in organs:
+            dice_sum, cases = float(scores[f"{t:g}|{organ}|dice-sum"]), scores[f"{t:g}|{organ}|count"]
+            if not isinstance(cases, int) or not 0 <= cases <= 10000 or not 0.0 <= dice_sum <= cases:
+                raise ValueError(f"Dice sum {dice_sum} over {cases} cases is out of range")
+            tally.setdefault(float(t), {})[organ] = (dice_sum, cases)
+    return site, tally
 
 
 def run_federation(
@@ -452,8 +488,15 @@ class _Federation:
             "force": True,
         }
         path = self.out_dir / round_bundle_name(server_round)
+        final_metrics: dict[str, Any] = {"rounds": self.history}
+        if final and settings.choose_threshold:
+            # Chosen on the sites' validation cases before the final bundle is written (and signed).
+            threshold, record = self._threshold_question(server_round, bundle_args)
+            final_metrics["threshold_validation"] = record
+            if threshold is not None:
+                bundle_args["inference"] = {"threshold": threshold, "threshold_rule": record["rule"]}
         if final:
-            self.final_path = self._save(self.final_path, self.model, {"rounds": self.history}, bundle_args)
+            self.final_path = self._save(self.final_path, self.model, final_metrics, bundle_args)
             self.writer.submit(shutil.copyfile, self.final_path, path)
         else:
             # Written while the sites train the next round: compressing tens of MB of weights
@@ -471,6 +514,91 @@ class _Federation:
             metrics=_flat_metrics(metrics),
             bundle=str(path),
         )
+
+    def _threshold_question(self, server_round: int, bundle_args: dict) -> tuple[float | None, dict]:
+        """Ask every connected site to score the final model at each candidate threshold on its
+        held-out validation cases, and choose (:func:`~SegVizLogic.threshold_selection.choose_from_tally`).
+
+        Returns:
+            ``(threshold, record)``: ``None`` when no site gave a usable answer (the bundle keeps its
+            default); ``record`` holds the rule, the table, the sites that answered, those that did not.
+        """
+        import tempfile
+
+        from ..bundle import save_bundle
+        from ..threshold_selection import THRESHOLD_CANDIDATES, choose_from_tally
+
+        settings, started = self.settings, time.perf_counter()
+        candidates = list(THRESHOLD_CANDIDATES)
+        self.reporter.emit("stage", stage="threshold", message="asking the sites to score the final model's thresholds")
+        handle, name = tempfile.mkstemp(prefix=".threshold-", suffix=".segviz", dir=self.out_dir)
+        os.close(handle)
+        try:
+            save_bundle(name, self.model, settings.preprocessing, metrics={}, **bundle_args)
+            data = Path(name).read_bytes()
+        finally:
+            Path(name).unlink(missing_ok=True)
+        config = ConfigRecord(
+            {
+                **settings.client_config(server_round, self.lineage),
+                "threshold-candidates": candidates,
+            }
+        )
+        messages = [
+            Message(
+                content=RecordDict({"bundle": ConfigRecord({"bundle": data}), "config": config}),
+                message_type=MessageType.EVALUATE,
+                dst_node_id=node,
+            )
+            for node in sorted(self.grid.get_node_ids())
+        ]
+        # The same waiting rules as a round: every site up to the round timeout, a site that leaves is
+        # dropped at once, and with a round deadline the late ones are left out once min-clients answered.
+        replies, missing = collect_replies(
+            self.grid,
+            messages,
+            settings.round_timeout,
+            needed=settings.replies_needed,
+            deadline=settings.round_deadline,
+        )
+        tallies, answered, failed = [], [], {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            site = self.node_sites.get(node, f"node {node}")
+            if reply.has_error():
+                failed[site] = reply.error.reason
+                continue
+            try:
+                site, tally = threshold_answer(reply.content, candidates, self.sites)
+            except ValueError as error:
+                failed[site] = f"reply refused: {error}"
+                continue
+            tallies.append(tally)
+            answered.append(site)
+        failed.update({self.node_sites.get(node, f"node {node}"): why for node, why in missing.items()})
+        record: dict[str, Any] = {"candidates": candidates, "sites": sorted(answered), "failed": failed}
+        threshold = None
+        try:
+            threshold, table = choose_from_tally(tallies, candidates)
+            record["table"] = table
+            scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in table.items())
+            record["rule"] = (
+                f"chosen on {len(answered)} sites' held-out validation cases ({', '.join(sorted(answered))}), "
+                f"leave-site-out, BatchNorm {bundle_args['default_batchnorm']}, among "
+                f"{'/'.join(f'{t:g}' for t in candidates)}: mean Dice {scores}"
+            )
+        except ValueError as error:
+            record["rule"] = f"not chosen ({error}); the default {DEFAULT_THRESHOLD:g} is kept"
+        record["threshold"] = threshold
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        for site, why in failed.items():
+            self.reporter.emit("site_dropped", round=server_round, site=site, reason=f"threshold question: {why}")
+        self.reporter.emit(
+            "stage",
+            stage="threshold",
+            message=f"organ threshold {threshold:g} ({record['rule']})" if threshold is not None else record["rule"],
+        )
+        return threshold, record
 
     def _save(self, path: Path, model, metrics: dict, bundle_args: dict) -> Path:
         from ..bundle import save_bundle

@@ -144,6 +144,7 @@ def run_federated_simulation(
     round_deadline: float = 0.0,
     transfer_dtype: str = "float32",
     sites_at_once: int = 1,
+    choose_threshold: bool = True,
 ) -> Path:
     """Train one global model over ``site_dirs`` on this machine (see the module docstring).
 
@@ -176,7 +177,7 @@ def run_federated_simulation(
         resume_from: a bundle to continue from (its weights and lineage; under FedBN a site
             without BatchNorm of that lineage starts from the bundle's averaged BatchNorm).
         engine: ``"auto"``, ``"simulation"`` or ``"deployment"`` (:func:`choose_engine`).
-        fraction_train, min_train_nodes, round_deadline, transfer_dtype: see
+        fraction_train, min_train_nodes, round_deadline, transfer_dtype, choose_threshold: see
             :class:`~SegVizLogic.federated.task.FederationSettings`.
         sites_at_once: virtual sites the simulation engine trains at the same time (default 1:
             one at a time with every CPU, fastest for torch on a small machine; more lets a
@@ -227,6 +228,7 @@ def run_federated_simulation(
             min_train_nodes=min_train_nodes,
             round_deadline=round_deadline,
             transfer_dtype=transfer_dtype,
+            choose_threshold=choose_threshold,
         )
     except ValueError as error:
         raise SegVizInputError(None, str(error)) from None

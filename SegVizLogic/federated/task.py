@@ -32,6 +32,7 @@ __all__ = [
     "local_state_dir",
     "new_lineage",
     "save_local_batchnorm",
+    "score_thresholds_on_site",
     "train_client_round",
 ]
 
@@ -63,6 +64,7 @@ APP_CONFIG_DEFAULTS: dict[str, Any] = {
     "min-train-nodes": 0,
     "round-deadline": 0.0,
     "transfer-dtype": "float32",
+    "choose-threshold": True,
 }
 
 _STATE_BATCHNORM = "segviz-batchnorm"
@@ -117,6 +119,11 @@ class FederationSettings:
             :mod:`~SegVizLogic.federated.privacy`. DP needs uniform weighting and never shares
             the final BatchNorm (``share_final_batchnorm`` is switched off).
         dp_clipping_norm: differential privacy's clipping norm ``C`` (0: no DP).
+        choose_threshold: after the final round, ask every connected site to score the final model on
+            its held-out validation cases at each candidate organ threshold (one network pass a
+            case; the reply holds Dice sums and case counts only) and write the threshold the
+            sites' validation prefers into the final bundle (:mod:`SegVizLogic.threshold_selection`'s
+            rule). Off under differential privacy; a run with no usable answer keeps 0.5.
         fraction_train: share of the connected sites trained each round (1: all), sampled
             with the run's seed (:func:`~SegVizLogic.federated.sampling.sample_nodes`).
         min_train_nodes: with ``fraction_train < 1``, at least this many sites are sampled and
@@ -152,6 +159,7 @@ class FederationSettings:
     min_train_nodes: int = 0
     round_deadline: float = 0.0
     transfer_dtype: str = "float32"
+    choose_threshold: bool = True
 
     def __post_init__(self) -> None:
         from .transfer import TRANSFER_DTYPES
@@ -185,6 +193,8 @@ class FederationSettings:
             if self.weighting != "uniform":
                 raise ValueError("differential privacy needs uniform weighting (a site's weight bounds its influence)")
             self.share_final_batchnorm = False  # BatchNorm statistics would leave the site un-noised
+            # Validation Dice per threshold would be scalars outside the privacy accounting.
+            self.choose_threshold = False
             if self.transfer_dtype != "float32":
                 # Half precision rounds every weight by up to 2**-11 of its value both ways: far more
                 # than the coordinator's clip check can allow without loosening the DP bound.
@@ -238,6 +248,7 @@ class FederationSettings:
             min_train_nodes=int(cfg["min-train-nodes"]),
             round_deadline=float(cfg["round-deadline"]),
             transfer_dtype=str(cfg["transfer-dtype"]),
+            choose_threshold=str(cfg["choose-threshold"]).strip().lower() in ("true", "1", "yes"),
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -267,6 +278,7 @@ class FederationSettings:
             "min-train-nodes": self.min_train_nodes,
             "round-deadline": self.round_deadline,
             "transfer-dtype": self.transfer_dtype,
+            "choose-threshold": self.choose_threshold,
         }
 
     def client_config(self, server_round: int, lineage: str) -> dict[str, Any]:
@@ -289,6 +301,8 @@ class FederationSettings:
             **({"dp-clipping-norm": self.dp_clipping_norm} if self.privacy is not None else {}),
             # Sites send their shared body back in this dtype (transfer.py).
             "transfer-dtype": self.transfer_dtype,
+            # A threshold question follows the final round (a site that leaves after one run waits for it).
+            "choose-threshold": self.choose_threshold,
         }
 
 
@@ -530,3 +544,46 @@ def train_client_round(
 def new_lineage() -> str:
     """A fresh model-lineage id (a run from scratch)."""
     return uuid.uuid4().hex
+
+
+def score_thresholds_on_site(
+    site_dir: str | Path,
+    bundle_bytes: bytes,
+    training: Mapping[str, Any],
+    candidates: list[float],
+    device: str = "auto",
+    reporter: ProgressReporter | None = None,
+):
+    """The site's answer to the threshold question: its held-out validation cases (the split its
+    training used, ``training``'s ``val_fraction``) segmented once each with the final model
+    ``bundle_bytes`` as a hospital that never trained it would (its own BatchNorm left out), Dice per
+    candidate threshold on the organs it annotated.
+
+    Returns:
+        ``(site name, {threshold: {organ: (sum of Dice, cases)}})``
+        (:data:`~SegVizLogic.threshold_selection.ThresholdTally`).
+
+    Raises:
+        BundleError: the bytes are not a valid bundle (checked like any file: sizes, checksums).
+    """
+    import tempfile
+
+    from ..bundle import load_bundle
+    from ..inference import resolve_device
+    from ..site import validate_site
+    from ..threshold_selection import site_threshold_tally
+    from ..training import TrainingConfig
+
+    site = validate_site(site_dir, check_images=False)
+    folder = local_state_dir(site_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=".final-", suffix=".segviz", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(bundle_bytes)
+        bundle = load_bundle(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    val_fraction = TrainingConfig.from_dict(training).val_fraction
+    tally = site_threshold_tally(bundle, site_dir, val_fraction, resolve_device(device), candidates, reporter)
+    return site.name, tally

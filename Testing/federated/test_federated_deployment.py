@@ -202,7 +202,7 @@ def test_real_federation_with_tls(make_sites, tmp_path):
     for site in sites:  # every message's ClientApp was forked by the site's warm launcher, and ended well
         log = (local_state_dir(site) / "clientapp-launcher.log").read_text()
         started, ended = log.count("started ClientApp process"), log.count("exited with 0")
-        assert started >= 2 and ended == started, log
+        assert started >= 3 and ended == started, log  # two rounds and the threshold question
         supernode_log = (local_state_dir(site) / "supernode.log").read_text()
         assert "segviz: the SuperNode pulls every 1 s while it has no message" in supernode_log
     assert link.returncode == 0
@@ -216,6 +216,12 @@ def test_real_federation_with_tls(make_sites, tmp_path):
     # Final BatchNorm only from the sites that agreed: the kidney site's never left it.
     assert {"averaged", "organ:liver", "organ:spleen", "site:site-liver", "site:site-spleen"} == set(
         bundle.batchnorm_variants
+    )
+    # The threshold was chosen on the three sites' validation cases before the bundle was signed.
+    asked = bundle.metrics["threshold_validation"]
+    assert asked["sites"] == ["site-kidney", "site-liver", "site-spleen"] and asked["failed"] == {}
+    assert bundle.threshold == asked["threshold"] and bundle.manifest["inference"]["threshold_rule"].startswith(
+        "chosen on 3 sites'"
     )
     time.sleep(1)
     assert _processes_mentioning(str(tmp_path)) == [], "Flower processes outlived the commands"

@@ -63,6 +63,10 @@ def test_the_deployment_engine_runs_the_federation_without_ray(deployed):
     # round 2: each site process restored its own BatchNorm from round 1 (FedBN)
     assert all(m["batchnorm-restored"] == 1 for m in deployed.metrics["rounds"][1]["sites"].values())
     assert {"averaged", "site:site-liver", "site:site-spleen"} <= set(deployed.batchnorm_variants)
+    # after the final round each SuperNode's ClientApp answered the threshold question
+    asked = deployed.metrics["threshold_validation"]
+    assert asked["sites"] == ["site-liver", "site-spleen"] and asked["failed"] == {}
+    assert deployed.threshold == asked["threshold"] and set(asked["table"]) == {"0.5", "0.4", "0.3", "0.2", "0.1"}
 
 
 @pytest.mark.skipif(not simulation_available(), reason="the comparison needs Flower's simulation engine (ray)")
@@ -81,6 +85,9 @@ def test_both_engines_train_the_same_model(two_sites, deployed):
         for organ, dice in sim_round["dice"].items():
             assert dep_round["dice"][organ] == pytest.approx(dice, abs=1e-4)
     assert set(simulated.state) == set(deployed.state)
+    for threshold, row in simulated.metrics["threshold_validation"]["table"].items():
+        for organ, dice in row.items():
+            assert deployed.metrics["threshold_validation"]["table"][threshold][organ] == pytest.approx(dice, abs=0.02)
     # a conv whose output goes through BatchNorm: its block has an ``adn.N`` (MONAI's norm)
     before_batchnorm = {
         key

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from federated_tiny import TINY_NETWORK, TINY_PREPROCESSING, tiny_training
 
 from SegVizLogic.bundle import FEDBN_DEFAULT_BATCHNORM, load_bundle
+from SegVizLogic.federated.client_app import THRESHOLD_RECORD
 from SegVizLogic.federated.simulation import run_federated_simulation, simulation_available
 from SegVizLogic.federated.strategy import update_from_content
 from SegVizLogic.network import build_network, partition_state
@@ -40,10 +42,11 @@ def recording_mod(folder: str):
         record = {
             "partition": int(str(site)),
             "round": int(message.content.config_records["config"]["server-round"]),
+            "type": message.metadata.message_type,  # train, or evaluate: the threshold question
             "received": summary(message.content),
             "sent": summary(reply.content),
         }
-        path = Path(folder) / f"{record['partition']}-{record['round']}.pkl"
+        path = Path(folder) / f"{record['partition']}-{record['round']}-{record['type']}.pkl"
         path.write_bytes(pickle.dumps(record))
         return reply
 
@@ -81,7 +84,10 @@ def _run(sites, out, strategy, tmp_path):
             on_round=on_round,
         )
     events = [e for e in map(parse_progress_line, lines.read_text(encoding="utf-8").splitlines()) if e]
-    sent = {(r["partition"], r["round"]): r for r in (pickle.loads(p.read_bytes()) for p in records.glob("*.pkl"))}
+    sent = {
+        (r["partition"], r["round"], r["type"]): r
+        for r in (pickle.loads(p.read_bytes()) for p in records.glob("*.pkl"))
+    }
     return path, rounds, sent, events
 
 
@@ -120,10 +126,12 @@ def test_fedbn_shared_is_the_weighted_average_of_the_replies(fedbn):
     # the replies the server aggregated are exactly what the clients sent
     for update in rounds[2]["updates"]:
         partition = next(
-            p for (p, r), rec in sent.items() if r == 2 and rec["sent"]["configs"]["site"]["name"] == update.site
+            p
+            for (p, r, kind), rec in sent.items()
+            if (r, kind) == (2, "train") and rec["sent"]["configs"]["site"]["name"] == update.site
         )
         for key, value in update.partition["shared"].items():
-            np.testing.assert_array_equal(value, sent[(partition, 2)]["sent"]["arrays"]["shared"][key])
+            np.testing.assert_array_equal(value, sent[(partition, 2, "train")]["sent"]["arrays"]["shared"][key])
 
 
 def test_fedbn_heads_change_only_where_their_organ_was_trained(fedbn):
@@ -154,7 +162,9 @@ def test_fedbn_heads_change_only_where_their_organ_was_trained(fedbn):
 def test_fedbn_batchnorm_stays_on_site_and_is_restored(fedbn):
     sites, path, _rounds, sent, _ = fedbn
     by_site = {}
-    for (partition, server_round), record in sent.items():
+    for (partition, server_round, kind), record in sent.items():
+        if kind != "train":
+            continue  # the threshold question after the final round (its own test)
         assert "batchnorm" not in record["received"]["arrays"], "FedBN must not send BatchNorm to clients"
         assert "batchnorm" not in record["sent"]["arrays"]
         if server_round == 1:
@@ -235,7 +245,9 @@ def test_fedavg_makes_batchnorm_equal_everywhere(fedavg):
                 rtol=1e-5,
                 atol=1e-7,
             )
-    received = [rec["received"]["arrays"]["batchnorm"] for (p, r), rec in sent.items() if r == 2]
+    received = [
+        rec["received"]["arrays"]["batchnorm"] for (p, r, kind), rec in sent.items() if (r, kind) == (2, "train")
+    ]
     assert len(received) == 3
     for bn in received:
         for key, value in bn.items():
@@ -253,9 +265,25 @@ def test_nothing_but_parameters_and_scalar_metrics_leaves_a_site(fedbn, fedavg):
     expected_shapes = {k: tuple(v.shape) for k, v in build_network(TINY_NETWORK).state_dict().items()}
     for sites, _, _, sent, _ in (fedbn, fedavg):
         site_paths = [str(s) for s in sites]
-        assert len(sent) == 6
-        for record in sent.values():
+        assert sorted(sent) == sorted(
+            [(p, r, "train") for p in range(3) for r in (1, 2)] + [(p, 2, "evaluate") for p in range(3)]
+        )
+        for key, record in sent.items():
             out = record["sent"]
+            if key[2] == "evaluate":  # the threshold question: Dice sums and case counts, nothing else
+                assert (
+                    not out["arrays"] and set(out["configs"]) == {"site"} and set(out["metrics"]) == {THRESHOLD_RECORD}
+                )
+                scores = out["metrics"][THRESHOLD_RECORD]
+                assert len(scores) == 5 * 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()
+                )
+                organ = out["configs"]["site"]["organs"][0]
+                assert set(scores) == {
+                    f"{t}|{organ}|{kind}" for t in ("0.5", "0.4", "0.3", "0.2", "0.1") for kind in ("dice-sum", "count")
+                }
+                assert all(not any(p in k for p in site_paths) and "case" not in k.lower() for k in scores)
+                continue
             assert set(out["configs"]) == {"site"} and set(out["metrics"]) == {"metrics"}
             for name, arrays in out["arrays"].items():
                 assert name in {"shared", "batchnorm", "final-batchnorm"} or name.startswith("head:"), name
@@ -301,3 +329,75 @@ def test_a_site_joining_a_resumed_run_starts_from_the_averaged_batchnorm(fedbn, 
         resume_from=path,
     )
     assert restored == {"site-liver": 2, "site-pancreas": 3}  # 2: its own, from disk; 3: the averaged
+
+
+def test_the_sites_choose_the_threshold_on_their_validation_cases(fedbn):
+    """After the final round every site scores the final model at each candidate threshold on its
+    held-out validation cases; the ServerApp picks by the same rule as an experiment on one machine
+    (choose_threshold over the same sites, leave-site-out), before it writes the bundle."""
+    from SegVizLogic.threshold_selection import THRESHOLD_CANDIDATES, choose_threshold
+
+    sites, path, _rounds, sent, events = fedbn
+    bundle = load_bundle(path)
+    record = bundle.metrics["threshold_validation"]
+    assert record["sites"] == ["site-kidney", "site-liver", "site-spleen"] and record["failed"] == {}
+    assert record["candidates"] == list(THRESHOLD_CANDIDATES) and list(record["table"]) == [
+        "0.5",
+        "0.4",
+        "0.3",
+        "0.2",
+        "0.1",
+    ]
+    here = choose_threshold(bundle, [str(s) for s in sites], tiny_training().val_fraction, torch.device("cpu"))
+    assert here == (bundle.threshold, record["table"]) == (record["threshold"], record["table"])
+    assert bundle.manifest["inference"]["threshold_rule"].startswith("chosen on 3 sites' held-out validation cases")
+    # what the sites were sent: the final model (its bytes a valid bundle), the candidates, the run's config
+    question = sent[(0, 2, "evaluate")]["received"]
+    assert set(question["configs"]) == {"bundle", "config"} and not question["arrays"]
+    assert question["configs"]["config"]["threshold-candidates"] == list(THRESHOLD_CANDIDATES)
+    assert question["configs"]["bundle"]["bundle"][:2] == b"PK"
+    stages = [e for e in events if e["event"] == "stage" and e.get("stage") == "threshold"]
+    assert len(stages) == 2 and f"organ threshold {bundle.threshold:g}" in stages[-1]["message"]
+
+
+def test_a_threshold_answer_is_checked_before_it_counts():
+    """A site's answer must hold exactly the asked thresholds for organs that site trained, with counts
+    and Dice sums in range; otherwise it is refused (a hostile site cannot add an organ or a value > 1)."""
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from SegVizLogic.federated.server_app import threshold_answer
+
+    candidates = [0.5, 0.3]
+
+    def answer(organs, **scores):
+        values = {
+            f"{t:g}|{o}|{kind}": (0.8 if kind == "dice-sum" else 1)
+            for t in candidates
+            for o in organs
+            for kind in ("dice-sum", "count")
+        }
+        values.update(scores)
+        return RecordDict(
+            {THRESHOLD_RECORD: MetricRecord(values), "site": ConfigRecord({"name": "site-liver", "organs": organs})}
+        )
+
+    sites = {"site-liver": ["liver"]}
+    assert threshold_answer(answer(["liver"]), candidates, sites) == (
+        "site-liver",
+        {0.5: {"liver": (0.8, 1)}, 0.3: {"liver": (0.8, 1)}},
+    )
+    bad = {
+        "not organs site 'site-liver' trained": answer(["liver", "spleen"]),
+        "out of range": answer(["liver"], **{"0.3|liver|dice-sum": 1.5}),
+        "out of range ": answer(["liver"], **{"0.3|liver|count": 0.5}),
+        "do not cover exactly": RecordDict(
+            {
+                THRESHOLD_RECORD: MetricRecord({"0.5|liver|dice-sum": 0.5, "0.5|liver|count": 1}),
+                "site": ConfigRecord({"name": "site-liver", "organs": ["liver"]}),
+            }
+        ),
+        "no threshold scores": RecordDict({"site": ConfigRecord({"name": "site-liver", "organs": ["liver"]})}),
+    }
+    for why, content in bad.items():
+        with pytest.raises(ValueError, match=why.strip()):
+            threshold_answer(content, candidates, sites)
