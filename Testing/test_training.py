@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +20,13 @@ COARSE = Preprocessing(spacing=(6.0, 6.0, 6.0))
 FAST = TrainingConfig(patch_size=(48, 48, 32), batch_size=4, samples_per_case=4, amp=False)
 
 
-def test_site_data_is_cached_and_split(small_phantom):
-    site = small_phantom.sites[0]
+def test_site_data_is_cached_and_split(small_phantom, tmp_path):
+    import shutil
+
+    # A copy without the cache other tests fill (with their own preprocessing): three entries are this load's.
+    site = Path(
+        shutil.copytree(small_phantom.sites[0], tmp_path / "site-liver", ignore=shutil.ignore_patterns(".segviz"))
+    )
     data = load_site_data(site, COARSE, FAST)
     assert data.name == "site-liver" and data.organs == ("liver",)
     assert len(data.train_items) == 2 and len(data.val_items) == 1

@@ -56,9 +56,11 @@ __all__ = [
     "parse_host_port",
     "process_group_alive",
     "process_group_kwargs",
+    "push_stranded_replies",
     "raise_termination",
     "shorten_supernode_pull",
     "wait_for_port",
+    "waiting_reply_run",
     "watch_lifeline",
 ]
 
@@ -113,6 +115,60 @@ def shorten_supernode_pull(seconds: float) -> bool:
     clock.sleep = sleep
     node_loop.time = clock
     return True
+
+
+def push_stranded_replies() -> bool:
+    """Make this process's Flower SuperNode send a ClientApp reply that is waiting, even when no new
+    message came.
+
+    Flower 1.42's node loop pushes replies only right after it pulled a message, and then only until
+    one reply went out. When a run dies mid-round (a SuperLink restart), the ClientApp of its last
+    message still replies; if that stale reply arrives before the reply to the new run's message,
+    the loop pushes the stale one (the SuperLink ignores it) and goes back to pulling, and the new
+    run's reply waits in the SuperNode until the round times out (seen in CI: a round that never
+    finished after a restart). This wraps the loop's pull: when it found no message but a reply is
+    waiting (looked at without taking it), the loop goes on to push it.
+
+    Returns:
+        ``True`` if the loop was changed (or already was); ``False`` (nothing changed) where the
+        installed Flower's loop is not the one this was written for.
+    """
+    import inspect
+
+    from flwr.supernode import start_client_internal as node_loop
+
+    pull = node_loop._pull_and_store_message
+    if getattr(pull, "segviz_pushes_stranded_replies", False):
+        return True
+    loop = inspect.getsource(node_loop.start_client_internal)
+    push = inspect.getsource(node_loop._push_messages)
+    expected = ("run_id = _pull_and_store_message(", "if run_id is None:", "_push_messages(")
+    if not all(text in loop for text in expected) or "get_messages_legacy(is_reply=True)" not in push:
+        return False
+
+    def pull_or_waiting_reply(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is None:
+            run_id = waiting_reply_run(kwargs.get("state", args[0] if args else None))
+        return run_id
+
+    pull_or_waiting_reply.segviz_pushes_stranded_replies = True
+    node_loop._pull_and_store_message = pull_or_waiting_reply
+    return True
+
+
+def waiting_reply_run(state) -> int | None:
+    """The run of a reply waiting in a Flower 1.42 in-memory node state, without taking it
+    (``get_messages_legacy`` would mark it taken); ``None`` when none waits or the state is another kind."""
+    store, lock = getattr(state, "msg_store", None), getattr(state, "lock_msg_store", None)
+    if store is None or lock is None:
+        return None
+    with lock:
+        for entry in store.values():
+            message = getattr(entry, "message", None)
+            if message is not None and not entry.is_retrieved and message.metadata.reply_to_message_id:
+                return int(message.metadata.run_id)
+    return None
 
 
 def _supernode_pull_from_environment() -> None:
@@ -460,6 +516,8 @@ def _lifeline_main(argv: Sequence[str]) -> int:
     script = _console_script(argv[0])
     if Path(argv[0]).name.lower().startswith("flower-supernode"):
         _supernode_pull_from_environment()
+        if push_stranded_replies():
+            print("segviz: the SuperNode sends a waiting reply even when no new message came", file=sys.stderr)
     watch_lifeline(sys.stdin.buffer)
     sys.argv = [argv[0], *argv[1:]]
     result = script()

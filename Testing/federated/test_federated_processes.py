@@ -235,4 +235,50 @@ def test_supernode_lifeline_reports_a_bad_pull_interval_and_keeps_flowers_pace(t
     assert "SEGVIZ_SUPERNODE_PULL_INTERVAL='often' ignored" in err
     code, out, err = supernode_help("0.5")
     assert code == 0 and "usage" in out.lower()
-    assert err.splitlines()[0] == "segviz: the SuperNode pulls every 0.5 s while it has no message"
+    assert err.splitlines()[:2] == [
+        "segviz: the SuperNode pulls every 0.5 s while it has no message",
+        "segviz: the SuperNode sends a waiting reply even when no new message came",
+    ]
+
+
+def test_supernode_pushes_a_reply_that_waits_while_no_message_comes(monkeypatch):
+    """Flower 1.42's node loop pushes only right after a pull found a message, and only until one reply
+    went out; after a SuperLink restart a stale reply can take that turn and strand the new run's reply
+    (a round that never finished in CI). With the shim, a pull that finds nothing but sees a waiting
+    reply (without taking it) sends the loop on to push it, through Flower's own push."""
+    from flwr.app import Metadata, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode import start_client_internal as node_loop
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    pulls = []
+    monkeypatch.setattr(node_loop, "_pull_and_store_message", lambda **kwargs: pulls.append(kwargs) or None)
+    assert processes.push_stranded_replies() is True
+    assert processes.push_stranded_replies() is True  # already in place: not wrapped twice
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+
+    def message(run_id: int, reply_to: str = ""):
+        metadata = Metadata(
+            run_id=run_id, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id=reply_to,
+            group_id="", created_at=time.time(), ttl=3600, message_type="train",
+        )  # fmt: skip
+        made = make_message(metadata, RecordDict())
+        node_loop._insert_message(made, state, store)  # Flower's own: the state, and the objects a push reads
+        return made
+
+    assert node_loop._pull_and_store_message(state=state) is None  # nothing pulled, nothing waiting
+    received = message(7)
+    assert node_loop._pull_and_store_message(state=state) is None  # a message being worked on: no reply yet
+    reply = message(7, reply_to=received.metadata.message_id)
+    assert node_loop._pull_and_store_message(state=state) == 7 and len(pulls) == 3
+    sent = []
+    node_loop._push_messages(
+        state=state,
+        object_store=store,
+        send=lambda msg, tree, runtime: sent.append(msg.metadata.message_id) or (set(), "session"),
+        push_object=lambda *args: None,
+    )
+    assert sent == [reply.metadata.message_id]
+    assert node_loop._pull_and_store_message(state=state) is None and processes.waiting_reply_run(object()) is None
