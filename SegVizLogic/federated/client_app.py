@@ -315,21 +315,25 @@ def handle_threshold_question(
 app = ClientApp(mods=[dp_clipping_mod])
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Train this SuperNode's site for one round."""
+def _site_and_events(context: Context) -> tuple[Path, Path]:
+    """This SuperNode's site folder and the events file ``segviz federation join`` relays."""
     site_dir = site_dir_from_context(context)
     events = site_dir / LOCAL_STATE_DIR / EVENTS_FILE
     events.parent.mkdir(parents=True, exist_ok=True)
+    return site_dir, events
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train this SuperNode's site for one round."""
+    site_dir, events = _site_and_events(context)
     return handle_train(message, context, site_dir, events=events)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Score the final model on this SuperNode's validation cases at each candidate threshold."""
-    site_dir = site_dir_from_context(context)
-    events = site_dir / LOCAL_STATE_DIR / EVENTS_FILE
-    events.parent.mkdir(parents=True, exist_ok=True)
+    site_dir, events = _site_and_events(context)
     return handle_threshold_question(message, context, site_dir, events=events)
 
 

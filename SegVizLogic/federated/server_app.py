@@ -493,6 +493,10 @@ class _Federation:
             # Chosen on the sites' validation cases before the final bundle is written (and signed).
             threshold, record = self._threshold_question(server_round, bundle_args)
             final_metrics["threshold_validation"] = record
+            # Its own time, not the round's or the bundle's (the round's timings measure the federation).
+            metrics["seconds"]["threshold_question"] = record["seconds"]
+            round_start += record["seconds"]
+            bundle_start += record["seconds"]
             if threshold is not None:
                 bundle_args["inference"] = {"threshold": threshold, "threshold_rule": record["rule"]}
         if final:

@@ -26,6 +26,8 @@ def recording_mod(folder: str, slow_partition: int = -1, slow_round: int = 0, sl
     def mod(message, context, call_next):
         from SegVizLogic.federated.transfer import record_to_arrays
 
+        if message.metadata.message_type != "train":
+            return call_next(message, context)  # the threshold question after the final round
         partition = int(context.node_config["partition-id"])
         server_round = int(message.content.config_records["config"]["server-round"])
         if partition == slow_partition and server_round == slow_round:
@@ -77,6 +79,8 @@ def test_a_seeded_sample_trains_each_round_in_float16_and_the_coordinator_keeps_
         assert entry["sampled"] == {"connected": 3, "trained": 2}
         assert len(entry["sites"]) == 2 and not entry["dropped"] and not entry["rejected"]
         assert set(entry["sites"]) == {SITE_NAMES[p] for p in trained[entry["round"]]}
+    # the threshold question goes to every connected site, sampled in the last round or not
+    assert bundle.metrics["threshold_validation"]["sites"] == sorted(SITE_NAMES)
     # float16 both ways for the shared body only
     for path_ in records.glob("*.pkl"):
         record = pickle.loads(path_.read_bytes())
