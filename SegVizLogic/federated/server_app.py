@@ -206,12 +206,14 @@ def collect_replies(
     return replies, missing
 
 
-def threshold_answer(content, candidates: list[float], sites: dict[str, list[str]]):
+def threshold_answer(content, candidates: list[float], sites: dict[str, list[str]], node_site: str | None = None):
     """A site's answer to the threshold question, checked: ``(site, {threshold: {organ: (Dice sum, cases)}})``.
 
     Every asked threshold must be there for each organ the site scored, with a case count of 0-10000
     and a Dice sum between 0 and that count; the organs must be ones the site trained (a site of this
-    run) or known organs. A site can still lean the choice towards one of the candidates: no more.
+    run) or known organs; a node whose site is known (``node_site``, from its training replies or its
+    registration) must answer under that name. A site can still lean the choice towards one of the
+    candidates: no more.
 
     Raises:
         ValueError: the answer is malformed or out of range.
@@ -223,6 +225,8 @@ def threshold_answer(content, candidates: list[float], sites: dict[str, list[str
         raise ValueError("no threshold scores in the reply")
     site = str(content.config_records["site"].get("name", ""))
     organs = [str(o) for o in content.config_records["site"].get("organs", [])]
+    if node_site is not None and site != node_site:
+        raise ValueError(f"answered as {site!r}, but this node is {node_site!r}")
     allowed = sites.get(site, ORGAN_NAMES)
     if not site or any(o not in allowed for o in organs):
         raise ValueError(f"organs {organs} are not organs site {site!r} trained")
@@ -573,7 +577,7 @@ class _Federation:
                 failed[site] = reply.error.reason
                 continue
             try:
-                site, tally = threshold_answer(reply.content, candidates, self.sites)
+                site, tally = threshold_answer(reply.content, candidates, self.sites, self.node_sites.get(node))
             except ValueError as error:
                 failed[site] = f"reply refused: {error}"
                 continue

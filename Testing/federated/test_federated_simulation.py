@@ -401,3 +401,6 @@ def test_a_threshold_answer_is_checked_before_it_counts():
     for why, content in bad.items():
         with pytest.raises(ValueError, match=why.strip()):
             threshold_answer(content, candidates, sites)
+    with pytest.raises(ValueError, match="but this node is 'site-kidney'"):  # answering under another site's name
+        threshold_answer(answer(["liver"]), candidates, sites, node_site="site-kidney")
+    assert threshold_answer(answer(["liver"]), candidates, sites, node_site="site-liver")[0] == "site-liver"
