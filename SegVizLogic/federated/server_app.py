@@ -577,7 +577,9 @@ class _Federation:
                 failed[site] = reply.error.reason
                 continue
             try:
-                site, tally = threshold_answer(reply.content, candidates, self.sites, self.node_sites.get(node))
+                # A node that trained answers under that site's name (a registered name may differ from it).
+                trained_as = site if site in self.sites else None
+                site, tally = threshold_answer(reply.content, candidates, self.sites, trained_as)
             except ValueError as error:
                 failed[site] = f"reply refused: {error}"
                 continue
