@@ -74,7 +74,9 @@ sites' validation cases (docs/METHOD.md: each site's held-out cases segmented wi
 holds nothing of its own), never on an external set: +0.15 mean Dice over the sites' averaged
 BatchNorm, +0.05 over adapting from the averaged gamma and beta, level with the previous
 adaptation (-0.004 and +0.005 in two trainings) whose windows could be padding or one side of
-the body."""
+the body. A federation that asks its sites the threshold question offers it first, beside
+``adapt-organs``, and keeps the pair its sites' validation cases prefer
+(:func:`~SegVizLogic.threshold_selection.batchnorm_candidates`)."""
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:

@@ -163,12 +163,18 @@ def run_demo(
             **settings.federation_options(seed),
         )
         shutil.copyfile(model_path, work / "model.segviz")
-        # The federation chose the organ threshold after its final round: each site scored the final
-        # model on its held-out validation cases (the ServerApp's threshold question).
+        # The federation chose the BatchNorm and the organ threshold after its final round: each site
+        # scored the final model on its held-out validation cases (the ServerApp's threshold question).
         bundle = load_bundle(work / "model.segviz")
         asked = bundle.metrics.get("threshold_validation", {})
         threshold, threshold_table = bundle.threshold, asked.get("table", {})
-        threshold_scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in threshold_table.items()) or "not chosen"
+        threshold_scores = (
+            "; ".join(
+                f"`{b}` " + ", ".join(f"{t}: {row['mean']:.3f}" for t, row in rows.items())
+                for b, rows in threshold_table.items()
+            )
+            or "not chosen"
+        )
         reporter.emit("stage", stage="evaluate", message="segmenting the external set (a scanner no site has)")
         result = evaluate_on_site(bundle, layout.external, torch_device, reporter=reporter, keep_predictions=True)
         summary = result.summary()
@@ -208,7 +214,7 @@ def run_demo(
             f"FedBN federation of four phantom sites, each annotating one organ ({settings.rounds} rounds x "
             f"{settings.local_epochs} local epochs, {settings.weighting} weighting, spacing {settings.spacing} mm, "
             f"device {torch_device.type}), evaluated on {len(result.per_case)} external cases from an unseen scanner "
-            f"with BatchNorm `{bundle.default_batchnorm}` and organ threshold {threshold:g}, chosen on the sites' "
+            f"with BatchNorm `{bundle.default_batchnorm}` and organ threshold {threshold:g}, both chosen on the sites' "
             f"validation cases (mean Dice {threshold_scores}); "
             "the external set was scored once, after.\n\n"
             f"## External Dice (mean ± std)\n\n{table}\n\n![overlay](overlay.png)\n\n"

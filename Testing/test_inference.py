@@ -274,30 +274,44 @@ def test_segmentation_uses_the_bundles_threshold_unless_told(constant_bundle, tm
 
 
 def test_threshold_is_chosen_on_the_sites_validation_cases(small_phantom, liver_bundle, monkeypatch):
-    """The candidate with the best mean validation Dice; a tie goes to the earlier candidate."""
+    """The (BatchNorm, threshold) pair with the best mean validation Dice; a tie goes to the earlier
+    BatchNorm, then the earlier threshold."""
     from SegVizLogic import threshold_selection
-    from SegVizLogic.threshold_selection import THRESHOLD_CANDIDATES, choose_threshold
+    from SegVizLogic.threshold_selection import THRESHOLD_CANDIDATES, batchnorm_candidates, choose_threshold
 
     bundle = load_bundle(liver_bundle)
     liver_site = next(s for s in small_phantom.sites if s.name == "site-liver")
-    chosen, table = choose_threshold(bundle, [str(liver_site)], 0.34, CPU)
-    assert list(table) == [f"{t:g}" for t in THRESHOLD_CANDIDATES] and chosen in THRESHOLD_CANDIDATES
-    assert set(table["0.5"]) == {"liver", "mean"} and all(0.0 <= row["mean"] <= 1.0 for row in table.values())
-    assert table[f"{chosen:g}"]["mean"] == max(row["mean"] for row in table.values())
-    # every candidate equally good (the reference itself): the first, 0.5
+    batchnorm, chosen, table = choose_threshold(bundle, [str(liver_site)], 0.34, CPU)
+    assert batchnorm == bundle.default_batchnorm and list(table) == [bundle.default_batchnorm]
+    rows = table[batchnorm]
+    assert list(rows) == [f"{t:g}" for t in THRESHOLD_CANDIDATES] and chosen in THRESHOLD_CANDIDATES
+    assert set(rows["0.5"]) == {"liver", "mean"} and all(0.0 <= row["mean"] <= 1.0 for row in rows.values())
+    assert rows[f"{chosen:g}"]["mean"] == max(row["mean"] for row in rows.values())
+    # with the test-time adaptations offered too: one pass per BatchNorm, the best pair overall
+    offered = batchnorm_candidates("model")
+    assert offered == ["model", "adapt", "adapt-organs"]
+    batchnorm, chosen, table = choose_threshold(bundle, [str(liver_site)], 0.34, CPU, batchnorms=offered)
+    assert list(table) == offered and table["model"] == rows  # the same scores for the same BatchNorm
+    best = max(row["mean"] for rows_b in table.values() for row in rows_b.values())
+    assert table[batchnorm][f"{chosen:g}"]["mean"] == best
+    with pytest.raises(ValueError, match="not offered"):
+        choose_threshold(bundle, [str(liver_site)], 0.34, CPU, batchnorms=["site:elsewhere"])
+    # every candidate equally good (the reference itself): the first BatchNorm, the first threshold
     site = validate_site(liver_site)
     held_out = {c.name: load_case(c, site)[1] for c in site.cases}
-    names = iter(sorted(held_out)[-1:])
+    passes = []
 
-    def perfect(bundle, image, device, thresholds):
-        reference = held_out[next(names)]  # one network pass per case: called once
-        return {t: reference for t in thresholds}
+    def perfect(bundle, image, device, thresholds, batchnorm=None):
+        passes.append(batchnorm)  # one network pass per case and BatchNorm
+        return {t: held_out[max(held_out)] for t in thresholds}
 
     monkeypatch.setattr(threshold_selection, "segment_image_at_thresholds", perfect)
-    assert choose_threshold(bundle, [str(liver_site)], 0.34, CPU) == (
+    assert choose_threshold(bundle, [str(liver_site)], 0.34, CPU, batchnorms=["adapt", "model"]) == (
+        "adapt",
         0.5,
-        {f"{t:g}": {"liver": 1.0, "mean": 1.0} for t in THRESHOLD_CANDIDATES},
+        {b: {f"{t:g}": {"liver": 1.0, "mean": 1.0} for t in THRESHOLD_CANDIDATES} for b in ("adapt", "model")},
     )
+    assert passes == ["adapt", "model"]
 
 
 def test_labels_at_several_thresholds_come_from_one_network_pass(small_phantom, liver_bundle, monkeypatch):

@@ -51,8 +51,8 @@ EVENTS_FILE = "events.jsonl"
 WORKER_FILE = "worker.json"
 ERRORS_FILE = "errors.log"
 THRESHOLD_RECORD = "threshold-validation"
-"""Metric record of a site's answer to the threshold question: ``"<threshold>|<organ>|dice-sum"`` and
-``"<threshold>|<organ>|count"`` (:func:`handle_threshold_question`)."""
+"""Metric record of a site's answer to the threshold question: ``"<batchnorm>|<threshold>|<organ>|dice-sum"``
+and ``"<batchnorm>|<threshold>|<organ>|count"`` (:func:`handle_threshold_question`)."""
 SHARE_FINAL_BATCHNORM_KEY = "share-final-batchnorm"
 """Node config key of the site's consent to send its final BatchNorm (``segviz federation join
 --share-final-batchnorm``). Absent (simulation): the coordinator's ``share-final-batchnorm`` decides."""
@@ -263,10 +263,12 @@ def handle_threshold_question(
     message: Message, context: Context, site_dir: Path, events: Path | None = None, device: str | None = None
 ) -> Message:
     """Answer the coordinator's evaluate message after the final round: the final model (a bundle,
-    ``bundle`` record) scored on this site's held-out validation cases at each candidate threshold.
+    ``bundle`` record) scored on this site's held-out validation cases with each candidate BatchNorm at
+    each candidate threshold.
 
-    Only scalars leave the site: per threshold and annotated organ the sum of the cases' Dice and the
-    number of cases (:data:`THRESHOLD_RECORD`), and the site's name and organs. A failure answers with
+    Only scalars leave the site: per BatchNorm, threshold and annotated organ the sum of the cases'
+    Dice and the number of cases (:data:`THRESHOLD_RECORD`, keys ``"<batchnorm>|<threshold>|<organ>|dice-sum"``
+    and ``"...|count"``), and the site's name and organs. A failure answers with
     a fixed sentence, as a failed round does; the site's own log keeps the details.
     """
     from .task import score_thresholds_on_site
@@ -283,6 +285,9 @@ def handle_threshold_question(
         candidates = [float(t) for t in config["threshold-candidates"]]
         if not 0 < len(candidates) <= 20 or not all(0.0 < t < 1.0 for t in candidates):
             raise ValueError(f"threshold candidates must be 1-20 numbers in (0, 1), got {candidates}")
+        batchnorms = [str(b) for b in config["batchnorm-candidates"]]
+        if not 0 < len(batchnorms) <= 4 or any("|" in b for b in batchnorms):
+            raise ValueError(f"BatchNorm candidates must be 1-4 names, got {batchnorms}")
         training = json.loads(str(config.get("training-config") or "{}"))
         bundle_bytes = message.content.config_records["bundle"]["bundle"]
         if not isinstance(bundle_bytes, bytes):
@@ -290,7 +295,9 @@ def handle_threshold_question(
         with _event_reporter(events) as reporter:
             if reporter:
                 reporter.emit("stage", stage="threshold", message="scoring the final model on the validation cases")
-            site, tally = score_thresholds_on_site(site_dir, bundle_bytes, training, candidates, device, reporter)
+            site, tally = score_thresholds_on_site(
+                site_dir, bundle_bytes, training, candidates, device, reporter, batchnorms
+            )
     except Exception as error:  # noqa: BLE001 - every failure becomes a fixed category for the coordinator
         _keep_failure_on_site(site_dir, events, server_round, traceback.format_exc())
         _run_finished(events, server_round)
@@ -299,11 +306,12 @@ def handle_threshold_question(
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
     _run_finished(events, server_round)
     scores: dict[str, Any] = {}
-    for threshold, organs in tally.items():
-        for organ, (dice_sum, cases) in organs.items():
-            scores[f"{threshold:g}|{organ}|dice-sum"] = float(dice_sum)
-            scores[f"{threshold:g}|{organ}|count"] = int(cases)
-    organs_scored = sorted({organ for organs in tally.values() for organ in organs})
+    for batchnorm, by_threshold in tally.items():
+        for threshold, organs in by_threshold.items():
+            for organ, (dice_sum, cases) in organs.items():
+                scores[f"{batchnorm}|{threshold:g}|{organ}|dice-sum"] = float(dice_sum)
+                scores[f"{batchnorm}|{threshold:g}|{organ}|count"] = int(cases)
+    organs_scored = sorted({organ for by_threshold in tally.values() for o in by_threshold.values() for organ in o})
     content = RecordDict(
         {THRESHOLD_RECORD: MetricRecord(scores), "site": ConfigRecord({"name": site, "organs": organs_scored})}
     )

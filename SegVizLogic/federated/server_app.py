@@ -206,14 +206,21 @@ def collect_replies(
     return replies, missing
 
 
-def threshold_answer(content, candidates: list[float], sites: dict[str, list[str]], node_site: str | None = None):
-    """A site's answer to the threshold question, checked: ``(site, {threshold: {organ: (Dice sum, cases)}})``.
+def threshold_answer(
+    content,
+    candidates: list[float],
+    batchnorms: list[str],
+    sites: dict[str, list[str]],
+    node_site: str | None = None,
+):
+    """A site's answer to the threshold question, checked:
+    ``(site, {batchnorm: {threshold: {organ: (Dice sum, cases)}}})``.
 
-    Every asked threshold must be there for each organ the site scored, with a case count of 0-10000
-    and a Dice sum between 0 and that count; the organs must be ones the site trained (a site of this
-    run) or known organs; a node whose site is known (``node_site``, from its training replies or its
-    registration) must answer under that name. A site can still lean the choice towards one of the
-    candidates: no more.
+    Every asked (BatchNorm, threshold) pair must be there for each organ the site scored, with a case
+    count of 0-10000 and a Dice sum between 0 and that count; the organs must be ones the site trained
+    (a site of this run) or known organs; a node whose site is known (``node_site``, from its training
+    replies or its registration) must answer under that name. A site can still lean the choice towards
+    one of the candidates: no more.
 
     Raises:
         ValueError: the answer is malformed or out of range.
@@ -231,16 +238,16 @@ def threshold_answer(content, candidates: list[float], sites: dict[str, list[str
     if not site or any(o not in allowed for o in organs):
         raise ValueError(f"organs {organs} are not organs site {site!r} trained")
     scores = dict(content.metric_records[THRESHOLD_RECORD])
-    expected = {f"{t:g}|{o}|{kind}" for t in candidates for o in organs for kind in ("dice-sum", "count")}
-    if set(scores) != expected:
-        raise ValueError("the scores do not cover exactly the asked thresholds and the site's organs")
-    tally: dict[float, dict[str, tuple[float, int]]] = {}
-    for t in candidates:
-        for organ in organs:
-            dice_sum, cases = float(scores[f"{t:g}|{organ}|dice-sum"]), scores[f"{t:g}|{organ}|count"]
-            if not isinstance(cases, int) or not 0 <= cases <= 10000 or not 0.0 <= dice_sum <= cases:
-                raise ValueError(f"Dice sum {dice_sum} over {cases} cases is out of range")
-            tally.setdefault(float(t), {})[organ] = (dice_sum, cases)
+    keys = [(b, t, o) for b in batchnorms for t in candidates for o in organs]
+    if set(scores) != {f"{b}|{t:g}|{o}|{kind}" for b, t, o in keys for kind in ("dice-sum", "count")}:
+        raise ValueError("the scores do not cover exactly the asked BatchNorm, thresholds and the site's organs")
+    tally: dict[str, dict[float, dict[str, tuple[float, int]]]] = {}
+    for batchnorm, t, organ in keys:
+        dice_sum = float(scores[f"{batchnorm}|{t:g}|{organ}|dice-sum"])
+        cases = scores[f"{batchnorm}|{t:g}|{organ}|count"]
+        if not isinstance(cases, int) or not 0 <= cases <= 10000 or not 0.0 <= dice_sum <= cases:
+            raise ValueError(f"Dice sum {dice_sum} over {cases} cases is out of range")
+        tally.setdefault(batchnorm, {}).setdefault(float(t), {})[organ] = (dice_sum, cases)
     return site, tally
 
 
@@ -495,7 +502,7 @@ class _Federation:
         final_metrics: dict[str, Any] = {"rounds": self.history}
         if final and settings.choose_threshold:
             # Chosen on the sites' validation cases before the final bundle is written (and signed).
-            threshold, record = self._threshold_question(server_round, bundle_args)
+            batchnorm, threshold, record = self._threshold_question(server_round, bundle_args)
             final_metrics["threshold_validation"] = record
             # Its own time, not the round's or the bundle's (the round's timings measure the federation).
             metrics["seconds"]["threshold_question"] = record["seconds"]
@@ -503,6 +510,7 @@ class _Federation:
             bundle_start += record["seconds"]
             if threshold is not None:
                 bundle_args["inference"] = {"threshold": threshold, "threshold_rule": record["rule"]}
+                bundle_args["default_batchnorm"] = batchnorm
         if final:
             self.final_path = self._save(self.final_path, self.model, final_metrics, bundle_args)
             self.writer.submit(shutil.copyfile, self.final_path, path)
@@ -523,22 +531,27 @@ class _Federation:
             bundle=str(path),
         )
 
-    def _threshold_question(self, server_round: int, bundle_args: dict) -> tuple[float | None, dict]:
-        """Ask every connected site to score the final model at each candidate threshold on its
-        held-out validation cases, and choose (:func:`~SegVizLogic.threshold_selection.choose_from_tally`).
+    def _threshold_question(self, server_round: int, bundle_args: dict) -> tuple[str, float | None, dict]:
+        """Ask every connected site to score the final model on its held-out validation cases with each
+        candidate BatchNorm (:func:`~SegVizLogic.threshold_selection.batchnorm_candidates`) at each
+        candidate threshold, and choose the pair (:func:`~SegVizLogic.threshold_selection.choose_from_tally`).
 
         Returns:
-            ``(threshold, record)``: ``None`` when no site gave a usable answer (the bundle keeps its
-            default); ``record`` holds the rule, the table, the sites that answered, those that did not.
+            ``(batchnorm, threshold, record)``: the threshold is ``None`` when no site gave a usable
+            answer (the bundle keeps its defaults); ``record`` holds the rule, the table, the sites that
+            answered, those that did not.
         """
         import tempfile
 
         from ..bundle import save_bundle
-        from ..threshold_selection import THRESHOLD_CANDIDATES, choose_from_tally
+        from ..threshold_selection import THRESHOLD_CANDIDATES, batchnorm_candidates, choose_from_tally
 
         settings, started = self.settings, time.perf_counter()
         candidates = list(THRESHOLD_CANDIDATES)
-        self.reporter.emit("stage", stage="threshold", message="asking the sites to score the final model's thresholds")
+        batchnorms = batchnorm_candidates(bundle_args["default_batchnorm"])
+        self.reporter.emit(
+            "stage", stage="threshold", message="asking the sites to score the final model's BatchNorm and threshold"
+        )
         handle, name = tempfile.mkstemp(prefix=".threshold-", suffix=".segviz", dir=self.out_dir)
         os.close(handle)
         try:
@@ -550,6 +563,7 @@ class _Federation:
             {
                 **settings.client_config(server_round, self.lineage),
                 "threshold-candidates": candidates,
+                "batchnorm-candidates": batchnorms,
             }
         )
         messages = [
@@ -579,26 +593,36 @@ class _Federation:
             try:
                 # A node that trained answers under that site's name (a registered name may differ from it).
                 trained_as = site if site in self.sites else None
-                site, tally = threshold_answer(reply.content, candidates, self.sites, trained_as)
+                site, tally = threshold_answer(reply.content, candidates, batchnorms, self.sites, trained_as)
             except ValueError as error:
                 failed[site] = f"reply refused: {error}"
                 continue
             tallies.append(tally)
             answered.append(site)
         failed.update({self.node_sites.get(node, f"node {node}"): why for node, why in missing.items()})
-        record: dict[str, Any] = {"candidates": candidates, "sites": sorted(answered), "failed": failed}
-        threshold = None
+        record: dict[str, Any] = {
+            "candidates": candidates,
+            "batchnorm_candidates": batchnorms,
+            "sites": sorted(answered),
+            "failed": failed,
+        }
+        batchnorm, threshold = bundle_args["default_batchnorm"], None
         try:
-            threshold, table = choose_from_tally(tallies, candidates)
+            batchnorm, threshold, table = choose_from_tally(tallies, candidates, batchnorms)
             record["table"] = table
-            scores = ", ".join(f"{t}: {row['mean']:.3f}" for t, row in table.items())
+            scores = "; ".join(
+                f"{b}: " + ", ".join(f"{t}: {row['mean']:.3f}" for t, row in rows.items()) for b, rows in table.items()
+            )
             record["rule"] = (
                 f"chosen on {len(answered)} sites' held-out validation cases ({', '.join(sorted(answered))}), "
-                f"leave-site-out, BatchNorm {bundle_args['default_batchnorm']}, among "
+                f"leave-site-out, among BatchNorm {'/'.join(batchnorms)} and thresholds "
                 f"{'/'.join(f'{t:g}' for t in candidates)}: mean Dice {scores}"
             )
         except ValueError as error:
-            record["rule"] = f"not chosen ({error}); the default {DEFAULT_THRESHOLD:g} is kept"
+            record["rule"] = (
+                f"not chosen ({error}); the defaults (BatchNorm {batchnorm}, threshold {DEFAULT_THRESHOLD:g}) are kept"
+            )
+        record["batchnorm"] = batchnorm
         record["threshold"] = threshold
         record["seconds"] = round(time.perf_counter() - started, 3)
         for site, why in failed.items():
@@ -606,9 +630,13 @@ class _Federation:
         self.reporter.emit(
             "stage",
             stage="threshold",
-            message=f"organ threshold {threshold:g} ({record['rule']})" if threshold is not None else record["rule"],
+            message=(
+                f"BatchNorm {batchnorm}, organ threshold {threshold:g} ({record['rule']})"
+                if threshold is not None
+                else record["rule"]
+            ),
         )
-        return threshold, record
+        return batchnorm, threshold, record
 
     def _save(self, path: Path, model, metrics: dict, bundle_args: dict) -> Path:
         from ..bundle import save_bundle

@@ -553,18 +553,20 @@ def score_thresholds_on_site(
     candidates: list[float],
     device: str = "auto",
     reporter: ProgressReporter | None = None,
+    batchnorms: list[str] | None = None,
 ):
     """The site's answer to the threshold question: its held-out validation cases (the split its
-    training used, ``training``'s ``val_fraction``) segmented once each with the final model
-    ``bundle_bytes`` as a hospital that never trained it would (its own BatchNorm left out), Dice per
-    candidate threshold on the organs it annotated.
+    training used, ``training``'s ``val_fraction``) segmented once per BatchNorm candidate with the
+    final model ``bundle_bytes`` as a hospital that never trained it would (its own BatchNorm left
+    out), Dice per candidate threshold on the organs it annotated.
 
     Returns:
-        ``(site name, {threshold: {organ: (sum of Dice, cases)}})``
-        (:data:`~SegVizLogic.threshold_selection.ThresholdTally`).
+        ``(site name, {batchnorm: {threshold: {organ: (sum of Dice, cases)}}})``
+        (:data:`~SegVizLogic.threshold_selection.SiteTally`).
 
     Raises:
         BundleError: the bytes are not a valid bundle (checked like any file: sizes, checksums).
+        ValueError: a BatchNorm candidate the bundle does not offer.
     """
     import tempfile
 
@@ -585,5 +587,5 @@ def score_thresholds_on_site(
     finally:
         Path(name).unlink(missing_ok=True)
     val_fraction = TrainingConfig.from_dict(training).val_fraction
-    tally = site_threshold_tally(bundle, site_dir, val_fraction, resolve_device(device), candidates, reporter)
+    tally = site_threshold_tally(bundle, site, val_fraction, resolve_device(device), candidates, reporter, batchnorms)
     return site.name, tally

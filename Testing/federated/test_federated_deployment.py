@@ -220,9 +220,8 @@ def test_real_federation_with_tls(make_sites, tmp_path):
     # The threshold was chosen on the three sites' validation cases before the bundle was signed.
     asked = bundle.metrics["threshold_validation"]
     assert asked["sites"] == ["site-kidney", "site-liver", "site-spleen"] and asked["failed"] == {}
-    assert bundle.threshold == asked["threshold"] and bundle.manifest["inference"]["threshold_rule"].startswith(
-        "chosen on 3 sites'"
-    )
+    assert (bundle.default_batchnorm, bundle.threshold) == (asked["batchnorm"], asked["threshold"])
+    assert bundle.manifest["inference"]["threshold_rule"].startswith("chosen on 3 sites'")
     time.sleep(1)
     assert _processes_mentioning(str(tmp_path)) == [], "Flower processes outlived the commands"
 

@@ -66,7 +66,9 @@ def test_the_deployment_engine_runs_the_federation_without_ray(deployed):
     # after the final round each SuperNode's ClientApp answered the threshold question
     asked = deployed.metrics["threshold_validation"]
     assert asked["sites"] == ["site-liver", "site-spleen"] and asked["failed"] == {}
-    assert deployed.threshold == asked["threshold"] and set(asked["table"]) == {"0.5", "0.4", "0.3", "0.2", "0.1"}
+    assert (deployed.default_batchnorm, deployed.threshold) == (asked["batchnorm"], asked["threshold"])
+    assert list(asked["table"]) == ["adapt", "adapt-organs"]
+    assert all(set(rows) == {"0.5", "0.4", "0.3", "0.2", "0.1"} for rows in asked["table"].values())
 
 
 @pytest.mark.skipif(not simulation_available(), reason="the comparison needs Flower's simulation engine (ray)")
@@ -85,9 +87,11 @@ def test_both_engines_train_the_same_model(two_sites, deployed):
         for organ, dice in sim_round["dice"].items():
             assert dep_round["dice"][organ] == pytest.approx(dice, abs=1e-4)
     assert set(simulated.state) == set(deployed.state)
-    for threshold, row in simulated.metrics["threshold_validation"]["table"].items():
-        for organ, dice in row.items():
-            assert deployed.metrics["threshold_validation"]["table"][threshold][organ] == pytest.approx(dice, abs=0.02)
+    for batchnorm, rows in simulated.metrics["threshold_validation"]["table"].items():
+        for threshold, row in rows.items():
+            for organ, dice in row.items():
+                deployed_dice = deployed.metrics["threshold_validation"]["table"][batchnorm][threshold][organ]
+                assert deployed_dice == pytest.approx(dice, abs=0.02)
     # a conv whose output goes through BatchNorm: its block has an ``adn.N`` (MONAI's norm)
     before_batchnorm = {
         key

@@ -256,7 +256,9 @@ def test_fedavg_makes_batchnorm_equal_everywhere(fedavg):
                 rounds[1]["global"]["batchnorm"][key],
             )
     bundle = load_bundle(path)
-    assert bundle.provenance["strategy"] == "fedavg" and bundle.default_batchnorm == "model"
+    # The model BatchNorm is the federation's average, offered first; the sites' validation chose the default.
+    assert bundle.provenance["strategy"] == "fedavg" and "model" in bundle.batchnorm_choices()
+    assert bundle.metrics["threshold_validation"]["batchnorm_candidates"][0] == "model"
     for key, value in rounds[2]["global"]["batchnorm"].items():
         np.testing.assert_array_equal(bundle.state[key], value)
 
@@ -275,12 +277,16 @@ def test_nothing_but_parameters_and_scalar_metrics_leaves_a_site(fedbn, fedavg):
                     not out["arrays"] and set(out["configs"]) == {"site"} and set(out["metrics"]) == {THRESHOLD_RECORD}
                 )
                 scores = out["metrics"][THRESHOLD_RECORD]
-                assert len(scores) == 5 * 2 and all(
+                batchnorms = record["received"]["configs"]["config"]["batchnorm-candidates"]
+                assert len(scores) == len(batchnorms) * 5 * 2 and all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()
                 )
                 organ = out["configs"]["site"]["organs"][0]
                 assert set(scores) == {
-                    f"{t}|{organ}|{kind}" for t in ("0.5", "0.4", "0.3", "0.2", "0.1") for kind in ("dice-sum", "count")
+                    f"{b}|{t}|{organ}|{kind}"
+                    for b in batchnorms
+                    for t in ("0.5", "0.4", "0.3", "0.2", "0.1")
+                    for kind in ("dice-sum", "count")
                 }
                 assert all(not any(p in k for p in site_paths) and "case" not in k.lower() for k in scores)
                 continue
@@ -331,33 +337,36 @@ def test_a_site_joining_a_resumed_run_starts_from_the_averaged_batchnorm(fedbn, 
     assert restored == {"site-liver": 2, "site-pancreas": 3}  # 2: its own, from disk; 3: the averaged
 
 
-def test_the_sites_choose_the_threshold_on_their_validation_cases(fedbn):
-    """After the final round every site scores the final model at each candidate threshold on its
-    held-out validation cases; the ServerApp picks by the same rule as an experiment on one machine
-    (choose_threshold over the same sites, leave-site-out), before it writes the bundle."""
+def test_the_sites_choose_the_threshold_on_their_validation_cases(fedbn, fedavg):
+    """After the final round every site scores the final model with each candidate BatchNorm at each
+    candidate threshold on its held-out validation cases; the ServerApp picks by the same rule as an
+    experiment on one machine (choose_threshold over the same sites, leave-site-out), before it writes
+    the bundle, whose default BatchNorm and threshold are the chosen pair."""
     from SegVizLogic.threshold_selection import THRESHOLD_CANDIDATES, choose_threshold
 
-    sites, path, _rounds, sent, events = fedbn
-    bundle = load_bundle(path)
-    record = bundle.metrics["threshold_validation"]
-    assert record["sites"] == ["site-kidney", "site-liver", "site-spleen"] and record["failed"] == {}
-    assert record["candidates"] == list(THRESHOLD_CANDIDATES) and list(record["table"]) == [
-        "0.5",
-        "0.4",
-        "0.3",
-        "0.2",
-        "0.1",
-    ]
-    here = choose_threshold(bundle, [str(s) for s in sites], tiny_training().val_fraction, torch.device("cpu"))
-    assert here == (bundle.threshold, record["table"]) == (record["threshold"], record["table"])
-    assert bundle.manifest["inference"]["threshold_rule"].startswith("chosen on 3 sites' held-out validation cases")
-    # what the sites were sent: the final model (its bytes a valid bundle), the candidates, the run's config
-    question = sent[(0, 2, "evaluate")]["received"]
-    assert set(question["configs"]) == {"bundle", "config"} and not question["arrays"]
-    assert question["configs"]["config"]["threshold-candidates"] == list(THRESHOLD_CANDIDATES)
-    assert question["configs"]["bundle"]["bundle"][:2] == b"PK"
-    stages = [e for e in events if e["event"] == "stage" and e.get("stage") == "threshold"]
-    assert len(stages) == 2 and f"organ threshold {bundle.threshold:g}" in stages[-1]["message"]
+    for run, offered in ((fedbn, ["adapt", "adapt-organs"]), (fedavg, ["model", "adapt", "adapt-organs"])):
+        sites, path, _rounds, sent, events = run
+        bundle = load_bundle(path)
+        record = bundle.metrics["threshold_validation"]
+        assert record["sites"] == ["site-kidney", "site-liver", "site-spleen"] and record["failed"] == {}
+        assert record["candidates"] == list(THRESHOLD_CANDIDATES) and record["batchnorm_candidates"] == offered
+        assert list(record["table"]) == offered
+        assert all(list(rows) == ["0.5", "0.4", "0.3", "0.2", "0.1"] for rows in record["table"].values())
+        here = choose_threshold(
+            bundle, [str(s) for s in sites], tiny_training().val_fraction, torch.device("cpu"), batchnorms=offered
+        )
+        chosen = (bundle.default_batchnorm, bundle.threshold, record["table"])
+        assert here == chosen == (record["batchnorm"], record["threshold"], record["table"])
+        assert bundle.manifest["inference"]["threshold_rule"].startswith("chosen on 3 sites' held-out validation cases")
+        # what the sites were sent: the final model (its bytes a valid bundle), the candidates, the run's config
+        question = sent[(0, 2, "evaluate")]["received"]
+        assert set(question["configs"]) == {"bundle", "config"} and not question["arrays"]
+        assert question["configs"]["config"]["threshold-candidates"] == list(THRESHOLD_CANDIDATES)
+        assert question["configs"]["config"]["batchnorm-candidates"] == offered
+        assert question["configs"]["bundle"]["bundle"][:2] == b"PK"
+        stages = [e for e in events if e["event"] == "stage" and e.get("stage") == "threshold"]
+        assert len(stages) == 2
+        assert f"BatchNorm {bundle.default_batchnorm}, organ threshold {bundle.threshold:g}" in stages[-1]["message"]
 
 
 def test_a_threshold_answer_is_checked_before_it_counts():
@@ -367,11 +376,12 @@ def test_a_threshold_answer_is_checked_before_it_counts():
 
     from SegVizLogic.federated.server_app import threshold_answer
 
-    candidates = [0.5, 0.3]
+    candidates, batchnorms = [0.5, 0.3], ["adapt", "adapt-organs"]
 
     def answer(organs, **scores):
         values = {
-            f"{t:g}|{o}|{kind}": (0.8 if kind == "dice-sum" else 1)
+            f"{b}|{t:g}|{o}|{kind}": (0.8 if kind == "dice-sum" else 1)
+            for b in batchnorms
             for t in candidates
             for o in organs
             for kind in ("dice-sum", "count")
@@ -382,25 +392,26 @@ def test_a_threshold_answer_is_checked_before_it_counts():
         )
 
     sites = {"site-liver": ["liver"]}
-    assert threshold_answer(answer(["liver"]), candidates, sites) == (
+    assert threshold_answer(answer(["liver"]), candidates, batchnorms, sites) == (
         "site-liver",
-        {0.5: {"liver": (0.8, 1)}, 0.3: {"liver": (0.8, 1)}},
+        {b: {0.5: {"liver": (0.8, 1)}, 0.3: {"liver": (0.8, 1)}} for b in batchnorms},
     )
     bad = {
         "not organs site 'site-liver' trained": answer(["liver", "spleen"]),
-        "out of range": answer(["liver"], **{"0.3|liver|dice-sum": 1.5}),
-        "out of range ": answer(["liver"], **{"0.3|liver|count": 0.5}),
+        "out of range": answer(["liver"], **{"adapt|0.3|liver|dice-sum": 1.5}),
+        "out of range ": answer(["liver"], **{"adapt-organs|0.3|liver|count": 0.5}),
         "do not cover exactly": RecordDict(
             {
-                THRESHOLD_RECORD: MetricRecord({"0.5|liver|dice-sum": 0.5, "0.5|liver|count": 1}),
+                THRESHOLD_RECORD: MetricRecord({"adapt|0.5|liver|dice-sum": 0.5, "adapt|0.5|liver|count": 1}),
                 "site": ConfigRecord({"name": "site-liver", "organs": ["liver"]}),
             }
         ),
+        "do not cover exactly ": answer(["liver"], **{"model|0.5|liver|dice-sum": 0.5}),  # a BatchNorm not asked
         "no threshold scores": RecordDict({"site": ConfigRecord({"name": "site-liver", "organs": ["liver"]})}),
     }
     for why, content in bad.items():
         with pytest.raises(ValueError, match=why.strip()):
-            threshold_answer(content, candidates, sites)
+            threshold_answer(content, candidates, batchnorms, sites)
     with pytest.raises(ValueError, match="but this node is 'site-kidney'"):  # answering under another site's name
-        threshold_answer(answer(["liver"]), candidates, sites, node_site="site-kidney")
-    assert threshold_answer(answer(["liver"]), candidates, sites, node_site="site-liver")[0] == "site-liver"
+        threshold_answer(answer(["liver"]), candidates, batchnorms, sites, node_site="site-kidney")
+    assert threshold_answer(answer(["liver"]), candidates, batchnorms, sites, node_site="site-liver")[0] == "site-liver"
