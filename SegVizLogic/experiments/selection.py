@@ -201,8 +201,15 @@ def score_bundle_on_case(
         threshold=option.threshold,
         sw_batch_size=SCORING_SW_BATCH,
     )
-    scores = evaluate_label_maps(
-        result.labels,
+    return _score_label_map(result.labels, reference, organs, hd95, case_name), result.labels
+
+
+def _score_label_map(
+    labels: sitk.Image, reference: sitk.Image, organs: Sequence[str], hd95: bool, case_name: str
+) -> dict[str, dict]:
+    """``{organ: evaluate_label_maps score}`` of a predicted label map against ``reference``."""
+    return evaluate_label_maps(
+        labels,
         reference,
         {organ_by_name(o).label: o for o in organs},
         organs=organs,
@@ -210,7 +217,6 @@ def score_bundle_on_case(
         pred_path=f"prediction of {case_name}",
         ref_path=f"reference of {case_name}",
     )
-    return scores, result.labels
 
 
 class BundleCache:
@@ -310,13 +316,8 @@ def score_on_validation(
                                 sw_batch_size=SCORING_SW_BATCH,
                             )
                             for option in group:
-                                scores = evaluate_label_maps(
-                                    maps[option.threshold],
-                                    reference,
-                                    {organ_by_name(o).label: o for o in site.organs},
-                                    organs=site.organs,
-                                    pred_path=f"prediction of {case_name}",
-                                    ref_path=f"reference of {case_name}",
+                                scores = _score_label_map(
+                                    maps[option.threshold], reference, site.organs, False, case_name
                                 )
                                 records.extend(
                                     {
