@@ -133,8 +133,11 @@ def test_simulate_with_a_config_file_records_it_and_model_info_shows_each_site(m
     assert info["metrics"]["round"] == 2 and info["metrics"]["val_dice"] == last["dice"]  # not {} any more
     assert set(info["metrics"]["sites"]) == {"site-kidney", "site-liver"}
     assert info["metrics"]["sites"]["site-liver"]["val_dice"] == {"liver": last["sites"]["site-liver"]["dice-liver"]}
-    # FedBN: the global model's own BatchNorm was never trained at any site, so it is not offered
-    assert "model" not in info["batchnorm_choices"] and info["default_batchnorm"] == "adapt"
+    # FedBN: the global model's own BatchNorm was never trained at any site, so it is not offered; the
+    # default is the test-time adaptation the sites' validation cases chose (the threshold question)
+    assert "model" not in info["batchnorm_choices"]
+    chosen = manifest["metrics"]["threshold_validation"]["batchnorm"]
+    assert chosen in ("adapt", "adapt-organs") and info["default_batchnorm"] == chosen
     assert {"adapt", "averaged", "organ:liver", "site:site-kidney"} <= set(info["batchnorm"])
     text = subprocess.check_output(
         [sys.executable, "-m", "SegVizLogic.cli", "model-info", str(bundle)], text=True, encoding="utf-8", timeout=120
