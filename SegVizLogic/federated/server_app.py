@@ -212,13 +212,15 @@ def threshold_answer(
     batchnorms: list[str],
     sites: dict[str, list[str]],
     node_site: str | None = None,
+    max_cases: int | None = None,
 ):
     """A site's answer to the threshold question, checked:
     ``(site, {batchnorm: {threshold: {organ: (Dice sum, cases)}}})``.
 
     Every asked (BatchNorm, threshold) pair must be there for each organ the site scored, with a case
-    count of 0-10000 and a Dice sum between 0 and that count; the organs must be ones the site trained
-    (a site of this run) or known organs; a node whose site is known (``node_site``, from its training
+    count of 0-10000 (0 to ``max_cases``, the validation cases the site reported while it trained,
+    when known) and a Dice sum between 0 and that count; the organs must be ones the site trained (a
+    site of this run) or known organs; a node whose site is known (``node_site``, from its training
     replies or its registration) must answer under that name. A site can still lean the choice towards
     one of the candidates: no more.
 
@@ -241,11 +243,14 @@ def threshold_answer(
     keys = [(b, t, o) for b in batchnorms for t in candidates for o in organs]
     if set(scores) != {f"{b}|{t:g}|{o}|{kind}" for b, t, o in keys for kind in ("dice-sum", "count")}:
         raise ValueError("the scores do not cover exactly the asked BatchNorm, thresholds and the site's organs")
+    limit = 10000 if max_cases is None else min(10000, max_cases)
     tally: dict[str, dict[float, dict[str, tuple[float, int]]]] = {}
     for batchnorm, t, organ in keys:
         dice_sum = float(scores[f"{batchnorm}|{t:g}|{organ}|dice-sum"])
         cases = scores[f"{batchnorm}|{t:g}|{organ}|count"]
-        if not isinstance(cases, int) or not 0 <= cases <= 10000 or not 0.0 <= dice_sum <= cases:
+        if isinstance(cases, int) and cases > limit:
+            raise ValueError(f"{cases} cases counted, more than the {limit} validation cases the site holds out")
+        if not isinstance(cases, int) or not 0 <= cases or not 0.0 <= dice_sum <= cases:
             raise ValueError(f"Dice sum {dice_sum} over {cases} cases is out of range")
         tally.setdefault(batchnorm, {}).setdefault(float(t), {})[organ] = (dice_sum, cases)
     return site, tally
@@ -583,6 +588,13 @@ class _Federation:
             needed=settings.replies_needed,
             deadline=settings.round_deadline,
         )
+        # What each site that trained reported holding out (its last training reply): no answer counts more.
+        held_out = {
+            site: int(site_metrics["num-val-examples"])
+            for entry in self.history
+            for site, site_metrics in entry.get("sites", {}).items()
+            if "num-val-examples" in site_metrics
+        }
         tallies, answered, failed = [], [], {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -593,7 +605,9 @@ class _Federation:
             try:
                 # A node that trained answers under that site's name (a registered name may differ from it).
                 trained_as = site if site in self.sites else None
-                site, tally = threshold_answer(reply.content, candidates, batchnorms, self.sites, trained_as)
+                site, tally = threshold_answer(
+                    reply.content, candidates, batchnorms, self.sites, trained_as, held_out.get(trained_as)
+                )
             except ValueError as error:
                 failed[site] = f"reply refused: {error}"
                 continue

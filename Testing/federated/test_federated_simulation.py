@@ -415,3 +415,10 @@ def test_a_threshold_answer_is_checked_before_it_counts():
     with pytest.raises(ValueError, match="but this node is 'site-kidney'"):  # answering under another site's name
         threshold_answer(answer(["liver"]), candidates, batchnorms, sites, node_site="site-kidney")
     assert threshold_answer(answer(["liver"]), candidates, batchnorms, sites, node_site="site-liver")[0] == "site-liver"
+    # no more cases than the site reported holding out while it trained
+    inflated = answer(["liver"], **{"adapt|0.5|liver|count": 2, "adapt|0.5|liver|dice-sum": 2.0})
+    assert threshold_answer(inflated, candidates, batchnorms, sites, "site-liver")[1]["adapt"][0.5] == {
+        "liver": (2.0, 2)
+    }
+    with pytest.raises(ValueError, match="2 cases counted, more than the 1 validation cases"):
+        threshold_answer(inflated, candidates, batchnorms, sites, "site-liver", max_cases=1)
