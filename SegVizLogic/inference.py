@@ -65,6 +65,7 @@ __all__ = [
     "probabilities_to_labels",
     "resolve_device",
     "segment_image",
+    "segment_image_at_settings",
     "segment_image_at_thresholds",
     "windows_per_batch",
 ]
@@ -694,14 +695,39 @@ def segment_image_at_thresholds(
     Each label map equals ``segment_image(..., threshold=t).labels`` (clean-up on); the network runs
     once, so choosing a threshold on validation cases costs one pass per case, not one per candidate.
     """
+    return segment_image_at_settings(bundle, image, device, thresholds, [batchnorm], sw_batch_size, overlap, levers)[
+        batchnorm
+    ]
+
+
+def segment_image_at_settings(
+    bundle: ModelBundle,
+    image: sitk.Image,
+    device: torch.device,
+    thresholds: Sequence[float],
+    batchnorms: Sequence[str | None],
+    sw_batch_size: int = 1,
+    overlap: float | None = None,
+    levers: SpeedLevers | None = None,
+) -> dict[str | None, dict[float, sitk.Image]]:
+    """:func:`segment_image_at_thresholds` for each of ``batchnorms``: ``{batchnorm: {threshold: label map}}``.
+
+    The image is preprocessed once; the network runs once per BatchNorm.
+    """
     levers = REFERENCE if levers is None else levers
     reporter = ProgressReporter("none")
-    probabilities, affine = _image_probabilities(
-        bundle, image, device, batchnorm, reporter, sw_batch_size, overlap, levers, {}
-    )
-    return {
-        float(t): _label_map(bundle, image, probabilities, affine, float(t), True, levers, reporter) for t in thresholds
-    }
+    prepared = _prepared_image(bundle, image, device, levers, reporter, {})
+    maps = {}
+    for batchnorm in batchnorms:
+        probabilities = _network_probabilities(
+            bundle, prepared, device, batchnorm, reporter, sw_batch_size, overlap, levers, {}
+        )
+        maps[batchnorm] = {
+            float(t): _label_map(bundle, image, probabilities, prepared.affine, float(t), True, levers, reporter)
+            for t in thresholds
+        }
+        del probabilities
+    return maps
 
 
 def _image_probabilities(
@@ -716,21 +742,49 @@ def _image_probabilities(
     timings: dict[str, float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocess ``image`` and run the network: per-organ probabilities on the model's grid and its affine."""
+    prepared = _prepared_image(bundle, image, device, levers, reporter, timings)
+    affine = prepared.affine
+    probabilities = _network_probabilities(
+        bundle, prepared, device, batchnorm, reporter, sw_batch_size, overlap, levers, timings
+    )
+    return probabilities, affine
+
+
+def _prepared_image(
+    bundle: ModelBundle,
+    image: sitk.Image,
+    device: torch.device,
+    levers: SpeedLevers,
+    reporter: ProgressReporter,
+    timings: dict[str, float],
+):
+    """``image`` oriented and resampled to the model's grid (a MetaTensor carrying its affine)."""
     check_preprocessed_size(image, bundle.preprocessing, len(bundle.organs))
     retain_freed_memory()  # the windows allocate and free the same large blocks
-    on_device = levers.device_pipeline and device.type == "cuda"
-    if sw_batch_size < 1:
-        sw_batch_size = windows_per_batch(device, bundle.roi_size, bundle.network_config.channels)
     t0 = time.perf_counter()
     reporter.emit("stage", stage="preprocess", message="orienting and resampling to the model's spacing")
     source = sitk_to_metatensor(image)
-    if on_device:
+    if levers.device_pipeline and device.type == "cuda":
         source = source.to(device)  # MONAI's orientation and resampling then run on the GPU
     prepared = preprocessing_transforms(bundle.preprocessing)({"image": source})["image"]
-    del source
-    affine = prepared.affine
     timings["preprocess_s"] = time.perf_counter() - t0
+    return prepared
 
+
+def _network_probabilities(
+    bundle: ModelBundle,
+    prepared,
+    device: torch.device,
+    batchnorm: str | None,
+    reporter: ProgressReporter,
+    sw_batch_size: int,
+    overlap: float | None,
+    levers: SpeedLevers,
+    timings: dict[str, float],
+) -> torch.Tensor:
+    """The network's per-organ probabilities on the preprocessed grid (``prepared`` is read, not changed)."""
+    if sw_batch_size < 1:
+        sw_batch_size = windows_per_batch(device, bundle.roi_size, bundle.network_config.channels)
     t1 = time.perf_counter()
     reporter.emit("stage", stage="network", message=f"sliding-window inference on {device.type}")
     last = [0]
@@ -751,11 +805,10 @@ def _image_probabilities(
         overlap=overlap,
         levers=levers,
     )
-    del prepared
-    if on_device:
+    if levers.device_pipeline and device.type == "cuda":
         torch.cuda.synchronize(device)
     timings["network_s"] = time.perf_counter() - t1
-    return probabilities, affine
+    return probabilities
 
 
 def _label_map(

@@ -22,7 +22,7 @@ import torch
 from .bundle import ModelBundle
 from .bundle_manifest import ADAPTATIONS
 from .evaluation import evaluate_label_maps
-from .inference import segment_image_at_thresholds
+from .inference import segment_image_at_settings
 from .organs import organ_by_name
 from .progress import ProgressReporter
 from .site import Site, load_case, validate_site
@@ -36,6 +36,7 @@ __all__ = [
     "batchnorm_candidates",
     "choose_from_tally",
     "choose_threshold",
+    "describe_table",
     "site_threshold_tally",
 ]
 
@@ -97,9 +98,9 @@ def site_threshold_tally(
     with reporter.task(f"threshold on {site.name}'s validation", total=len(cases) * len(batchnorms)) as advance:
         for case in cases:
             image, reference = load_case(case, site)
-            for batchnorm in batchnorms:
-                # One network pass per BatchNorm, labelled at every threshold.
-                maps = segment_image_at_thresholds(view, image, device, candidates, batchnorm=batchnorm)
+            # Preprocessed once, one network pass per BatchNorm, labelled at every threshold.
+            by_batchnorm = segment_image_at_settings(view, image, device, candidates, batchnorms)
+            for batchnorm, maps in by_batchnorm.items():
                 for threshold in candidates:
                     scores = evaluate_label_maps(maps[threshold], reference, labels, organs=site.organs, hd95=False)
                     for organ in site.organs:
@@ -157,6 +158,14 @@ def choose_from_tally(
     return chosen[0], chosen[1], table
 
 
+def describe_table(table: SettingsTable) -> str:
+    """Every pair's mean Dice in one line: ``"adapt: 0.5: 0.755, 0.4: 0.766; adapt-organs: ..."``."""
+    return "; ".join(
+        f"{batchnorm}: " + ", ".join(f"{t}: {row['mean']:.3f}" for t, row in rows.items())
+        for batchnorm, rows in table.items()
+    )
+
+
 def choose_threshold(
     bundle: ModelBundle,
     site_dirs: Sequence[str | Path],
@@ -173,7 +182,6 @@ def choose_threshold(
     Raises:
         ValueError: no site holds out a case that has an annotated organ.
     """
-    batchnorms = [bundle.default_batchnorm] if batchnorms is None else list(batchnorms)
     tallies = [
         site_threshold_tally(bundle, d, val_fraction, device, candidates, reporter, batchnorms) for d in site_dirs
     ]

@@ -301,11 +301,11 @@ def test_threshold_is_chosen_on_the_sites_validation_cases(small_phantom, liver_
     held_out = {c.name: load_case(c, site)[1] for c in site.cases}
     passes = []
 
-    def perfect(bundle, image, device, thresholds, batchnorm=None):
-        passes.append(batchnorm)  # one network pass per case and BatchNorm
-        return {t: held_out[max(held_out)] for t in thresholds}
+    def perfect(bundle, image, device, thresholds, batchnorms):
+        passes.extend(batchnorms)  # one network pass per case and BatchNorm
+        return {b: {t: held_out[max(held_out)] for t in thresholds} for b in batchnorms}
 
-    monkeypatch.setattr(threshold_selection, "segment_image_at_thresholds", perfect)
+    monkeypatch.setattr(threshold_selection, "segment_image_at_settings", perfect)
     assert choose_threshold(bundle, [str(liver_site)], 0.34, CPU, batchnorms=["adapt", "model"]) == (
         "adapt",
         0.5,
@@ -336,6 +336,19 @@ def test_labels_at_several_thresholds_come_from_one_network_pass(small_phantom, 
         assert np.array_equal(sitk.GetArrayViewFromImage(maps[t]), sitk.GetArrayViewFromImage(alone))
         livers.append(int((sitk.GetArrayViewFromImage(alone) == 1).sum()))
     assert 0 < livers[0] < livers[2]  # a lower threshold labels more liver
+    # Several BatchNorm choices: the image preprocessed once, one network pass each, the same maps.
+    preprocessed = []
+    original_prepare = inference._prepared_image
+    monkeypatch.setattr(
+        inference, "_prepared_image", lambda *a, **k: preprocessed.append(1) or original_prepare(*a, **k)
+    )
+    passes.clear()
+    both = inference.segment_image_at_settings(bundle, image, CPU, thresholds, ["adapt", "model"], overlap=0.25)
+    assert len(preprocessed) == 1 and len(passes) == 2 and list(both) == ["adapt", "model"]
+    for t in thresholds:
+        assert np.array_equal(sitk.GetArrayViewFromImage(both["adapt"][t]), sitk.GetArrayViewFromImage(maps[t]))
+    alone = segment_image(bundle, image, CPU, batchnorm="model", overlap=0.25, threshold=0.3).labels
+    assert np.array_equal(sitk.GetArrayViewFromImage(both["model"][0.3]), sitk.GetArrayViewFromImage(alone))
     # The comparison's validation groups its candidates the same way: one pass per (checkpoint, BatchNorm, overlap).
     options = [Option("final", bn, o, t) for bn in ("model", "adapt") for o in (0.25, 0.5) for t in (0.5, 0.3)]
     groups = _pass_groups(options)
