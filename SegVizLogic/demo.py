@@ -26,6 +26,7 @@ from .phantom import generate_phantom_sites
 from .preprocessing import Preprocessing
 from .progress import ProgressReporter
 from .site import load_case, validate_site
+from .threshold_selection import describe_table
 from .training import TrainingConfig
 from .training_setup import TrainingSetup, load_preset
 
@@ -168,13 +169,7 @@ def run_demo(
         bundle = load_bundle(work / "model.segviz")
         asked = bundle.metrics.get("threshold_validation", {})
         threshold, threshold_table = bundle.threshold, asked.get("table", {})
-        threshold_scores = (
-            "; ".join(
-                f"`{b}` " + ", ".join(f"{t}: {row['mean']:.3f}" for t, row in rows.items())
-                for b, rows in threshold_table.items()
-            )
-            or "not chosen"
-        )
+        threshold_scores = describe_table(threshold_table) or "not chosen"
         reporter.emit("stage", stage="evaluate", message="segmenting the external set (a scanner no site has)")
         result = evaluate_on_site(bundle, layout.external, torch_device, reporter=reporter, keep_predictions=True)
         summary = result.summary()

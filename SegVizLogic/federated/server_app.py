@@ -243,15 +243,15 @@ def threshold_answer(
     keys = [(b, t, o) for b in batchnorms for t in candidates for o in organs]
     if set(scores) != {f"{b}|{t:g}|{o}|{kind}" for b, t, o in keys for kind in ("dice-sum", "count")}:
         raise ValueError("the scores do not cover exactly the asked BatchNorm, thresholds and the site's organs")
-    limit = 10000 if max_cases is None else min(10000, max_cases)
+    limit = 10000 if max_cases is None else max_cases
     tally: dict[str, dict[float, dict[str, tuple[float, int]]]] = {}
     for batchnorm, t, organ in keys:
         dice_sum = float(scores[f"{batchnorm}|{t:g}|{organ}|dice-sum"])
         cases = scores[f"{batchnorm}|{t:g}|{organ}|count"]
-        if isinstance(cases, int) and cases > limit:
-            raise ValueError(f"{cases} cases counted, more than the {limit} validation cases the site holds out")
-        if not isinstance(cases, int) or not 0 <= cases or not 0.0 <= dice_sum <= cases:
+        if not isinstance(cases, int) or not 0.0 <= dice_sum <= cases <= 10000:
             raise ValueError(f"Dice sum {dice_sum} over {cases} cases is out of range")
+        if cases > limit:
+            raise ValueError(f"{cases} cases counted, more than the {limit} validation cases the site holds out")
         tally.setdefault(batchnorm, {}).setdefault(float(t), {})[organ] = (dice_sum, cases)
     return site, tally
 
@@ -549,7 +549,12 @@ class _Federation:
         import tempfile
 
         from ..bundle import save_bundle
-        from ..threshold_selection import THRESHOLD_CANDIDATES, batchnorm_candidates, choose_from_tally
+        from ..threshold_selection import (
+            THRESHOLD_CANDIDATES,
+            batchnorm_candidates,
+            choose_from_tally,
+            describe_table,
+        )
 
         settings, started = self.settings, time.perf_counter()
         candidates = list(THRESHOLD_CANDIDATES)
@@ -624,13 +629,10 @@ class _Federation:
         try:
             batchnorm, threshold, table = choose_from_tally(tallies, candidates, batchnorms)
             record["table"] = table
-            scores = "; ".join(
-                f"{b}: " + ", ".join(f"{t}: {row['mean']:.3f}" for t, row in rows.items()) for b, rows in table.items()
-            )
             record["rule"] = (
                 f"chosen on {len(answered)} sites' held-out validation cases ({', '.join(sorted(answered))}), "
                 f"leave-site-out, among BatchNorm {'/'.join(batchnorms)} and thresholds "
-                f"{'/'.join(f'{t:g}' for t in candidates)}: mean Dice {scores}"
+                f"{'/'.join(f'{t:g}' for t in candidates)}: mean Dice {describe_table(table)}"
             )
         except ValueError as error:
             record["rule"] = (
