@@ -11,6 +11,7 @@ is never used here. docs/METHOD.md section 5 records the runs::
 
     OMP_WAIT_POLICY=PASSIVE python experiments/cross_scanner_validation.py demo-out/model.segviz other.segviz
     OMP_WAIT_POLICY=PASSIVE python experiments/cross_scanner_validation.py demo-out/model.segviz --batchnorm adapt adapt-organs
+    OMP_WAIT_POLICY=PASSIVE python experiments/cross_scanner_validation.py a.segviz b.segviz --batchnorm default --threshold bundle
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ SEED = 777
 """Cases are ``numpy.random.default_rng([SEED, site index, k])``: apart from every phantom the demo trains on."""
 
 
-def cross_scanner_scores(bundle_path: Path, cases: int, batchnorm: str = "adapt") -> dict:
+def cross_scanner_scores(
+    bundle_path: Path, cases: int, batchnorm: str = "adapt", threshold: float | None = 0.5
+) -> dict:
     """Dice of every organ on every site scanner's ``cases`` new patients: ``{organ: {"own": [...], "cross": [...]}}``,
-    each scanner's cases segmented with ``batchnorm`` (``adapt`` or ``adapt-organs``) and that site's BatchNorm left out."""
+    each scanner's cases segmented with ``batchnorm`` (``adapt``, ``adapt-organs``, or ``default``: the bundle's)
+    and that site's BatchNorm left out, at ``threshold`` (``None``: the bundle's own)."""
     import torch
 
     from SegVizLogic.bundle import load_bundle
     from SegVizLogic.experiments.selection import Option, leave_site_out, score_bundle_on_case
 
     bundle = load_bundle(bundle_path)
+    batchnorm = bundle.default_batchnorm if batchnorm == "default" else batchnorm
+    threshold = bundle.threshold if threshold is None else threshold
     scanners, populations = phantom_scanners("small"), phantom_populations()
     organs = list(SITE_OF_ORGAN)
     scores: dict[str, dict[str, list[float]]] = {organ: {"own": [], "cross": []} for organ in organs}
@@ -52,7 +58,7 @@ def cross_scanner_scores(bundle_path: Path, cases: int, batchnorm: str = "adapt"
                 sitk.Cast(ct, sitk.sitkFloat32),
                 labels,
                 organs,
-                Option("final", batchnorm, 0.5, 0.5),
+                Option("final", batchnorm, 0.5, threshold),
                 torch.device("cpu"),
                 case_name=f"{site} patient {k}",
             )
@@ -75,14 +81,23 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=3, help="new patients per site scanner (default 3)")
     parser.add_argument("--json", type=Path, help="also write every Dice here")
     parser.add_argument(
-        "--batchnorm", nargs="+", default=["adapt"], help="test-time BatchNorm choices to score (default: adapt)"
+        "--batchnorm",
+        nargs="+",
+        default=["adapt"],
+        help="test-time BatchNorm choices to score (default: adapt; 'default': each bundle's own)",
+    )
+    parser.add_argument(
+        "--threshold",
+        default="0.5",
+        help="organ threshold (default 0.5; 'bundle': each bundle's own, as infer uses it)",
     )
     args = parser.parse_args()
     results = {}
     for path in args.bundles:
         for choice in args.batchnorm:
-            scores = cross_scanner_scores(path, args.cases, choice)
-            key = f"{path} [{choice}]"
+            threshold = None if args.threshold == "bundle" else float(args.threshold)
+            scores = cross_scanner_scores(path, args.cases, choice, threshold)
+            key = f"{path} [{choice}, threshold {args.threshold}]"
             results[key] = {"summary": summary(scores), "dice": scores}
             print(json.dumps({key: results[key]["summary"]}))
     if args.json:

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import PARTITION_ID_KEY, ErrorCode
 
@@ -30,7 +30,7 @@ from ..progress import ProgressReporter
 from . import FINAL_BATCHNORM_RECORD, LOCAL_STATE_DIR
 from .privacy import dp_clipping_mod
 from .site_failures import SiteRoundError, failure_category, site_name_for_reports
-from .transfer import arrays_to_record, for_transfer, record_to_arrays
+from .transfer import content_groups, for_transfer, put_groups
 
 __all__ = [
     "ERRORS_FILE",
@@ -157,10 +157,6 @@ def _train(site_dir: Path, groups: dict, config: dict, context: Context, events:
     return run_site_round(site_dir, groups, config, context.state, events, device)
 
 
-def _record(arrays) -> ArrayRecord:
-    return arrays_to_record(arrays)
-
-
 def site_consents_to_share_batchnorm(context: Context) -> bool:
     """Whether this site agreed to send its final-round BatchNorm (node config
     :data:`SHARE_FINAL_BATCHNORM_KEY`; absent, as in simulation, means yes: the coordinator's
@@ -189,7 +185,7 @@ def handle_train(
     """Answer one train message: train the site and reply with what may leave it.
 
     Args:
-        message: the server's train message (one ``ArrayRecord`` per group, ``config``).
+        message: the server's train message (every group in one packed ``ArrayRecord``, ``config``).
         context: this node's context (its ``state`` keeps the site's BatchNorm during a run).
         site_dir: the site folder.
         events: JSON-lines file for progress events (``segviz federation join`` relays it).
@@ -208,7 +204,7 @@ def handle_train(
         with _event_reporter(events) as reporter:
             if reporter:
                 reporter.emit("round_started", round=server_round, rounds=rounds)
-        groups = {name: record_to_arrays(record) for name, record in message.content.array_records.items()}
+        groups = content_groups(message.content)
         result = _train(site_dir, groups, config, context, events, device)
     except Exception as error:  # noqa: BLE001 - every failure becomes a fixed category for the coordinator
         detail = error.detail if isinstance(error, SiteRoundError) else traceback.format_exc()
@@ -219,12 +215,10 @@ def handle_train(
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
     # The shared body goes back in the dtype the coordinator sent it in (transfer.py).
     transfer_dtype = str(config.get("transfer-dtype", "float32"))
-    content = RecordDict(
-        {name: _record(for_transfer(name, arrays, transfer_dtype)) for name, arrays in result["partition"].items()}
-    )
+    groups = {name: for_transfer(name, arrays, transfer_dtype) for name, arrays in result["partition"].items()}
     if result["final_batchnorm"] is not None:
         if site_consents_to_share_batchnorm(context):
-            content[FINAL_BATCHNORM_RECORD] = _record(result["final_batchnorm"])
+            groups[FINAL_BATCHNORM_RECORD] = result["final_batchnorm"]
         else:
             with _event_reporter(events) as reporter:
                 if reporter:
@@ -233,6 +227,8 @@ def handle_train(
                         stage="batchnorm",
                         message="the coordinator asked for this site's final BatchNorm; not sent (not agreed)",
                     )
+    content = RecordDict()
+    put_groups(content, groups)
     metrics: dict[str, Any] = dict(result["metrics"])
     # Time in this handler (data, model, training, packing): the rest of a round is Flower's.
     metrics["client-seconds"] = time.perf_counter() - started

@@ -231,20 +231,19 @@ def dp_clipping_mod(message, context, call_next):
     metrics (``dp-update-norm``, so the coordinator can see how often clipping binds), and
     leaves every other record (site, metrics, the final BatchNorm) untouched.
     """
-    from .transfer import arrays_to_record, record_to_arrays
+    from .transfer import content_groups, put_groups
 
     config = message.content.config_records.get("config")
     if config is None or CLIPPING_NORM_KEY not in config:
         return call_next(message, context)
     clipping_norm = float(config[CLIPPING_NORM_KEY])
-    received = {name: record_to_arrays(rec) for name, rec in message.content.array_records.items()}
+    received = content_groups(message.content)
     reply = call_next(message, context)
     if reply.has_error():
         return reply
-    sent = {name: record_to_arrays(rec) for name, rec in reply.content.array_records.items() if name in received}
-    clipped, norm = clip_update(sent, received, clipping_norm)
-    for name, arrays in clipped.items():
-        reply.content.array_records[name] = arrays_to_record(arrays)
+    groups = content_groups(reply.content)
+    clipped, norm = clip_update({name: a for name, a in groups.items() if name in received}, received, clipping_norm)
+    put_groups(reply.content, {**groups, **clipped})
     if "metrics" in reply.content.metric_records:
         reply.content.metric_records["metrics"]["dp-update-norm"] = float(norm)
     return reply

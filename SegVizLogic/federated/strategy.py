@@ -507,15 +507,18 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         (set by the caller), which keeps the groups apart on the wire. The shared body goes
         in :attr:`transfer_dtype`; the ServerApp then trains a sample of these nodes.
         """
-        from .transfer import for_transfer
+        from .transfer import for_transfer, put_groups
 
         node_ids = sorted(grid.get_node_ids())
         content = RecordDict()
-        for group in groups_sent_to_clients(self.current, self.strategy):
-            content[group] = _arrays_to_record(for_transfer(group, self.current[group], self.transfer_dtype))
+        groups = {
+            group: for_transfer(group, self.current[group], self.transfer_dtype)
+            for group in groups_sent_to_clients(self.current, self.strategy)
+        }
         if self.strategy == "fedbn" and self.averaged_batchnorm is not None:
             # For a site without BatchNorm of its own in this lineage (one joining late).
-            content[AVERAGED_BATCHNORM_RECORD] = _arrays_to_record(self.averaged_batchnorm)
+            groups[AVERAGED_BATCHNORM_RECORD] = self.averaged_batchnorm
+        put_groups(content, groups)
         config = ConfigRecord(dict(config))
         config["server-round"] = server_round
         content["config"] = config
@@ -602,10 +605,9 @@ def update_from_content(content: RecordDict) -> SiteUpdate:
     metrics = content.metric_records["metrics"]
     partition: Partition = {}
     batchnorm = None
-    from .transfer import record_to_arrays
+    from .transfer import content_groups
 
-    for name, record in content.array_records.items():
-        arrays = record_to_arrays(record)
+    for name, arrays in content_groups(content).items():
         if name == FINAL_BATCHNORM_RECORD:
             batchnorm = arrays
         else:

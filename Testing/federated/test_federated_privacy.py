@@ -94,12 +94,13 @@ def poison_mod(message, context, call_next):
         int(context.node_config["partition-id"]) == 2
         and int(message.content.config_records["config"]["server-round"]) == 1
     ):
-        from SegVizLogic.federated.transfer import arrays_to_record, record_to_arrays
+        from SegVizLogic.federated.transfer import content_groups, put_groups
 
-        arrays = {k: v.copy() for k, v in record_to_arrays(reply.content.array_records["shared"]).items()}
+        groups = content_groups(reply.content)
+        arrays = {k: v.copy() for k, v in groups["shared"].items()}
         first = next(iter(arrays))
         arrays[first].flat[0] = np.nan
-        reply.content.array_records["shared"] = arrays_to_record(arrays)
+        put_groups(reply.content, {**groups, "shared": arrays})
     return reply
 
 
@@ -108,11 +109,11 @@ def clip_check_mod(folder: str):
     norm before clipping; a file per reply (the virtual sites run in Ray's processes)."""
 
     def mod(message, context, call_next):
-        from SegVizLogic.federated.transfer import record_to_arrays
+        from SegVizLogic.federated.transfer import content_groups
 
-        received = {n: record_to_arrays(r) for n, r in message.content.array_records.items()}
+        received = content_groups(message.content)
         reply = call_next(message, context)
-        sent = {n: record_to_arrays(r) for n, r in reply.content.array_records.items()}
+        sent = content_groups(reply.content)
         before = float(reply.content.metric_records["metrics"]["dp-update-norm"])
         name = f"{context.node_config['partition-id']}-{message.content.config_records['config']['server-round']}"
         (Path(folder) / f"{name}.json").write_text(json.dumps([update_norm(sent, received), before]), encoding="utf-8")

@@ -24,7 +24,7 @@ def recording_mod(folder: str, slow_partition: int = -1, slow_round: int = 0, sl
     """A client mod that records the dtypes a site receives and sends, and makes one site late."""
 
     def mod(message, context, call_next):
-        from SegVizLogic.federated.transfer import record_to_arrays
+        from SegVizLogic.federated.transfer import content_groups
 
         if message.metadata.message_type != "train":
             return call_next(message, context)  # the threshold question after the final round
@@ -36,8 +36,7 @@ def recording_mod(folder: str, slow_partition: int = -1, slow_round: int = 0, sl
 
         def dtypes(content):
             return {
-                name: {k: v.dtype.str for k, v in record_to_arrays(rec).items()}
-                for name, rec in content.array_records.items()
+                name: {k: v.dtype.str for k, v in arrays.items()} for name, arrays in content_groups(content).items()
             }
 
         record = {"received": dtypes(message.content), "sent": dtypes(reply.content)}

@@ -27,14 +27,14 @@ def recording_mod(folder: str):
     """A client mod that pickles a summary of every message a site receives and sends."""
 
     def mod(message, context, call_next):
-        from SegVizLogic.federated.transfer import record_to_arrays
+        from SegVizLogic.federated.transfer import content_groups
 
         reply = call_next(message, context)
         site = Path(str(context.node_config["partition-id"]))
 
         def summary(content):
             return {
-                "arrays": {name: record_to_arrays(rec) for name, rec in content.array_records.items()},
+                "arrays": content_groups(content),
                 "metrics": {name: dict(rec) for name, rec in content.metric_records.items()},
                 "configs": {name: dict(rec) for name, rec in content.config_records.items()},
             }

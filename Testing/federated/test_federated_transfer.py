@@ -1,5 +1,5 @@
-"""What goes on the wire: each group packed into a few Flower objects, read back exactly, and a
-hostile packed record refused with a reason (no torch, no Flower processes: seconds)."""
+"""What goes on the wire: every group of a message packed into a few Flower objects, read back
+exactly, and a hostile packed record refused with a reason (no torch, no Flower processes: seconds)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,17 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from SegVizLogic.federated.transfer import PACKED_LAYOUT, arrays_to_record, record_to_arrays
+from SegVizLogic.federated.transfer import (
+    GROUPS_RECORD,
+    PACKED_LAYOUT,
+    arrays_to_record,
+    content_groups,
+    put_groups,
+    record_to_arrays,
+)
 
 
 def _demo_like_group(seed: int = 0) -> dict[str, np.ndarray]:
@@ -27,9 +34,81 @@ def _demo_like_group(seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _objects(record: ArrayRecord) -> int:
+def _objects(record: ArrayRecord | RecordDict) -> int:
     """Flower objects of ``record`` (each one HTTP request between a SuperNode and the SuperLink)."""
     return len(get_all_nested_objects(record))
+
+
+def _train_groups() -> dict[str, dict[str, np.ndarray]]:
+    """What a FedBN train message carries: the shared body, four heads, the averaged BatchNorm."""
+    rng = np.random.default_rng(1)
+    groups = {"shared": _demo_like_group()}
+    for organ in ("liver", "spleen", "pancreas", "kidney"):
+        groups[f"head:{organ}"] = {
+            "head.weight": rng.standard_normal((1, 16, 1, 1, 1)).astype(np.float32),
+            "head.bias": rng.standard_normal(1).astype(np.float32),
+        }
+    groups["averaged-batchnorm"] = {"bn.weight": np.ones(8, np.float32), "bn.num_batches_tracked": np.array(3)}
+    return groups
+
+
+def test_every_group_of_a_message_travels_in_one_record_and_reads_back():
+    groups = _train_groups()
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    put_groups(content, groups)
+    assert list(content.array_records) == [GROUPS_RECORD]
+    back = content_groups(content)
+    assert list(back) == list(groups)
+    for group, arrays in groups.items():
+        assert list(back[group]) == list(arrays)
+        for name, value in arrays.items():
+            assert back[group][name].dtype == value.dtype
+            np.testing.assert_array_equal(back[group][name], value)
+    # One record per group (the wire format before): 6 records of 2-3 arrays each.
+    per_group = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    for group, arrays in groups.items():
+        per_group[group] = arrays_to_record(arrays)
+    assert content_groups(per_group).keys() == groups.keys()  # records one per group still read
+    # The record, three arrays (<f4, <f2, <i8) and the layout with a chunk each, the config, the dict.
+    assert _objects(content) <= 11 < 2 * 11 <= _objects(per_group)
+    # Putting the groups again replaces the record (a site's clipped reply, a tampering test).
+    put_groups(content, {"shared": groups["shared"]})
+    assert list(content_groups(content)) == ["shared"]
+
+
+def test_a_reply_with_its_metrics_is_a_dozen_objects():
+    groups = {k: v for k, v in _train_groups().items() if k in ("shared", "head:liver")}
+    reply = RecordDict({"metrics": MetricRecord({"loss": 0.5}), "site": ConfigRecord({"name": "site-liver"})})
+    put_groups(reply, groups)
+    assert _objects(reply) <= 12
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        (["w"], "names no group"),
+        (["/w"], "names no group"),
+        (["shared/"], "names no group"),
+    ],
+)
+def test_a_packed_key_without_its_group_is_refused(keys, reason):
+    content = RecordDict({GROUPS_RECORD: arrays_to_record({k: np.zeros(2, np.float32) for k in keys})})
+    with pytest.raises(ValueError, match=reason):
+        content_groups(content)
+
+
+def test_a_group_sent_both_packed_and_on_its_own_is_refused():
+    content = RecordDict()
+    put_groups(content, {"shared": {"w": np.zeros(2, np.float32)}})
+    content["shared"] = arrays_to_record({"w": np.ones(2, np.float32)})
+    with pytest.raises(ValueError, match="shared sent twice"):
+        content_groups(content)
+
+
+@pytest.mark.parametrize("group", ["", "head/liver"])
+def test_a_group_name_that_cannot_be_read_back_is_not_sent(group):
+    with pytest.raises(ValueError, match="cannot be sent"):
+        put_groups(RecordDict(), {group: {"w": np.zeros(1, np.float32)}})
 
 
 def test_a_packed_group_reads_back_exactly_in_a_handful_of_objects():
