@@ -45,7 +45,10 @@ def _settings(args):
 def _phantom(work: Path, args) -> list[Path]:
     from SegVizLogic.phantom import generate_phantom_sites
 
-    layout = generate_phantom_sites(work / "data", seed=args.seed, cases_per_site=args.cases_per_site)
+    from SegVizLogic.demo import DEMO_CASES_PER_SITE
+
+    cases = DEMO_CASES_PER_SITE if args.cases_per_site is None else args.cases_per_site
+    layout = generate_phantom_sites(work / "data", seed=args.seed, cases_per_site=cases)
     return layout.sites[: args.sites]
 
 
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument(
-        "--cases-per-site", type=int, default=None, help="phantom cases per site (default: the phantom's)"
+        "--cases-per-site", type=int, default=None, help="phantom cases per site (default: the demo's, 8)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
