@@ -43,9 +43,8 @@ def _settings(args):
 
 
 def _phantom(work: Path, args) -> list[Path]:
-    from SegVizLogic.phantom import generate_phantom_sites
-
     from SegVizLogic.demo import DEMO_CASES_PER_SITE
+    from SegVizLogic.phantom import generate_phantom_sites
 
     cases = DEMO_CASES_PER_SITE if args.cases_per_site is None else args.cases_per_site
     layout = generate_phantom_sites(work / "data", seed=args.seed, cases_per_site=cases)
