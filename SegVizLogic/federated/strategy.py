@@ -504,8 +504,8 @@ class SegVizStrategy(Strategy):  # type: ignore[misc,valid-type]
         """One train message per connected node with the global groups and ``config``.
 
         ``arrays`` is ignored: the global model is the partition in :attr:`current`
-        (set by the caller), which keeps the groups apart on the wire. The shared body goes
-        in :attr:`transfer_dtype`; the ServerApp then trains a sample of these nodes.
+        (set by the caller); every group travels in one packed record (``transfer.put_groups``).
+        The shared body goes in :attr:`transfer_dtype`; the ServerApp then trains a sample of these nodes.
         """
         from .transfer import for_transfer, put_groups
 

@@ -15,8 +15,8 @@ message as its own objects, one HTTP request each (``pull-object`` / ``push-obje
 demo network's hundred-odd tensors cost 110-160 requests per site and leg, 20-40 s of a round on a
 loaded 2-core machine behind the Fleet gateway (docs/BENCHMARKS.md). Packed, a group is one flat
 array per dtype plus a small layout array: a handful of objects, the same bytes. And every group of a
-message travels in that one record (:func:`put_groups`, :func:`content_groups`): a train message is then
-10 objects instead of 28 and a reply 11 instead of 21, each object one more request per hop
+message travels in that one record (:func:`put_groups`, :func:`content_groups`): a train message of the
+demo's network is then 8-10 objects instead of 28-35 and a reply 9 instead of 14, each object one request per hop
 (coordinator, SuperLink, SuperNode, ClientApp) on every site's way in and out.
 """
 
