@@ -155,7 +155,9 @@ def run_demo(
     started = time.perf_counter()
     try:
         reporter.emit(
-            "stage", stage="phantom", message="generating phantom sites (4 single-organ sites + external set)"
+            "stage",
+            stage="phantom",
+            message=f"generating phantom sites (4 single-organ sites of {settings.cases_per_site} patients + external set)",
         )
         layout = generate_phantom_sites(
             work / "data", seed=seed, cases_per_site=settings.cases_per_site, progress=reporter
