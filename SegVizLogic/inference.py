@@ -669,9 +669,12 @@ def segment_image(
     levers = REFERENCE if levers is None else levers
     threshold = bundle.threshold if threshold is None else threshold
     timings: dict[str, float] = {}
-    probabilities, affine = _image_probabilities(
-        bundle, image, device, batchnorm, reporter, sw_batch_size, overlap, levers, timings
+    prepared = _prepared_image(bundle, image, device, levers, reporter, timings)
+    affine = prepared.affine
+    probabilities = _network_probabilities(
+        bundle, prepared, device, batchnorm, reporter, sw_batch_size, overlap, levers, timings
     )
+    del prepared  # the resampled CT is not needed to restore the labels: free it first
     t2 = time.perf_counter()
     labels = _label_map(bundle, image, probabilities, affine, threshold, cleanup, levers, reporter)
     del probabilities
@@ -728,26 +731,6 @@ def segment_image_at_settings(
         }
         del probabilities
     return maps
-
-
-def _image_probabilities(
-    bundle: ModelBundle,
-    image: sitk.Image,
-    device: torch.device,
-    batchnorm: str | None,
-    reporter: ProgressReporter,
-    sw_batch_size: int,
-    overlap: float | None,
-    levers: SpeedLevers,
-    timings: dict[str, float],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preprocess ``image`` and run the network: per-organ probabilities on the model's grid and its affine."""
-    prepared = _prepared_image(bundle, image, device, levers, reporter, timings)
-    affine = prepared.affine
-    probabilities = _network_probabilities(
-        bundle, prepared, device, batchnorm, reporter, sw_batch_size, overlap, levers, timings
-    )
-    return probabilities, affine
 
 
 def _prepared_image(
