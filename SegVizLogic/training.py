@@ -50,7 +50,7 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from .allocator import retain_freed_memory
-from .inference import predict_probabilities, probabilities_to_labels, resolve_device
+from .inference import FAST, predict_probabilities, probabilities_to_labels, resolve_device
 from .losses import NaiveSoftmaxLoss, PartialLabelLoss
 from .network import MultiOrganUNet
 from .organs import organ_by_name
@@ -845,7 +845,8 @@ def evaluate_dice(
     """Mean validation Dice per organ over the sites' validation cases, counting for each case
     only the organs its site annotated, predicted by those organs' heads with the model's
     BatchNorm (the site's own) through the inference path (training-patch windows overlapping
-    by :data:`~SegVizLogic.inference.INFERENCE_OVERLAP`), on the preprocessed grid, no clean-up."""
+    by :data:`~SegVizLogic.inference.INFERENCE_OVERLAP`, the network in bfloat16 as ``segviz infer``
+    runs it: :data:`~SegVizLogic.inference.FAST`), on the preprocessed grid, no clean-up."""
     config = config or TrainingConfig()
     device = resolve_device(device) if isinstance(device, str) else device
     sites = [sites] if isinstance(sites, SiteData) else list(sites)
@@ -855,7 +856,7 @@ def evaluate_dice(
     for site in sites:
         for item in site.val_items:
             # The inference path: windows of the training patch with the inference overlap.
-            prob = predict_probabilities(model, item["image"], config.patch_size, device)
+            prob = predict_probabilities(model, item["image"], config.patch_size, device, bfloat16=FAST.bfloat16)
             # A site can judge only the organs it annotated: the label map competes those heads
             # alone (the others run with this site's BatchNorm, which they were not trained with).
             own = [i for i, organ in enumerate(organs) if organ in site.organs]

@@ -66,13 +66,13 @@ def test_presets_come_from_the_demo_and_the_experiment_files():
     )
     assert settings.training(7).seed == 7 and settings.rounds * settings.local_epochs == demo.total_epochs
     # The demo's phantom: 8 patients a site, 2 held out; 6 training patients x 4 patches in batches of 4 make
-    # 6 steps an epoch, 432 a site over the federation (as the three-patient demo made with 8 patches each).
+    # 6 steps an epoch, 576 a site over the federation's 48 rounds x 2 local epochs.
     from SegVizLogic.training import held_out_case_names
 
     cases = [f"case{k:03d}" for k in range(settings.cases_per_site)]
     training = len(cases) - len(held_out_case_names(cases, demo.training.val_fraction))
     steps = -(-training * demo.training.samples_per_case // demo.training.batch_size)
-    assert (settings.cases_per_site, training, steps * demo.total_epochs) == (8, 6, 432)
+    assert (settings.cases_per_site, training, steps * demo.total_epochs) == (8, 6, 576)
     for name in ("cpu", "paper"):
         experiment = load_config(REPO / "experiments" / f"{name}.toml")
         preset = load_preset(name)

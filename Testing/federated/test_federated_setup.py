@@ -69,7 +69,7 @@ def test_run_maps_the_setup_onto_the_flower_run_config(tmp_path):
     again = FederationSettings.from_run_config(run_config)
     assert again.network == setup.network and again.preprocessing == setup.preprocessing
     demo = _run_settings(build_parser().parse_args(["federation", "run", "--out", "o", "--preset", "demo"]))
-    assert (demo.rounds, demo.local_epochs, demo.network) == (36, 2, load_preset("demo").network)
+    assert (demo.rounds, demo.local_epochs, demo.network) == (48, 2, load_preset("demo").network)
 
 
 def test_naive_label_mode_is_refused_for_a_federation(tmp_path, capsys):
