@@ -75,7 +75,9 @@ def test_the_deployment_engine_runs_the_federation_without_ray(deployed):
 def test_both_engines_train_the_same_model(two_sites, deployed):
     """Same sites, seed and settings. Each site seeds torch the same way in both engines, so what
     differs is only floating-point order (threads per process, summation order of the replies):
-    per-round loss and validation Dice agree to 1e-4. Weight tensors agree to 1e-3 of their norm; the conv biases
+    per-round loss agrees to 1e-4. Validation runs the network in bfloat16 as ``segviz infer`` does,
+    whose 8-bit mantissa turns those differences into a few flipped voxels near the threshold: its
+    Dice agrees to 0.01 (seen: 2.5e-4). Weight tensors agree to 1e-3 of their norm; the conv biases
     in front of a BatchNorm only to 2 x rounds x lr, because BatchNorm removes them, their
     gradient is rounding noise, and Adam scales any gradient to a step of about lr."""
     sites, tmp = two_sites
@@ -85,7 +87,7 @@ def test_both_engines_train_the_same_model(two_sites, deployed):
         assert set(sim_round["sites"]) == set(dep_round["sites"]) == {"site-liver", "site-spleen"}
         assert dep_round["loss"] == pytest.approx(sim_round["loss"], rel=1e-4)
         for organ, dice in sim_round["dice"].items():
-            assert dep_round["dice"][organ] == pytest.approx(dice, abs=1e-4)
+            assert dep_round["dice"][organ] == pytest.approx(dice, abs=0.01)
     assert set(simulated.state) == set(deployed.state)
     for batchnorm, rows in simulated.metrics["threshold_validation"]["table"].items():
         for threshold, row in rows.items():
