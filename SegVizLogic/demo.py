@@ -41,7 +41,7 @@ each) raised the cross-scanner validation mean from 0.695 to 0.734 (docs/METHOD.
 @dataclass(frozen=True)
 class DemoSettings:
     """What the demo trains with: the ``demo`` preset (:data:`SegVizLogic.training_setup.DEMO_PRESET`,
-    sized for 2 CPU cores: about 21 minutes on the development machine) and the FedBN strategy.
+    sized for 2 CPU cores: its measured time is in the README) and the FedBN strategy.
 
     Args:
         setup: the training setup (default: the ``demo`` preset, the one place its values live).

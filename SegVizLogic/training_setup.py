@@ -76,7 +76,7 @@ PRESETS: dict[str, str] = {
 DEFAULT_PRESET = "paper"
 """The setup when neither ``--preset`` nor ``--config`` is given: the paper's network and preprocessing."""
 
-# The demo on 2 CPU cores in about 20 minutes. The paper's UNet (16-256 channels, four
+# The demo on 2 CPU cores (its measured time: README). The paper's UNet (16-256 channels, four
 # down-samplings, two residual units) at 1.5x1.5x2 mm needs a GPU; the demo keeps its design
 # (MONAI UNet with BatchNorm, one head per organ) one level shallower with one residual unit, and
 # resamples to 4 mm so that a 48x48x32 patch sees 19x19x13 cm of abdomen. Each step is one batch
